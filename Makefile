@@ -1,0 +1,109 @@
+# The front door. Every target is a thin wrapper over `python -m ...`; `make help` lists them.
+# Every target depends on the virtualenv, so a fresh clone needs no manual setup step.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON_SYS ?= python3
+VENV       ?= .venv
+PY         := $(VENV)/bin/python
+STAMP      := $(VENV)/.setup-stamp
+
+# Overridable from the command line: `make train ARGS="--epochs 3"`, `make archive VERSION=2`.
+ARGS       ?=
+CONFIG     ?= configs/train.yaml
+CHECKPOINT ?= artifacts/model.pt
+MODEL_NAME ?= mnist
+VERSION    ?= 1.0
+IMAGE      ?= serving/samples/7.png
+NPROC      ?= 2
+AUTH       ?= on
+export INFERENCE_ADDRESS ?= 127.0.0.1:8080
+export MANAGEMENT_ADDRESS ?= 127.0.0.1:8081
+export METRICS_ADDRESS ?= 127.0.0.1:8082
+
+.PHONY: help setup data train train-ddp evaluate archive serve predict status stop demo \
+        test test-fast lint bench chaos docker-build docker-run docker-train docker-test clean
+
+help: ## list the targets
+	@echo "usage: make TARGET [ARGS=...]"
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[1m%-13s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@$(PYTHON_SYS) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "Python 3.10+ is required, found " + sys.version.split()[0])'
+	@test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -q --upgrade pip
+	$(PY) -m pip install --disable-pip-version-check -e '.[dev]'
+	@touch $@
+
+setup: $(STAMP) ## create .venv and install the project with its dev tools (idempotent)
+
+data: $(STAMP) ## download and verify MNIST into data/ (or $$MNIST_DIR)
+	$(PY) -m training.data
+
+train: $(STAMP) ## train the CNN (CUDA if present): artifacts/model.pt, metrics.json, plots
+	$(PY) -m training.train --config $(CONFIG) $(ARGS)
+
+train-ddp: $(STAMP) ## train with torchrun on NPROC processes (DDP: gloo on CPU, nccl on GPUs)
+	$(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) -m training.train --config $(CONFIG) $(ARGS)
+
+evaluate: $(STAMP) ## re-score a checkpoint on the MNIST test set (CHECKPOINT=...)
+	$(PY) -m training.evaluate --checkpoint $(CHECKPOINT) $(ARGS)
+
+archive: $(STAMP) ## package the checkpoint as model_store/$(MODEL_NAME).mar (VERSION=, ARGS=--force)
+	$(PY) -m serving.archive --checkpoint $(CHECKPOINT) --model-name $(MODEL_NAME) --version $(VERSION) $(ARGS)
+
+serve: $(STAMP) ## start TorchServe on 127.0.0.1 in the background; returns when workers are READY
+	$(PY) -m serving.server start --model-name $(MODEL_NAME) --auth $(AUTH) $(ARGS)
+
+predict: $(STAMP) ## send IMAGE=path to the running server and print the prediction
+	$(PY) -m serving.server predict $(IMAGE) --model-name $(MODEL_NAME)
+
+status: $(STAMP) ## show the server's models and workers
+	$(PY) -m serving.server status
+
+stop: $(STAMP) ## stop TorchServe (leaves nothing running)
+	$(PY) -m serving.server stop
+
+demo: $(STAMP) ## the whole path: data → train → archive → serve → curl → stop
+	$(MAKE) --no-print-directory data
+	@if [ -f $(CHECKPOINT) ]; then echo "using the existing $(CHECKPOINT) (delete it to retrain)"; \
+	 else $(MAKE) --no-print-directory train; fi
+	@if [ -f model_store/$(MODEL_NAME).mar ]; then echo "using the existing model_store/$(MODEL_NAME).mar"; \
+	 else $(MAKE) --no-print-directory archive; fi
+	$(MAKE) --no-print-directory serve
+	@trap '$(MAKE) --no-print-directory stop' EXIT; \
+	 echo "+ curl -s -H 'Authorization: Bearer <inference key>' --data-binary @$(IMAGE) http://$(INFERENCE_ADDRESS)/predictions/$(MODEL_NAME)"; \
+	 curl -sS --fail-with-body -H "Authorization: Bearer $$($(PY) -m serving.server token inference)" \
+	      --data-binary @$(IMAGE) http://$(INFERENCE_ADDRESS)/predictions/$(MODEL_NAME); echo
+
+test: $(STAMP) ## the whole test suite: unit tests, then the slow ones (training, real TorchServe)
+	$(PY) -m pytest $(ARGS)
+
+test-fast: $(STAMP) ## unit tests only (no training, no server)
+	$(PY) -m pytest -m "not slow" $(ARGS)
+
+lint: $(STAMP) ## ruff over the code
+	$(VENV)/bin/ruff check training serving tests
+
+bench: $(STAMP) ## benchmarks: training time-to-accuracy and serving throughput (tables in README)
+	$(PY) -m serving.bench $(ARGS)
+
+chaos: $(STAMP) ## fault injection against a live server (kill a worker, SIGTERM under load)
+	$(PY) -m serving.chaos $(ARGS)
+
+docker-build: ## build the image (docker, or buildah where no Docker engine runs)
+	docker/build.sh
+
+docker-run: ## serve from the image on 127.0.0.1 (adds --gpus all when the NVIDIA runtime is present)
+	docker/run.sh serve
+
+docker-train: ## train inside the image, artifacts/ mounted
+	docker/run.sh train
+
+docker-test: $(STAMP) ## lint, build and run the image for real (slow: see README)
+	docker/test.sh
+
+clean: ## remove logs and caches (keeps data/, artifacts/ and model_store/)
+	rm -rf logs .pytest_cache .ruff_cache .hypothesis
+	find . -name __pycache__ -type d -prune -not -path './$(VENV)/*' -exec rm -rf {} +

@@ -1,0 +1,1 @@
+"""Training: data, shared preprocessing, the CNN and its trainer."""
