@@ -22,7 +22,7 @@ export INFERENCE_ADDRESS ?= 127.0.0.1:8080
 export MANAGEMENT_ADDRESS ?= 127.0.0.1:8081
 export METRICS_ADDRESS ?= 127.0.0.1:8082
 
-.PHONY: help setup data train train-ddp evaluate archive serve predict status stop demo \
+.PHONY: help setup data train train-ddp evaluate archive serve predict status token stop demo \
         test test-fast lint bench chaos docker-build docker-run docker-train docker-test clean
 
 help: ## list the targets
@@ -61,6 +61,9 @@ predict: $(STAMP) ## send IMAGE=path to the running server and print the predict
 
 status: $(STAMP) ## show the server's models and workers
 	$(PY) -m serving.server status
+
+token: $(STAMP) ## print the inference token of the running server (for curl)
+	@$(PY) -m serving.server token inference
 
 stop: $(STAMP) ## stop TorchServe (leaves nothing running)
 	$(PY) -m serving.server stop

@@ -40,8 +40,8 @@ def provenance() -> dict[str, str]:
     import torchvision
 
     return {
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
+        "torch": str(torch.__version__),
+        "torchvision": str(torchvision.__version__),
         "python": platform.python_version(),
         "git_commit": git_commit(),
     }

@@ -1,0 +1,1 @@
+"""Serving: the TorchServe handler, the archive builder and the server wrapper."""
