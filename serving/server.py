@@ -144,12 +144,14 @@ class TorchServe:
         """Wait until every worker of the model is READY. `/ping` is not enough: it answers
         Healthy while workers crash in a loop (a missing Python package, say)."""
         deadline = time.monotonic() + timeout
-        last = "no answer yet"
+        last, failures = "no answer yet", 0
         while time.monotonic() < deadline:
             pid = self.running_pid()
             if pid is None and time.monotonic() > deadline - timeout + 5:
                 raise ServerError(f"TorchServe exited during start-up; see {self.run_dir}/ts_log.log:\n"
                                   + self.log_tail())
+            if (failures := self.failed_worker_loads()) >= 3:
+                break  # a crash loop: waiting longer only repeats it
             try:
                 workers = self.describe()["workers"]
                 states = [w["status"] for w in workers]
@@ -160,8 +162,15 @@ class TorchServe:
                 last = str(err)
             time.sleep(0.5)
         self.stop()
+        if failures >= 3:
+            raise ServerError(f"the model's workers died {failures} times while loading; worker log "
+                              f"({self.run_dir}/model_log.log):\n" + self.log_tail("model_log.log"))
         raise ServerError(f"model {self.model_name} not ready after {timeout:.0f}s ({last}); "
                           f"worker log ({self.run_dir}/model_log.log):\n" + self.log_tail("model_log.log"))
+
+    def failed_worker_loads(self) -> int:
+        log = self.run_dir / "ts_log.log"
+        return log.read_text(errors="replace").count("Load model failed") if log.exists() else 0
 
     def stop(self, timeout: float = 30) -> bool:
         """Stop the frontend and its workers; SIGKILL whatever outlives `timeout`. False if none ran."""
