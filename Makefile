@@ -17,13 +17,14 @@ MODEL_NAME ?= mnist
 VERSION    ?= 1.0
 IMAGE      ?= serving/samples/7.png
 NPROC      ?= 2
+SEEDS      ?= 3
 AUTH       ?= on
 export INFERENCE_ADDRESS ?= 127.0.0.1:8080
 export MANAGEMENT_ADDRESS ?= 127.0.0.1:8081
 export METRICS_ADDRESS ?= 127.0.0.1:8082
 
 .PHONY: help setup data train train-ddp evaluate archive serve predict status token stop demo \
-        test test-fast lint bench chaos docker-build docker-run docker-train docker-test clean
+        test test-fast lint bench bench-train bench-serve chaos docker-build docker-run docker-train docker-test clean
 
 help: ## list the targets
 	@echo "usage: make TARGET [ARGS=...]"
@@ -89,8 +90,13 @@ test-fast: $(STAMP) ## unit tests only (no training, no server)
 lint: $(STAMP) ## ruff over the code
 	$(VENV)/bin/ruff check training serving tests
 
-bench: $(STAMP) ## benchmarks: training time-to-accuracy and serving throughput (tables in README)
-	$(PY) -m serving.bench $(ARGS)
+bench: bench-train bench-serve ## both benchmarks (tables in README; ~10 min on 2 cores)
+
+bench-train: $(STAMP) ## training time-to-accuracy over seeds (SEEDS=3)
+	$(PY) -m training.bench --seeds $(SEEDS)
+
+bench-serve: $(STAMP) ## serving: this project vs TorchServe's MNIST example, wrk at c=1,8,64,256
+	$(PY) -m serving.bench --checkpoint $(CHECKPOINT) $(ARGS)
 
 chaos: $(STAMP) ## fault injection against a live server (kill a worker, SIGTERM under load)
 	$(PY) -m serving.chaos $(ARGS)

@@ -342,8 +342,17 @@ def _metrics(cfg: TrainConfig, dd: Dist, device: torch.device, state: dict, test
         "val_accuracy": best["val_accuracy"], "val_loss": best["val_loss"], "best_epoch": best["epoch"],
         "epochs": len(history), "train_seconds": seconds, "images_per_second": round(images / seconds, 1),
         "device": str(device), "world_size": dd.world, "global_batch_size": cfg.batch_size * dd.world,
-        "seed": cfg.seed, "per_class": test["per_class"], "confusion_matrix": test["confusion_matrix"],
+        "seed": cfg.seed, "peak_memory_mb": round(_peak_memory_mb(device), 1),
+        "per_class": test["per_class"], "confusion_matrix": test["confusion_matrix"],
     }
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def _write_outputs(out: Path, model: Net, cfg: TrainConfig, metrics: dict, state: dict, opt, sched, gen,
