@@ -171,6 +171,37 @@ def bench_setup(label: str, server: TorchServe, script_path: Path, digits: list[
     return rows
 
 
+def variant_table(checkpoint: Path, images: torch.Tensor, labels: torch.Tensor) -> str:
+    """Each archive variant as a worker runs it (one thread, channels_last): accuracy and batch latency."""
+    from serving.archive import VARIANTS
+    from serving.handler import optimize
+    from training.evaluate import confusion, summarize
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    lines = ["| variant | test accuracy | ms per batch of 1 | ms per batch of 32 |", "|---|---:|---:|---:|"]
+    try:
+        for variant in VARIANTS:
+            model = optimize(model_from_checkpoint(load_checkpoint(checkpoint)), variant)
+            model = model.to(memory_format=torch.channels_last)
+            accuracy = summarize(*confusion(model, images, labels))["accuracy"]
+            cells = []
+            for batch in (1, 32):
+                x = normalize(images[:batch]).contiguous(memory_format=torch.channels_last)
+                with torch.inference_mode():
+                    for _ in range(10):
+                        model(x)
+                    runs = 200 if batch == 1 else 50
+                    start = time.perf_counter()
+                    for _ in range(runs):
+                        model(x)
+                    cells.append(f"{(time.perf_counter() - start) / runs * 1e3:.3f}")
+            lines.append(f"| {variant} | {accuracy:.2%} | {cells[0]} | {cells[1]} |")
+    finally:
+        torch.set_num_threads(threads)
+    return "\n".join(lines)
+
+
 def markdown(rows: list[dict]) -> str:
     base = {r["concurrency"]: r for r in rows if r["setup"] == "baseline"}
     lines = ["| setup | conc. | req/s | p50 ms | p90 ms | p99 ms | errors | wrong answers | vs baseline |",
@@ -211,7 +242,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--setups", default="baseline,project")
     parser.add_argument("--digits", type=int, default=200, help="distinct MNIST test digits cycled through")
     parser.add_argument("--out", default="artifacts/bench", type=Path)
+    parser.add_argument("--variants-only", action="store_true", help="only the in-process variant table")
     args = parser.parse_args(argv)
+    if args.variants_only:
+        if not args.checkpoint.is_file():
+            print(f"error: no checkpoint at {args.checkpoint}: run `make train` first", file=sys.stderr)
+            return 1
+        print(variant_table(args.checkpoint, *load_split(None, train=False)))
+        return 0
     if shutil.which("wrk") is None:
         print("error: wrk is not installed (Debian/Ubuntu: sudo apt-get install wrk)", file=sys.stderr)
         return 1
@@ -247,11 +285,14 @@ def main(argv: list[str] | None = None) -> int:
             rows += bench_setup(setup, server, work / f"{setup}.lua", digits, expected, parse, concurrencies,
                                 args.seconds)
     table = markdown(rows)
+    variants = variant_table(args.checkpoint, *load_split(None, train=False))
     (args.out / "serving.json").write_text(json.dumps(rows, indent=2) + "\n")
     plot(rows, args.out / "serving.png")
     print(f"\nserving benchmark: {os.cpu_count()} CPUs, {args.seconds}s per point, {args.digits} MNIST test digits "
           f"as PNG, torch {torch.__version__}\n")
     print(table)
+    print("\nmodel variants, in-process (one thread, channels_last, full MNIST test set):\n")
+    print(variants)
     print(f"\nwrote {args.out}/serving.json and {args.out}/serving.png")
     return 0
 

@@ -113,11 +113,14 @@ class MNISTHandler(BaseHandler):
         state_dict = torch.load(model_dir / serialized, map_location="cpu", weights_only=True)
         model = build_model(meta["model_config"])
         model.load_state_dict(state_dict)
-        self.model = optimize(model.eval(), meta.get("variant", "eager")).to(self.device)
+        # channels_last: oneDNN's convolutions run ~2x faster in it on CPU (README, Benchmarks).
+        model = optimize(model.eval(), meta.get("variant", "eager"))
+        self.model = model.to(self.device, memory_format=torch.channels_last)
         self.classes = meta["class_names"]
         self.batch_size = int(properties.get("batch_size") or 1)
         with torch.inference_mode():  # warm-up: first-call allocations happen here, not on a request
-            self.model(torch.zeros(self.batch_size, 1, 28, 28, device=self.device))
+            self.model(torch.zeros(self.batch_size, 1, 28, 28, device=self.device).contiguous(
+                memory_format=torch.channels_last))
         self.context = context
         self.initialized = True
         logger.info("MNIST model loaded on %s (batch size %d)", self.device, self.batch_size)
@@ -140,7 +143,7 @@ class MNISTHandler(BaseHandler):
         predicted: list[int] = []
         if digits:
             with torch.inference_mode():
-                x = normalize(np.stack(digits)).to(self.device)
+                x = normalize(np.stack(digits)).to(self.device).contiguous(memory_format=torch.channels_last)
                 probabilities = torch.softmax(self.model(x).float(), dim=1)
                 predicted = probabilities.argmax(1).tolist()
                 probabilities = probabilities.cpu().tolist()
