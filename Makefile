@@ -77,9 +77,10 @@ demo: $(STAMP) ## the whole path: data → train → archive → serve → curl 
 	 else $(MAKE) --no-print-directory archive; fi
 	$(MAKE) --no-print-directory serve
 	@trap '$(MAKE) --no-print-directory stop' EXIT; \
-	 echo "+ curl -s -H 'Authorization: Bearer <inference key>' --data-binary @$(IMAGE) http://$(INFERENCE_ADDRESS)/predictions/$(MODEL_NAME)"; \
+	 echo "+ curl -H 'Authorization: Bearer <inference key>' -H 'Content-Type: application/octet-stream' --data-binary @$(IMAGE) http://$(INFERENCE_ADDRESS)/predictions/$(MODEL_NAME)"; \
 	 curl -sS --fail-with-body -H "Authorization: Bearer $$($(PY) -m serving.server token inference)" \
-	      --data-binary @$(IMAGE) http://$(INFERENCE_ADDRESS)/predictions/$(MODEL_NAME); echo
+	      -H "Content-Type: application/octet-stream" --data-binary @$(IMAGE) \
+	      http://$(INFERENCE_ADDRESS)/predictions/$(MODEL_NAME); echo
 
 test: $(STAMP) ## the whole test suite: unit tests, then the slow ones (training, real TorchServe)
 	$(PY) -m pytest $(ARGS)

@@ -277,7 +277,9 @@ def _start(server: TorchServe, foreground: bool) -> int:
     name = server.model_name
     print(f"TorchServe is up: model {name} ready; logs and tokens in {server.run_dir}/")
     auth = ' -H "Authorization: Bearer $(make -s token)"' if server.auth else ""
-    print(f"try:  curl{auth} --data-binary @serving/samples/7.png {server.url('inference', f'/predictions/{name}')}")
+    # A content type matters: curl's default (form-urlencoded) makes TorchServe parse the image as a form.
+    print(f"try:  curl{auth} -H 'Content-Type: application/octet-stream' --data-binary @serving/samples/7.png "
+          f"{server.url('inference', f'/predictions/{name}')}")
     if not foreground:
         print("stop: make stop")
         return 0
