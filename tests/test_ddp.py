@@ -38,7 +38,8 @@ def test_two_ranks_match_one_process_and_only_rank0_writes(tmp_path):
     # Rank 0 alone prints results and writes: one set of files, one "wrote" line.
     assert ddp.stdout.count("wrote ") == 1
     assert "global batch 64" in ddp.stdout
-    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == sorted(p.name for p in (tmp_path / "single").iterdir())
+    written = sorted(p.name for p in (tmp_path / "ddp").iterdir())
+    assert written == sorted(p.name for p in (tmp_path / "single").iterdir())
     metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["global_batch_size"] == 64
 

@@ -44,12 +44,13 @@ def table(results: dict[str, list[dict]]) -> str:
     lines = ["| config | device | runs | test accuracy (%) | s to 99.0% | s to 99.4% | s total | img/s | peak MB |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, runs in results.items():
-        col = lambda k: [r[k] for r in runs]  # noqa: E731
+        cols = {k: [r[k] for r in runs] for k in runs[0]}
+        accuracy = _mean_sd([100 * a for a in cols["test_accuracy"]], "{:.2f}")
         lines.append(
-            f"| {name} | {runs[0]['device']} | {len(runs)} | {_mean_sd([100 * a for a in col('test_accuracy')], '{:.2f}')} "
-            f"| {_mean_sd(col('seconds_to_0.990'), '{:.0f}')} | {_mean_sd(col('seconds_to_0.994'), '{:.0f}')} "
-            f"| {_mean_sd(col('train_seconds'), '{:.0f}')} | {statistics.mean(col('images_per_second')):,.0f} "
-            f"| {max(col('peak_memory_mb')):,.0f} |")
+            f"| {name} | {runs[0]['device']} | {len(runs)} | {accuracy} "
+            f"| {_mean_sd(cols['seconds_to_0.990'], '{:.0f}')} | {_mean_sd(cols['seconds_to_0.994'], '{:.0f}')} "
+            f"| {_mean_sd(cols['train_seconds'], '{:.0f}')} | {statistics.mean(cols['images_per_second']):,.0f} "
+            f"| {max(cols['peak_memory_mb']):,.0f} |")
     return "\n".join(lines)
 
 

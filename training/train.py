@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from training import config as cfglib
-from training.checkpoint import CheckpointError, atomic_save, load_checkpoint, make_checkpoint, publish
+from training.checkpoint import CheckpointError, atomic_save, make_checkpoint, publish
 from training.data import DataError, load_split
 from training.distributed import Dist, cleanup, setup_distributed, sync_buffers
 from training.evaluate import confusion, plot_confusion, plot_curves, summarize
@@ -272,7 +272,8 @@ def fit(cfg: TrainConfig, resume: bool = False, dry_run: bool = False, quiet: bo
             log(f"resuming {out / 'last.pt'} after epoch {state['epoch']}/{cfg.epochs}")
         net = model
         if dd.world > 1:
-            net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+            device_ids = [local_rank] if device.type == "cuda" else None
+            net = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
         if cfg.compile:
             net = torch.compile(net)
         log(f"training on {len(data.train_x):,} images ({len(data.val_x):,} validation, {len(data.test_x):,} test) "
