@@ -21,6 +21,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -203,13 +204,31 @@ class TorchServe:
     # --- API calls -------------------------------------------------------------------------------
 
     def token(self, kind: str) -> str | None:
-        """The bearer key for `inference` or `management` calls (None when auth is off)."""
-        path = self.run_dir / "key_file.json"
+        """The bearer key for `inference` or `management` calls (None when auth is off).
+
+        TorchServe's keys expire (60 minutes by default); an expired one is renewed with the API
+        key, which rewrites the key file, so a long-running server keeps answering `make predict`.
+        """
         if not self.auth:
             return None
+        keys = self._read_keys()
+        expires = keys[kind].get("expiration time", "")
+        if expires and datetime.fromisoformat(expires[:19]).replace(tzinfo=timezone.utc) < \
+                datetime.now(timezone.utc) + timedelta(seconds=30):
+            req = urllib.request.Request(self.url("management", f"/token?type={kind}"),
+                                         headers={"Authorization": f"Bearer {keys['API']['key']}"})
+            try:
+                urllib.request.urlopen(req, timeout=10).close()
+            except (urllib.error.URLError, OSError) as err:
+                raise ServerError(f"the {kind} key expired and could not be renewed: {err}") from None
+            keys = self._read_keys()
+        return keys[kind]["key"]
+
+    def _read_keys(self) -> dict[str, Any]:
+        path = self.run_dir / "key_file.json"
         try:
-            return json.loads(path.read_text())[kind]["key"]
-        except (OSError, ValueError, KeyError):
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
             raise ServerError(f"no token file at {path}: is the server running (`make serve`)?") from None
 
     def request(self, kind: str, path: str, data: bytes | None = None, method: str | None = None,
