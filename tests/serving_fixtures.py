@@ -1,0 +1,97 @@
+"""Fixtures and helpers shared by test_archive.py, test_handler.py and test_serving.py.
+
+Each test module registers it with `pytest_plugins = ["serving_fixtures"]` (so each fixture exists
+once per session) and imports the helpers it uses by name; pytest puts tests/ on sys.path.
+Two checkpoints: a tiny untrained one (instant, for the archive and handler mechanics; answers are
+compared with the same weights run offline) and one trained briefly on a slice of MNIST with
+configs/train.yaml, made once per session (for real digits).
+MNIST itself comes from conftest.py's `mnist_dir` and `mnist_test_images` fixtures.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from serving.archive import Archive, build_archive
+from training import config as cfglib
+from training.checkpoint import atomic_save, load_checkpoint, make_checkpoint, model_from_checkpoint
+from training.model import ModelConfig, Net
+from training.preprocess import normalize
+from training.train import DEFAULT_CONFIG, TrainConfig, fit
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE_7 = ROOT / "serving" / "samples" / "7.png"
+METRICS_YAML = ROOT / "configs" / "metrics.yaml"
+# Not the default architecture, so an archive that lost its model_config would fail to load it.
+TINY_MODEL = ModelConfig(conv1=4, conv2=8, hidden=16, dropout=0.0)
+# configs/train.yaml shrunk: 12k images × 2 epochs on the CPU scores ~98% on the first 1000 test
+# images in about 10 s. One thread: on a small shared box two threads fighting other jobs for the
+# cores made the same run 7x slower.
+TRAIN_SLICE = {"device": "cpu", "epochs": 2, "train_limit": 12_000, "val_size": 500, "test_limit": 1000,
+               "threads": 1}
+
+
+def encode_png(image: np.ndarray | torch.Tensor) -> bytes:
+    ok, buffer = cv2.imencode(".png", np.asarray(image, dtype=np.uint8))
+    assert ok
+    return buffer.tobytes()
+
+
+def save_tiny_checkpoint(path: Path, seed: int = 0, test_accuracy: float = 0.5) -> Path:
+    """An untrained TINY_MODEL in the checkpoint format training.train writes."""
+    torch.manual_seed(seed)
+    atomic_save(make_checkpoint(Net(TINY_MODEL).eval(), config={}, metrics={"test_accuracy": test_accuracy}), path)
+    return path
+
+
+def unpack(mar: Path, dest: Path) -> Path:
+    """What TorchServe does with a .mar before loading it: extract it into a folder of its own."""
+    with zipfile.ZipFile(mar) as z:
+        z.extractall(dest)
+    return dest
+
+
+def offline_probabilities(checkpoint: Path, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """The training path: checkpoint → model, uint8 28×28 digits → normalize → softmax."""
+    model = model_from_checkpoint(load_checkpoint(checkpoint))
+    with torch.inference_mode():
+        return torch.softmax(model(normalize(images)), dim=1)
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(mnist_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """configs/train.yaml shrunk to TRAIN_SLICE, trained once per session (the real training code path)."""
+    out_dir = tmp_path_factory.mktemp("trained")
+    cfg = cfglib.apply(TrainConfig(), cfglib.load_yaml(DEFAULT_CONFIG))
+    cfg = cfglib.apply(cfg, {**TRAIN_SLICE, "data_dir": str(mnist_dir), "out_dir": str(out_dir)})
+    threads = torch.get_num_threads()
+    try:
+        fit(cfg, quiet=True)
+    finally:
+        torch.set_num_threads(threads)  # fit sets the process-wide thread count
+    return out_dir / "model.pt"
+
+
+@pytest.fixture(scope="session")
+def trained_archive(trained_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Archive:
+    """The trained checkpoint as model_store/mnist.mar (version 1.0); tests must not modify it."""
+    return build_archive(trained_checkpoint, tmp_path_factory.mktemp("trained-store"), "mnist", "1.0")
+
+
+@pytest.fixture(scope="session")
+def tiny_archive(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Archive]:
+    """(checkpoint, archive) for the tiny untrained model; tests must not modify either."""
+    base = tmp_path_factory.mktemp("tiny")
+    checkpoint = save_tiny_checkpoint(base / "model.pt")
+    return checkpoint, build_archive(checkpoint, base / "store", "mnist", "1.0")
+
+
+def manifest_of(model_dir: Path) -> dict:
+    return json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())

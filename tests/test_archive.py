@@ -1,0 +1,162 @@
+"""serving/archive.py: what goes into the .mar, how it loads, and how existing archives are protected."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from serving.archive import DEFAULT_VARIANT, ArchiveError, archive_version, build_archive, main
+from training.checkpoint import CheckpointError, load_checkpoint
+from training.model import build_model
+
+# Shared fixtures (tiny_archive) load as a plugin, so each
+# exists once per session; helpers are imported by name, after registering for assert rewriting.
+pytest.register_assert_rewrite("serving_fixtures")
+pytest_plugins = ["serving_fixtures"]
+from serving_fixtures import ROOT, TINY_MODEL, save_tiny_checkpoint  # noqa: E402
+
+EXPECTED_FILES = {
+    "handler.py", "weights.pt", "model.json", "index_to_name.json", "model-config.yaml",
+    "training/__init__.py", "training/model.py", "training/preprocess.py", "MAR-INF/MANIFEST.json",
+}
+
+
+def read_member(mar: Path, name: str) -> bytes:
+    with zipfile.ZipFile(mar) as z:
+        return z.read(name)
+
+
+def test_archive_holds_exactly_what_the_server_needs(tiny_archive):
+    checkpoint, archive = tiny_archive
+    assert archive.path.name == "mnist.mar"
+    with zipfile.ZipFile(archive.path) as z:
+        assert z.testzip() is None
+        assert set(z.namelist()) == EXPECTED_FILES
+    manifest = json.loads(read_member(archive.path, "MAR-INF/MANIFEST.json"))["model"]
+    assert {k: manifest[k] for k in ("modelName", "modelVersion", "handler", "serializedFile")} == {
+        "modelName": "mnist", "modelVersion": "1.0", "handler": "handler.py", "serializedFile": "weights.pt"}
+    # The served code is the repository's code at archive time, byte for byte.
+    for packed, source in [("handler.py", "serving/handler.py"), ("training/model.py", "training/model.py"),
+                           ("training/preprocess.py", "training/preprocess.py"),
+                           ("model-config.yaml", "configs/model-config.yaml")]:
+        assert read_member(archive.path, packed) == (ROOT / source).read_bytes(), packed
+    meta = json.loads(read_member(archive.path, "model.json"))
+    assert meta["model_config"] == dict(vars(TINY_MODEL))
+    assert meta["class_names"] == [str(d) for d in range(10)]
+    assert meta["variant"] == DEFAULT_VARIANT
+    assert meta["metrics"]["test_accuracy"] == 0.5
+    assert meta["checkpoint"] == {"file": "model.pt", "sha256": hashlib.sha256(checkpoint.read_bytes()).hexdigest()}
+    assert json.loads(read_member(archive.path, "index_to_name.json")) == {str(d): str(d) for d in range(10)}
+    assert yaml.safe_load(read_member(archive.path, "model-config.yaml"))["batchSize"] == 32
+
+
+def test_weights_are_a_plain_state_dict_that_rebuilds_the_model(tiny_archive, tmp_path):
+    checkpoint, archive = tiny_archive
+    (tmp_path / "weights.pt").write_bytes(read_member(archive.path, "weights.pt"))
+    state_dict = torch.load(tmp_path / "weights.pt", weights_only=True)  # tensors only: no pickled code
+    model = build_model(json.loads(read_member(archive.path, "model.json"))["model_config"])
+    model.load_state_dict(state_dict)  # strict: every key and shape matches
+    original = load_checkpoint(checkpoint)["state_dict"]
+    assert state_dict.keys() == original.keys()
+    assert all(torch.equal(state_dict[k], original[k]) for k in original)
+
+
+def test_checksum_file_matches_the_archive(tiny_archive):
+    _, archive = tiny_archive
+    digest = hashlib.sha256(archive.path.read_bytes()).hexdigest()
+    assert archive.sha256 == digest
+    assert archive.size == archive.path.stat().st_size
+    assert archive.test_accuracy == 0.5
+    assert archive.replaced is None
+    assert (archive.path.parent / "mnist.mar.sha256").read_text() == f"{digest}  mnist.mar\n"
+
+
+def test_same_version_is_refused_unless_forced(tmp_path):
+    store = tmp_path / "store"
+    first = build_archive(save_tiny_checkpoint(tmp_path / "a.pt", seed=0), store, "mnist", "1.0")
+    other = save_tiny_checkpoint(tmp_path / "b.pt", seed=1)
+    with pytest.raises(ArchiveError, match=r"mnist\.mar \(version 1\.0\) already exists: pass --force"):
+        build_archive(other, store, "mnist", "1.0")
+    assert hashlib.sha256(first.path.read_bytes()).hexdigest() == first.sha256  # untouched
+
+    forced = build_archive(other, store, "mnist", "1.0", force=True)
+    assert forced.path == first.path and forced.sha256 != first.sha256 and forced.replaced is None
+    assert (store / "mnist.mar.sha256").read_text() == f"{forced.sha256}  mnist.mar\n"
+    assert sorted(p.name for p in store.iterdir()) == ["mnist.mar", "mnist.mar.sha256"]
+
+
+def test_new_version_keeps_the_old_one_beside_it(tmp_path):
+    store = tmp_path / "store"
+    old = build_archive(save_tiny_checkpoint(tmp_path / "a.pt", seed=0), store, "mnist", "1.0")
+    new = build_archive(save_tiny_checkpoint(tmp_path / "b.pt", seed=1), store, "mnist", "2.0")
+    kept = store / "mnist-1.0.mar"
+    assert new.replaced == kept
+    assert sorted(p.name for p in store.iterdir()) == [
+        "mnist-1.0.mar", "mnist-1.0.mar.sha256", "mnist.mar", "mnist.mar.sha256"]
+    assert hashlib.sha256(kept.read_bytes()).hexdigest() == old.sha256
+    assert (store / "mnist-1.0.mar.sha256").read_text().split()[0] == old.sha256
+    assert (archive_version(kept), archive_version(new.path)) == ("1.0", "2.0")
+    assert (store / "mnist.mar.sha256").read_text() == f"{new.sha256}  mnist.mar\n"
+
+
+def test_missing_checkpoint_says_to_train_first(tmp_path):
+    with pytest.raises(CheckpointError, match=r"no checkpoint at .*nope\.pt: run `make train` first"):
+        build_archive(tmp_path / "nope.pt", tmp_path / "store", "mnist", "1.0")
+    assert not (tmp_path / "store").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "foreign"])
+def test_unusable_checkpoint_is_refused_before_anything_is_written(tmp_path, damage):
+    checkpoint = save_tiny_checkpoint(tmp_path / "model.pt")
+    if damage == "truncated":  # an interrupted copy
+        checkpoint.write_bytes(checkpoint.read_bytes()[:1000])
+        message = r"model\.pt is not a readable checkpoint \(\w+\); retrain it"
+    else:  # a readable torch file that is not one of ours
+        torch.save({"weights": torch.zeros(3)}, checkpoint)
+        message = r"model\.pt is not a checkpoint written by training\.train"
+    with pytest.raises(CheckpointError, match=message):
+        build_archive(checkpoint, tmp_path / "store", "mnist", "1.0")
+    assert not (tmp_path / "store").exists()
+
+
+def test_unknown_variant_is_refused(tmp_path):
+    with pytest.raises(ArchiveError, match=r"unknown variant 'fp4': choose one of eager, fused, int8"):
+        build_archive(save_tiny_checkpoint(tmp_path / "model.pt"), tmp_path / "store", "mnist", "1.0", "fp4")
+
+
+def test_cli_reports_the_archive_and_fails_in_one_line(tmp_path, capsys):
+    checkpoint = save_tiny_checkpoint(tmp_path / "model.pt", test_accuracy=0.9876)
+    store = tmp_path / "store"
+    args = ["--checkpoint", str(checkpoint), "--model-store", str(store), "--model-name", "digits"]
+
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    mar = store / "digits.mar"
+    digest = hashlib.sha256(mar.read_bytes()).hexdigest()
+    assert out.splitlines() == [
+        f"archive        {mar}  (version 1.0, variant {DEFAULT_VARIANT})",
+        f"size           {mar.stat().st_size / 1e6:.2f} MB",
+        f"sha256         {digest}",
+        f"test accuracy  98.76% (recorded in {checkpoint})",
+    ]
+    assert err == ""
+
+    assert main(args) == 1  # same version again
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == f"error: {mar} (version 1.0) already exists: pass --force to replace it\n"
+
+    assert main([*args, "--version", "2.0"]) == 0
+    out, _ = capsys.readouterr()
+    assert out.splitlines()[-1] == f"previous version kept as {store / 'digits-1.0.mar'}"
+
+    assert main(["--checkpoint", str(tmp_path / "missing.pt"), "--model-store", str(store)]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == f"error: no checkpoint at {tmp_path / 'missing.pt'}: run `make train` first\n"

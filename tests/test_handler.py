@@ -1,0 +1,301 @@
+"""serving/handler.py without a server: TorchServe's own Context, request parsing and metrics cache
+drive the handler in-process, and the packed handler runs from an unpacked .mar in a clean interpreter.
+The end-to-end tests through a real TorchServe are in test_serving.py.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ts.context import Context
+from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
+from ts.service import Service
+
+from serving.archive import build_archive
+from serving.handler import MNISTHandler, decode_request
+from training.preprocess import PreprocessError, normalize
+
+# Shared fixtures (tiny_archive, trained_archive, trained_checkpoint) load as a plugin, so each
+# exists once per session; helpers are imported by name, after registering for assert rewriting.
+pytest.register_assert_rewrite("serving_fixtures")
+pytest_plugins = ["serving_fixtures"]
+from serving_fixtures import METRICS_YAML, ROOT, SAMPLE_7, encode_png, manifest_of, offline_probabilities, unpack  # noqa: E402
+
+Request = list[dict]  # TorchServe's parameters of one request: name, contentType, value
+
+
+def raw(body: bytes, content_type: str = "application/octet-stream") -> Request:
+    return [{"name": "body", "contentType": content_type, "value": body}]
+
+
+def multipart(field: str, png: bytes) -> Request:
+    return [{"name": field, "contentType": "image/png", "value": png}]
+
+
+def as_json(obj: object) -> Request:
+    return raw(json.dumps(obj).encode(), "application/json")
+
+
+class InProcessWorker:
+    """The handler as TorchServe's Python worker drives it (ts/service.py), minus the socket: a real
+    Context and metrics cache, requests parsed by TorchServe's own `retrieve_data_for_inference`."""
+
+    def __init__(self, model_dir: Path, batch_size: int = 32) -> None:
+        self.metrics = MetricsCacheYamlImpl(config_file_path=str(METRICS_YAML))
+        self.metrics.initialize_cache()
+        self.metrics.model_name = "mnist"
+        self.context = Context("mnist", str(model_dir), manifest_of(model_dir), batch_size, None, "0.12.0",
+                               metrics=self.metrics)
+        self.handler = MNISTHandler()
+        self.handler.initialize(self.context)
+
+    def handle(self, requests: list[Request]) -> list[tuple[int, dict]]:
+        batch = [{"requestId": f"req-{i}".encode(), "parameters": params} for i, params in enumerate(requests)]
+        processors, data, ids = Service.retrieve_data_for_inference(batch)
+        self.context.request_processor, self.context.request_ids = processors, ids
+        self.metrics.request_ids = ids
+        bodies = self.handler.handle(data, self.context)
+        assert len(bodies) == len(requests)
+        for i in range(len(requests)):
+            assert self.context.get_response_content_type(i) == "application/json"
+        return [(self.context.get_response_status(i)[0], json.loads(b)) for i, b in enumerate(bodies)]
+
+    def digits(self, pngs: list[bytes]) -> list[int]:
+        """Predictions for many images, in batches of the worker's batch size as the server sends them."""
+        size = self.context.system_properties["batch_size"]
+        out = []
+        for start in range(0, len(pngs), size):
+            answers = self.handle([raw(p) for p in pngs[start : start + size]])
+            assert [status for status, _ in answers] == [200] * len(answers)
+            out += [body["digit"] for _, body in answers]
+        return out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _restore_torch_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)  # initialize() sets one thread per worker, process-wide
+
+
+@pytest.fixture(scope="module")
+def tiny_worker(tiny_archive, tmp_path_factory) -> InProcessWorker:
+    return InProcessWorker(unpack(tiny_archive[1].path, tmp_path_factory.mktemp("tiny-unpacked")))
+
+
+@pytest.fixture(scope="module")
+def mnist_pngs(mnist_test_images) -> list[bytes]:
+    """The first 1000 MNIST test images as PNG files, as a client would send them."""
+    return [encode_png(image) for image in mnist_test_images[0][:1000]]
+
+
+def assert_same_answer(body: dict, probabilities: torch.Tensor) -> None:
+    """The handler's JSON against probabilities computed offline: same digit, values to rounding."""
+    assert body["digit"] == int(probabilities.argmax())
+    assert list(body["probabilities"]) == [str(d) for d in range(10)]
+    assert list(body["probabilities"].values()) == pytest.approx(probabilities.tolist(), abs=2e-6)
+    assert body["confidence"] == body["probabilities"][str(body["digit"])]
+
+
+# --- the packed handler, on its own -------------------------------------------------------------
+
+PACKED_WORKER = r"""
+import json, sys
+from pathlib import Path
+model_dir, metrics_yaml, repo, *images = sys.argv[1:]
+# The repository first on the path, as when a worker starts from a checkout: the handler must still
+# import the training code packed beside it, not this one.
+sys.path[:0] = [repo]
+sys.path.append(model_dir)
+import handler
+from ts.context import Context
+from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
+from ts.service import Service
+metrics = MetricsCacheYamlImpl(config_file_path=metrics_yaml)
+metrics.initialize_cache()
+manifest = json.loads((Path(model_dir) / "MAR-INF" / "MANIFEST.json").read_text())
+context = Context("mnist", model_dir, manifest, 4, None, "0.12.0", metrics=metrics)
+worker = handler.MNISTHandler()
+worker.initialize(context)
+batch = [{"requestId": str(i).encode(), "parameters": [{"name": "body", "contentType": "image/png",
+          "value": Path(p).read_bytes()}]} for i, p in enumerate(images)]
+context.request_processor, data, context.request_ids = Service.retrieve_data_for_inference(batch)
+metrics.request_ids = context.request_ids
+bodies = worker.handle(data, context)
+modules = ("handler", "training", "training.model", "training.preprocess")
+print(json.dumps({"files": {m: sys.modules[m].__file__ for m in modules},
+                  "status": [context.get_response_status(i)[0] for i in range(len(bodies))],
+                  "bodies": [json.loads(b) for b in bodies]}))
+"""
+
+
+def test_packed_handler_runs_from_the_archive_alone(tiny_archive, mnist_test_images, tmp_path):
+    checkpoint, archive = tiny_archive
+    model_dir = unpack(archive.path, tmp_path / "model").resolve()
+    images, _ = mnist_test_images
+    inputs = []
+    for i in range(3):
+        inputs.append(tmp_path / f"{i}.png")
+        inputs[-1].write_bytes(encode_png(images[i]))
+    inputs.append(tmp_path / "empty.png")
+    inputs[-1].write_bytes(b"")
+    # -I: no PYTHONPATH, no user site, no current directory on sys.path.
+    result = subprocess.run([sys.executable, "-I", "-c", PACKED_WORKER, str(model_dir), str(METRICS_YAML),
+                             str(ROOT), *map(str, inputs)], cwd=model_dir, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    for module, path in out["files"].items():
+        assert Path(path).is_relative_to(model_dir), f"{module} imported from {path}, not from the archive"
+    assert out["status"] == [200, 200, 200, 400]
+    assert out["bodies"][3] == {"code": 400, "type": "InvalidInput", "message": "empty input: expected image bytes"}
+    expected = offline_probabilities(checkpoint, images[:3])
+    for body, probabilities in zip(out["bodies"][:3], expected, strict=True):
+        assert_same_answer(body, probabilities)
+
+
+# --- decoding: every accepted form, and train/serve parity ----------------------------------------
+
+def test_every_input_form_gives_the_same_answer(tiny_worker, mnist_test_images):
+    image = mnist_test_images[0][0]
+    png = encode_png(image)
+    forms = {
+        "octet-stream": raw(png),
+        "image/png": raw(png, "image/png"),
+        "multipart data": multipart("data", png),
+        "multipart file": multipart("file", png),
+        "json base64": as_json({"data": base64.b64encode(png).decode()}),
+        "json pixels": as_json({"pixels": image.tolist()}),
+    }
+    answers = {name: tiny_worker.handle([request])[0] for name, request in forms.items()}
+    first = answers["octet-stream"]
+    assert first[0] == 200
+    assert all(answer == first for answer in answers.values()), answers
+
+
+def test_decoded_images_are_exactly_the_training_tensors(mnist_test_images, mnist_pngs):
+    images, _ = mnist_test_images
+    images = images[:64]
+    expected = normalize(images)  # what training.train feeds the model
+    pngs = mnist_pngs[:64]
+    assert torch.equal(normalize(np.stack([decode_request({"body": png}) for png in pngs])), expected)
+    # Dark ink on white paper (a scan, a drawing app) is flipped back to MNIST's polarity exactly.
+    inverted = [encode_png(255 - image.numpy()) for image in images]
+    assert torch.equal(normalize(np.stack([decode_request({"body": png}) for png in inverted])), expected)
+    pixels = [json.dumps({"pixels": image.tolist()}).encode() for image in images]
+    assert torch.equal(normalize(np.stack([decode_request({"body": body}) for body in pixels])), expected)
+
+
+@pytest.mark.parametrize(("request_", "message"), [
+    ({}, "no image found"),
+    ({"body": b'{"data": '}, "malformed JSON body"),
+    ({"body": b'{"data": 7}'}, "'data' must be a base64-encoded image string"),
+    ({"body": b'{"data": "not base64!"}'}, "'data' is not valid base64"),
+    ({"body": b'{"image": "x"}'}, "JSON body must have 'data' (base64 image) or 'pixels'"),
+    ({"body": json.dumps({"pixels": [[0] * 28] * 27}).encode()}, "pixels must have shape 28x28, got 27x28"),
+    ({"body": json.dumps({"pixels": [[300] * 28] * 28}).encode()}, "pixel values must be numbers in 0..255"),
+    ({"body": json.dumps({"pixels": [[0] * 28] * 28}).encode()}, "no digit found: the image is blank"),
+    ({"body": encode_png(np.zeros((1, 1), np.uint8))}, "image too small: 1x1 pixels"),
+])
+def test_bad_request_is_a_preprocess_error_that_says_why(request_, message):
+    with pytest.raises(PreprocessError) as err:
+        decode_request(request_)
+    assert str(err.value).startswith(message)
+
+
+def test_bad_requests_in_a_batch_fail_only_themselves(tiny_worker, tiny_archive, mnist_test_images, caplog):
+    images, _ = mnist_test_images
+    png = encode_png(images[1])
+    batch = [
+        raw(png),
+        raw(b""),
+        raw(bytes(range(256)) * 4),
+        as_json({"pixels": images[2].tolist()}),
+        as_json({"data": "not base64!"}),
+        raw(png[: len(png) // 2], "image/png"),
+        raw(encode_png(np.zeros((1, 1), np.uint8)), "image/png"),
+    ]
+    with caplog.at_level(logging.INFO, logger="ts.metrics"):
+        answers = tiny_worker.handle(batch)
+    assert [status for status, _ in answers] == [200, 400, 400, 200, 400, 400, 400]
+    errors = [body for status, body in answers if status == 400]
+    assert [(e["code"], e["type"]) for e in errors] == [(400, "InvalidInput")] * 5
+    assert [e["message"].split(":")[0] for e in errors] == [
+        "empty input", "not an image", "'data' is not valid base64", "could not decode the PNG image",
+        "image too small"]
+    # The good ones get what they get alone.
+    assert answers[0] == tiny_worker.handle([raw(png)])[0]
+    assert answers[3] == tiny_worker.handle([as_json({"pixels": images[2].tolist()})])[0]
+    expected = offline_probabilities(tiny_archive[0], images[1:3])
+    assert_same_answer(answers[0][1], expected[0])
+    assert_same_answer(answers[3][1], expected[1])
+
+    # Metrics, as TorchServe's metrics cache logs them for the frontend: one batch, 5 rejected, 2 predicted.
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[METRICS]MNIST")]
+    assert sum("MNISTPreprocessTime.Milliseconds:" in line for line in lines) == 1
+    assert sum("MNISTInferenceTime.Milliseconds:" in line for line in lines) == 1
+    assert any(line.startswith("[METRICS]MNISTRejectedRequests.Count:5|#ModelName:mnist,Level:Model|")
+               for line in lines), lines
+    predicted = {}
+    for line in lines:
+        if match := re.match(r"\[METRICS\]MNISTPredictions\.Count:(\d+)\|#Digit:(\d),ModelName:mnist,Level:Model\|",
+                             line):
+            predicted[match[2]] = predicted.get(match[2], 0) + int(match[1])
+    digits = [str(answers[0][1]["digit"]), str(answers[3][1]["digit"])]
+    assert predicted == {d: digits.count(d) for d in digits}
+
+
+# --- with a trained model -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained_worker(trained_archive, tmp_path_factory) -> InProcessWorker:
+    return InProcessWorker(unpack(trained_archive.path, tmp_path_factory.mktemp("trained-unpacked")))
+
+
+@pytest.mark.slow
+def test_handler_scores_the_test_accuracy_recorded_at_training(trained_worker, trained_checkpoint,
+                                                               mnist_test_images, mnist_pngs):
+    images, labels = mnist_test_images
+    meta = json.loads((Path(trained_worker.context.system_properties["model_dir"]) / "model.json").read_text())
+    n = 1000  # the slice the checkpoint was scored on (TRAIN_SLICE test_limit)
+    digits = trained_worker.digits(mnist_pngs[:n])
+    assert sum(d == y for d, y in zip(digits, labels[:n].tolist(), strict=True)) / n == meta["metrics"]["test_accuracy"]
+    offline = offline_probabilities(trained_checkpoint, images[:n]).argmax(1).tolist()
+    assert digits == offline
+    assert trained_worker.handle([raw(SAMPLE_7.read_bytes(), "image/png")])[0][1]["digit"] == 7
+
+
+@pytest.mark.slow
+def test_one_batch_of_64_matches_the_offline_model(trained_worker, trained_checkpoint, mnist_test_images,
+                                                  mnist_pngs):
+    images, _ = mnist_test_images
+    answers = trained_worker.handle([raw(png) for png in mnist_pngs[:64]])
+    expected = offline_probabilities(trained_checkpoint, images[:64])
+    for (status, body), probabilities in zip(answers, expected, strict=True):
+        assert status == 200
+        assert body["digit"] == int(probabilities.argmax())
+        assert list(body["probabilities"].values()) == pytest.approx(probabilities.tolist(), abs=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["eager", "fused", "int8"])
+def test_every_variant_serves_the_trained_model(variant, trained_checkpoint, mnist_test_images, mnist_pngs,
+                                                tmp_path):
+    archive = build_archive(trained_checkpoint, tmp_path / "store", "mnist", "1.0", variant)
+    worker = InProcessWorker(unpack(archive.path, tmp_path / "model"))
+    images, _ = mnist_test_images
+    digits = worker.digits(mnist_pngs)
+    offline = offline_probabilities(trained_checkpoint, images[:1000]).argmax(1).tolist()
+    disagree = sum(a != b for a, b in zip(digits, offline, strict=True))
+    # eager and fused compute the same function (fused folds batch norm into the convs): same digits.
+    # int8 quantises the fully connected weights: an approximation, allowed a few borderline digits.
+    assert disagree <= (5 if variant == "int8" else 0), f"{variant}: {disagree} of 1000 digits differ"

@@ -1,0 +1,434 @@
+"""End to end: a briefly trained model, archived, served by a real TorchServe on free loopback ports.
+
+One server for the module (about 5 s to start); its teardown stops it and checks that the frontend
+and its Python worker are gone. The tests at the top need no running server.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+from serving.server import ServerError, TorchServe, free_port
+
+# Shared fixtures (tiny_archive, trained_archive, trained_checkpoint) load as a plugin, so each
+# exists once per session; helpers are imported by name, after registering for assert rewriting.
+pytest.register_assert_rewrite("serving_fixtures")
+pytest_plugins = ["serving_fixtures"]
+from serving_fixtures import ROOT, SAMPLE_7, encode_png, offline_probabilities  # noqa: E402
+
+MAX_REQUEST_SIZE = 1048576  # configs/config.properties
+UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def loopback_addresses() -> dict[str, str]:
+    return {kind: f"http://127.0.0.1:{free_port()}" for kind in ("inference", "management", "metrics")}
+
+
+def template_value(key: str) -> str:
+    for line in (ROOT / "configs" / "config.properties").read_text().splitlines():
+        if line.startswith(f"{key}="):
+            return line.split("=", 1)[1]
+    raise KeyError(key)
+
+
+def isolated(run_dir: Path) -> dict[str, str]:
+    """Keep this server out of the way of any other TorchServe on the machine (a developer's
+    `make serve`, a benchmark): TorchServe always opens gRPC on 7070/7071, and its worker's unix
+    socket is <java.io.tmpdir>/.ts.sock.9000; serving/server.py sets neither (see the xfail below)."""
+    return {"grpc_inference_port": str(free_port()), "grpc_management_port": str(free_port()),
+            "vmargs": f"{template_value('vmargs')} -Djava.io.tmpdir={run_dir / 'tmp'}"}
+
+
+def call(url: str, data: bytes | None = None, headers: dict[str, str] | None = None,
+         method: str | None = None) -> tuple[int, bytes, dict[str, str]]:
+    """A plain HTTP call: no token added, status/body/headers returned whatever the status."""
+    req = urllib.request.Request(url, data=data, headers=headers or {}, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, resp.read(), dict(resp.headers)
+    except urllib.error.HTTPError as err:
+        return err.code, err.read(), dict(err.headers)
+
+
+def predict(server: TorchServe, body: bytes, content_type: str) -> tuple[int, dict, str]:
+    """POST /predictions/mnist with the inference key: (status, JSON body, x-request-id)."""
+    status, raw, headers = call(server.url("inference", "/predictions/mnist"), body,
+                                {"Content-Type": content_type,
+                                 "Authorization": f"Bearer {server.token('inference')}"})
+    return status, json.loads(raw) if raw else {}, headers.get("x-request-id", "")
+
+
+def multipart(field: str, png: bytes) -> tuple[bytes, str]:
+    boundary = "mnist-test-boundary"
+    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="digit.png"\r\n'
+            f"Content-Type: image/png\r\n\r\n").encode() + png + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def json_body(obj: object) -> tuple[bytes, str]:
+    return json.dumps(obj).encode(), "application/json"
+
+
+def worker_pid(server: TorchServe) -> int:
+    (worker,) = server.describe()["workers"]
+    assert worker["status"] == "READY"
+    return worker["pid"]
+
+
+# --- no server needed ----------------------------------------------------------------------------
+
+def test_default_config_is_loopback_only_with_auth_on(tmp_path, monkeypatch):
+    for kind in ("INFERENCE", "MANAGEMENT", "METRICS"):
+        monkeypatch.delenv(f"{kind}_ADDRESS", raising=False)
+    server = TorchServe(run_dir=tmp_path, model_store=tmp_path / "store")
+    props = dict(line.split("=", 1) for line in server.write_properties().read_text().splitlines()
+                 if "=" in line and not line.startswith("#"))
+    for kind in ("inference", "management", "metrics"):
+        assert re.fullmatch(r"http://127\.0\.0\.1:\d+", props[f"{kind}_address"]), props[f"{kind}_address"]
+    assert props["disable_token_authorization"] == "false"
+    assert props["enable_model_api"] == "false"
+    assert props["max_request_size"] == str(MAX_REQUEST_SIZE)
+
+
+def test_tampered_archive_is_refused_before_anything_starts(tiny_archive, tmp_path):
+    store = tmp_path / "store"
+    shutil.copytree(tiny_archive[1].path.parent, store)
+    mar = store / "mnist.mar"
+    data = bytearray(mar.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    mar.write_bytes(bytes(data))  # mnist.mar.sha256 still records the original
+    server = TorchServe(run_dir=tmp_path / "run", model_store=store, addresses=loopback_addresses())
+    with pytest.raises(ServerError, match=r"does not match the SHA-256 recorded by `make archive`"):
+        server.start(timeout=30)
+    (store / "mnist.mar.sha256").unlink()
+    with pytest.raises(ServerError, match=r"mnist\.mar\.sha256 is missing: rebuild the archive"):
+        server.start(timeout=30)
+    assert server.running_pid() is None
+    assert not (tmp_path / "run").exists()  # refused before the run directory was even made
+
+
+def test_missing_archive_and_stopping_nothing(tmp_path):
+    server = TorchServe(run_dir=tmp_path / "run", model_store=tmp_path / "empty", addresses=loopback_addresses())
+    with pytest.raises(ServerError, match=r"no archive at .*mnist\.mar: run `make archive` first"):
+        server.start(timeout=30)
+    assert server.stop() is False
+
+
+# --- one real TorchServe for the rest of the module ----------------------------------------------
+
+@pytest.fixture(scope="module")
+def server(trained_archive, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("serve")
+    ts = TorchServe(run_dir=run_dir, model_store=trained_archive.path.parent, model_name="mnist", auth=True,
+                    addresses=loopback_addresses(), extra_properties=isolated(run_dir))
+    processes: list[psutil.Process] = []
+    try:
+        ts.start(timeout=120)
+        yield ts
+        pid = ts.running_pid()
+        assert pid is not None, f"TorchServe died during the tests; see {run_dir}/ts_log.log"
+        frontend = psutil.Process(pid)
+        processes = [frontend, *frontend.children(recursive=True)]
+        workers = [p for p in processes if "model_service_worker" in " ".join(p.cmdline())]
+        assert len(workers) == 1, [p.cmdline() for p in processes]
+    finally:
+        stopped = ts.stop()
+    assert stopped
+    survivors = [p for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert survivors == [], f"still running after stop(): {survivors}"
+    assert ts.running_pid() is None
+    assert not ts.pid_file.exists() and not (run_dir / "key_file.json").exists()
+
+
+@pytest.fixture(scope="module")
+def expected_digits(trained_checkpoint, mnist_test_images) -> list[int]:
+    """What the trained model answers offline (training path) for the first 100 test images."""
+    images, _ = mnist_test_images
+    return offline_probabilities(trained_checkpoint, images[:100]).argmax(1).tolist()
+
+
+@pytest.mark.slow
+def test_server_runs_the_archived_model_config(server):
+    info = server.describe()
+    summary = (info["modelName"], info["modelVersion"], info["batchSize"], info["maxBatchDelay"])
+    assert summary == ("mnist", "1.0", 32, 5)  # configs/model-config.yaml, packed in the .mar
+    assert [w["status"] for w in info["workers"]] == ["READY"]
+
+
+@pytest.mark.slow
+def test_every_input_form_returns_the_digit(server, expected_digits, mnist_test_images):
+    images, labels = mnist_test_images
+    assert expected_digits[0] == labels[0] == 7  # MNIST test image 0 is a clear 7
+    png = encode_png(images[0])
+    forms = {
+        "octet-stream": (png, "application/octet-stream"),
+        "image/png": (png, "image/png"),
+        "multipart data": multipart("data", png),
+        "multipart file": multipart("file", png),
+        "json base64": json_body({"data": base64.b64encode(png).decode()}),
+        "json pixels": json_body({"pixels": images[0].tolist()}),
+    }
+    answers = {name: predict(server, body, ctype)[:2] for name, (body, ctype) in forms.items()}
+    for name, (status, body) in answers.items():
+        assert (status, body["digit"]) == (200, 7), name
+    # Each form decodes to the same 28×28 digit, so the whole answer is identical.
+    assert len({json.dumps(body, sort_keys=True) for _, body in answers.values()}) == 1
+
+    sample = SAMPLE_7.read_bytes()
+    for body, ctype in [(sample, "image/png"), multipart("data", sample),
+                        json_body({"data": base64.b64encode(sample).decode()})]:
+        status, answer, _ = predict(server, body, ctype)
+        assert (status, answer["digit"]) == (200, 7), ctype
+
+
+BAD_INPUTS = {  # name: (body, content type, start of the error message)
+    "empty body": (b"", "application/octet-stream", "empty input"),
+    "random bytes": (np.random.default_rng(0).bytes(4096), "application/octet-stream", "not an image"),
+    "truncated png": (encode_png(np.eye(28, dtype=np.uint8) * 255)[:60], "image/png", "could not decode the PNG"),
+    "text/plain": (b"seven", "text/plain", "not an image"),
+    "malformed json": (b'{"data": ', "application/json", "malformed JSON body"),
+    "bad base64": (*json_body({"data": "not base64!"}), "'data' is not valid base64"),
+    "wrong pixel shape": (*json_body({"pixels": [[0] * 28] * 27}), "pixels must have shape 28x28, got 27x28"),
+    "blank pixels": (*json_body({"pixels": [[0] * 28] * 28}), "no digit found"),
+    "1x1 png": (encode_png(np.zeros((1, 1), np.uint8)), "image/png", "image too small: 1x1"),
+    "json without an image": (*json_body({"image": "7.png"}), "JSON body must have 'data'"),
+    "form without an image": (b"digit=7", "application/x-www-form-urlencoded", "no image found"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(BAD_INPUTS))
+def test_bad_input_is_a_400_that_leaves_the_worker_alone(server, name):
+    body, ctype, message = BAD_INPUTS[name]
+    pid = worker_pid(server)
+    status, answer, _ = predict(server, body, ctype)
+    assert status == 400
+    assert (answer["code"], answer["type"]) == (400, "InvalidInput")
+    assert answer["message"].startswith(message), answer["message"]
+    status, answer, _ = predict(server, SAMPLE_7.read_bytes(), "image/png")
+    assert (status, answer["digit"]) == (200, 7)
+    assert worker_pid(server) == pid  # no crash, no restart
+
+
+@pytest.mark.slow
+def test_oversized_body_is_refused_by_the_frontend(server):
+    pid = worker_pid(server)
+    # Announced with `Expect: 100-continue`, as curl does for large bodies, the frontend refuses it on
+    # the headers. (A client that just streams the body sees the 413 or, when the frontend closes the
+    # connection mid-upload, a connection reset: about 1 in 4 here.)
+    host, port = server.addresses["inference"].split("://")[1].rsplit(":", 1)
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        connection.putrequest("POST", "/predictions/mnist")
+        for key, value in {"Content-Type": "application/octet-stream", "Content-Length": str(MAX_REQUEST_SIZE + 1),
+                           "Authorization": f"Bearer {server.token('inference')}", "Expect": "100-continue"}.items():
+            connection.putheader(key, value)
+        connection.endheaders()
+        response = connection.getresponse()
+        assert (response.status, response.read()) == (413, b"")  # TorchServe sends no JSON body here
+    finally:
+        connection.close()
+    status, answer, _ = predict(server, SAMPLE_7.read_bytes(), "image/png")
+    assert (status, answer["digit"]) == (200, 7)
+    assert worker_pid(server) == pid
+
+
+@pytest.mark.slow
+def test_binary_body_sent_as_a_form_is_refused_by_the_frontend(server):
+    # curl's default for --data-binary is application/x-www-form-urlencoded. TorchServe's frontend
+    # then tries to parse the image as a form and fails with a 500 before the handler sees it.
+    pid = worker_pid(server)
+    status, answer, _ = predict(server, SAMPLE_7.read_bytes(), "application/x-www-form-urlencoded")
+    assert (status, answer["type"]) == (500, "ErrorDataDecoderException")
+    assert worker_pid(server) == pid
+
+
+def _batches_in_log(run_dir: Path) -> list[set[str]]:
+    """Request ids of each batch the worker ran, from the handler's per-batch metric in ts_log.log."""
+    log = (run_dir / "ts_log.log").read_text(errors="replace")
+    return [set(UUID.findall(line)) for line in log.splitlines() if "[METRICS]MNISTPreprocessTime." in line]
+
+
+@pytest.mark.slow
+def test_concurrent_requests_are_batched_and_a_bad_one_fails_only_itself(server, expected_digits,
+                                                                        mnist_test_images):
+    images, _ = mnist_test_images
+    bad = list(BAD_INPUTS.values())
+    requests = []  # 16 at once: even positions good, odd positions bad
+    for i in range(8):
+        requests.append((encode_png(images[i]), "image/png", expected_digits[i]))
+        requests.append(bad[i])
+    for _ in range(5):  # batching depends on timing; a few rounds make a mixed batch near certain
+        barrier = threading.Barrier(len(requests))
+
+        def send(request, barrier=barrier):
+            barrier.wait()
+            return predict(server, request[0], request[1])
+
+        with ThreadPoolExecutor(len(requests)) as pool:
+            results = list(pool.map(send, requests))
+        good_ids, bad_ids = set(), set()
+        for (_, _, expected), (status, answer, request_id) in zip(requests, results, strict=True):
+            if isinstance(expected, int):
+                assert (status, answer["digit"]) == (200, expected)
+                good_ids.add(request_id)
+            else:
+                assert (status, answer["type"]) == (400, "InvalidInput")
+                assert answer["message"].startswith(expected)
+                bad_ids.add(request_id)
+        deadline = time.monotonic() + 10  # the frontend logs the worker's metric lines asynchronously
+        while not (good_ids | bad_ids) <= set().union(*_batches_in_log(server.run_dir), set()):
+            assert time.monotonic() < deadline, "the round's requests never showed up in ts_log.log"
+            time.sleep(0.1)
+        if any(batch & good_ids and batch & bad_ids for batch in _batches_in_log(server.run_dir)):
+            return
+    pytest.fail("5 rounds of 16 concurrent requests never put a good and a bad request in one batch")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("api", "token"), [
+    ("inference", None), ("inference", "wrong"), ("inference", "management"),
+    ("management", None), ("management", "wrong"), ("management", "inference"),
+])
+def test_missing_or_wrong_token_is_refused(server, api, token):
+    # TorchServe 0.12 answers a refused token with 400 InvalidKeyException (not 401): upstream behaviour.
+    headers = {"Content-Type": "image/png"}
+    if token is not None:
+        key = server.token(token) if token in ("inference", "management") else "wrong"
+        headers["Authorization"] = f"Bearer {key}"
+    if api == "inference":
+        status, raw, _ = call(server.url("inference", "/predictions/mnist"), SAMPLE_7.read_bytes(), headers)
+    else:
+        status, raw, _ = call(server.url("management", "/models"), headers=headers)
+    assert status == 400
+    assert json.loads(raw)["type"] == "InvalidKeyException"
+
+
+@pytest.mark.slow
+def test_models_cannot_be_registered_or_removed_at_run_time(server):
+    for method, path in [("POST", "/models?url=mnist.mar"), ("POST", "/models?url=https://example.com/x.mar"),
+                         ("DELETE", "/models/mnist")]:
+        status, raw = server.request("management", path, method=method)
+        assert (status, json.loads(raw)["type"]) == (405, "MethodNotAllowedException"), (method, path)
+    assert worker_pid(server) > 0  # still served
+
+
+def _prometheus(server: TorchServe) -> dict[tuple[str, frozenset], float]:
+    status, raw = server.request("metrics", "/metrics")
+    assert status == 200
+    samples = {}
+    for line in raw.decode().splitlines():
+        if match := re.fullmatch(r"(\w+)\{(.*)\} (\S+)", line):
+            labels = frozenset(re.findall(r'(\w+)="([^"]*)"', match[2]))
+            samples[(match[1], labels)] = float(match[3])
+    return samples
+
+
+def _value(samples: dict, name: str, **labels: str) -> float:
+    found = [v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= ls]
+    assert len(found) <= 1, found
+    return found[0] if found else 0.0
+
+
+@pytest.mark.slow
+def test_prometheus_metrics_count_predictions_by_digit(server):
+    before = _prometheus(server)
+    sevens = _value(before, "MNISTPredictions", Digit="7", ModelName="mnist", Level="Model")
+    rejected = _value(before, "MNISTRejectedRequests", ModelName="mnist", Level="Model")
+    for _ in range(3):
+        assert predict(server, SAMPLE_7.read_bytes(), "image/png")[0] == 200
+    assert predict(server, b"seven", "text/plain")[0] == 400
+    deadline = time.monotonic() + 10  # the frontend turns the worker's metric log lines into samples
+    while True:
+        after = _prometheus(server)
+        counts = (_value(after, "MNISTPredictions", Digit="7", ModelName="mnist", Level="Model") - sevens,
+                  _value(after, "MNISTRejectedRequests", ModelName="mnist", Level="Model") - rejected)
+        if counts == (3, 1) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert counts == (3, 1)
+    for gauge in ("MNISTPreprocessTime", "MNISTInferenceTime"):
+        assert _value(after, gauge, ModelName="mnist", Level="Model") > 0
+
+
+@pytest.mark.slow
+def test_cli_predicts_and_reports_status_against_the_running_server(server):
+    env = {**os.environ, "SERVE_DIR": str(server.run_dir), "INFERENCE_ADDRESS": server.addresses["inference"],
+           "MANAGEMENT_ADDRESS": server.addresses["management"]}
+    result = subprocess.run([sys.executable, "-m", "serving.server", "predict", str(SAMPLE_7)], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["digit"] == 7
+    result = subprocess.run([sys.executable, "-m", "serving.server", "status"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "model mnist version 1.0  batch 32  max delay 5 ms"
+    assert re.fullmatch(rf"  worker \d+  READY  pid {worker_pid(server)}  gpu False  memory \d+", lines[1])
+
+
+@pytest.mark.slow
+def test_server_listens_on_loopback_only(server):
+    frontend = psutil.Process(server.running_pid())
+    listening = [c.laddr for p in (frontend, *frontend.children(recursive=True))
+                 for c in p.net_connections("inet") if c.status == psutil.CONN_LISTEN]
+    ports = {int(url.rsplit(":", 1)[1]) for url in server.addresses.values()}
+    assert ports <= {a.port for a in listening}
+    assert {a.ip for a in listening} <= {"127.0.0.1", "::ffff:127.0.0.1"}, listening
+
+
+@pytest.mark.slow
+def test_tokens_never_reach_the_logs(server):
+    # Runs after the tests above, so the logs hold refused and accepted calls of every kind.
+    keys = {kind: entry["key"] for kind, entry in json.loads((server.run_dir / "key_file.json").read_text()).items()}
+    assert set(keys) >= {"inference", "management"}
+    files = [p for p in server.run_dir.rglob("*") if p.is_file() and p.name != "key_file.json"]
+    assert any(p.name == "ts_log.log" for p in files) and any(p.name == "access_log.log" for p in files)
+    for path in files:
+        text = path.read_bytes()
+        for kind, key in keys.items():
+            assert key.encode() not in text, f"the {kind} key is in {path}"
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, raises=ServerError, reason=(
+    "serving/server.py leaves TorchServe's gRPC ports at their fixed defaults 7070/7071: a second "
+    "server on the same machine fails to start"))
+def test_a_second_server_can_start_beside_another(trained_archive, tmp_path):
+    blockers = []
+    for port in (7070, 7071):  # stand-in for another TorchServe (if a real one holds them, even better)
+        sock = socket.socket()
+        try:
+            sock.bind(("127.0.0.1", port))
+            sock.listen()
+            blockers.append(sock)
+        except OSError:
+            sock.close()
+    # Only gRPC left at TorchServe's defaults: the worker socket still goes to this run directory.
+    second = TorchServe(run_dir=tmp_path, model_store=trained_archive.path.parent, addresses=loopback_addresses(),
+                        extra_properties={"vmargs": isolated(tmp_path)["vmargs"]})
+    try:
+        second.start(timeout=60)
+        assert predict(second, SAMPLE_7.read_bytes(), "image/png")[1]["digit"] == 7
+    finally:
+        second.stop()
+        for sock in blockers:
+            sock.close()
