@@ -99,8 +99,8 @@ bench-train: $(STAMP) ## training time-to-accuracy over seeds (SEEDS=3)
 bench-serve: $(STAMP) ## serving: this project vs TorchServe's MNIST example, wrk at c=1,8,64,256
 	$(PY) -m serving.bench --checkpoint $(CHECKPOINT) $(ARGS)
 
-chaos: $(STAMP) ## fault injection against a live server (kill a worker, SIGTERM under load)
-	$(PY) -m serving.chaos $(ARGS)
+chaos: $(STAMP) ## faults on a live server: bad input, kill a worker, SIGTERM, 5-min soak (~9 min)
+	$(PY) -m serving.chaos --checkpoint $(CHECKPOINT) $(ARGS)
 
 docker-build: ## build the image (docker, or buildah where no Docker engine runs)
 	docker/build.sh

@@ -9,7 +9,6 @@ A `<name>.mar.sha256` file beside it lets `make serve` refuse an archive that wa
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 
 from training.checkpoint import CheckpointError, load_checkpoint
+from training.data import sha256_of
 
 ROOT = Path(__file__).resolve().parent.parent
 HANDLER = ROOT / "serving" / "handler.py"
@@ -45,14 +45,6 @@ class Archive:
     size: int
     test_accuracy: float | None
     replaced: Path | None
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _checksum_file(mar: Path) -> Path:

@@ -24,10 +24,10 @@ from pathlib import Path
 import cv2
 import torch
 
-from serving.archive import build_archive, sha256_of
-from serving.server import TorchServe, free_port
+from serving.archive import build_archive
+from serving.server import TorchServe
 from training.checkpoint import load_checkpoint, model_from_checkpoint
-from training.data import load_split
+from training.data import load_split, sha256_of
 from training.preprocess import normalize
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -270,13 +270,10 @@ def main(argv: list[str] | None = None) -> int:
         for setup in args.setups.split(","):
             if setup == "baseline":
                 baseline_archive(args.checkpoint, store, work / "baseline")
-            ports = {k: f"http://127.0.0.1:{free_port()}" for k in ("inference", "management", "metrics")}
             name = "mnist" if setup == "project" else "baseline"
             # The baseline keeps TorchServe's defaults: no tuned netty threads or heap settings.
-            extra = {} if setup == "project" else {"number_of_netty_threads": "0", "netty_client_threads": "0",
-                                                   "vmargs": "-XX:-UsePerfData"}
-            server = TorchServe(run_dir=work / f"run-{setup}", model_store=store, model_name=name,
-                                addresses=ports, extra_properties=extra)
+            extra = {} if setup == "project" else {"number_of_netty_threads": "0", "netty_client_threads": "0"}
+            server = TorchServe.on_free_ports(work / f"run-{setup}", store, model_name=name, extra_properties=extra)
 
             def parse(body: bytes, setup=setup) -> int:
                 data = json.loads(body)

@@ -40,7 +40,7 @@ import yaml
 from serving.archive import DEFAULT_VARIANT, MODEL_CONFIG, build_archive
 from serving.bench import WRK_SCRIPT, Sampler, run_wrk, write_digits
 from serving.handler import optimize
-from serving.server import TEMPLATE, ServerError, TorchServe, free_port, port_is_free
+from serving.server import ServerError, TorchServe, port_is_free
 from training.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from training.preprocess import normalize
 
@@ -424,14 +424,7 @@ def _host_port(url: str) -> tuple[str, int]:
 
 
 def isolated_server(run_dir: Path, store: Path) -> TorchServe:
-    """TorchServe on free loopback ports. It also opens gRPC on 7070/7071 and puts the worker's
-    socket in java.io.tmpdir (/tmp) whatever the HTTP addresses say: moved too, so this server
-    cannot collide with a `make serve` or a test server on the same machine."""
-    vmargs = next(line.split("=", 1)[1] for line in TEMPLATE.read_text().splitlines() if line.startswith("vmargs="))
-    extra = {"grpc_inference_port": str(free_port()), "grpc_management_port": str(free_port()),
-             "vmargs": f"{vmargs} -Djava.io.tmpdir={run_dir / 'tmp'}"}
-    addresses = {kind: f"http://127.0.0.1:{free_port()}" for kind in ("inference", "management", "metrics")}
-    return TorchServe(run_dir=run_dir, model_store=store, addresses=addresses, extra_properties=extra)
+    return TorchServe.on_free_ports(run_dir, store)
 
 
 def expected_digits(checkpoint: Path, images: torch.Tensor) -> list[int]:

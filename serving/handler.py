@@ -58,13 +58,15 @@ def decode_request(request: dict[str, Any]) -> np.ndarray:
                               "a multipart field 'data' or 'file', or JSON")
     if isinstance(value, str):
         value = value.encode()
-    if isinstance(value, (bytes, bytearray)) and value.lstrip()[:1] == b"{":
+    if isinstance(value, (bytes, bytearray)) and value.lstrip()[:1] in (b"{", b"["):
         try:
             value = json.loads(value)
         except (UnicodeDecodeError, ValueError):
             raise PreprocessError("malformed JSON body") from None
     if isinstance(value, dict):
         return _decode_json(value)
+    if isinstance(value, list):
+        raise PreprocessError("JSON body must be an object with 'data' or 'pixels'")
     if isinstance(value, (bytes, bytearray)):
         return preprocess_bytes(bytes(value))
     raise PreprocessError("JSON body must be an object with 'data' or 'pixels'")
@@ -86,7 +88,8 @@ def _decode_json(body: dict[str, Any]) -> np.ndarray:
 
 def error_body(message: str, code: int = 400) -> bytes:
     """TorchServe's own error shape, so clients parse one format whatever failed."""
-    return json.dumps({"code": code, "type": "InvalidInput", "message": message}).encode()
+    kind = "InvalidInput" if code < 500 else "InternalServerException"
+    return json.dumps({"code": code, "type": kind, "message": message}).encode()
 
 
 def prediction_body(probabilities: list[float], classes: list[str]) -> bytes:
@@ -138,6 +141,10 @@ class MNISTHandler(BaseHandler):
             except PreprocessError as err:
                 context.set_response_status(400, "Bad Request", i)
                 responses[i] = error_body(str(err))
+            except Exception:  # a decoding bug must fail only its own request, not the batch
+                logger.exception("request %d of the batch could not be decoded", i)
+                context.set_response_status(500, "Internal Server Error", i)
+                responses[i] = error_body("could not decode the request", 500)
             context.set_response_content_type(i, "application/json")
         decoded = time.perf_counter()
         predicted: list[int] = []

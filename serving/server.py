@@ -27,11 +27,13 @@ from typing import Any
 
 import psutil
 
-from serving.archive import sha256_of
+from training.data import sha256_of
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = ROOT / "configs" / "config.properties"
 DEFAULT_ADDRESSES = {"inference": "127.0.0.1:8080", "management": "127.0.0.1:8081", "metrics": "127.0.0.1:8082"}
+# TorchServe also opens gRPC (on loopback); unused here, but its ports must be free and distinct per server.
+DEFAULT_GRPC_PORTS = {"grpc_inference_port": 7070, "grpc_management_port": 7071}
 
 
 class ServerError(RuntimeError):
@@ -71,7 +73,16 @@ class TorchServe:
     model_name: str = "mnist"
     auth: bool = True
     addresses: dict[str, str] = field(default_factory=lambda: {k: _address(k) for k in DEFAULT_ADDRESSES})
+    grpc_ports: dict[str, int] = field(default_factory=lambda: {
+        k: int(os.environ.get(k.upper(), v)) for k, v in DEFAULT_GRPC_PORTS.items()})
     extra_properties: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def on_free_ports(cls, run_dir: Path, model_store: Path, **kwargs: Any) -> TorchServe:
+        """A server on free loopback ports: for tests and benchmarks beside any other TorchServe."""
+        return cls(run_dir=run_dir, model_store=model_store,
+                   addresses={k: f"http://127.0.0.1:{free_port()}" for k in DEFAULT_ADDRESSES},
+                   grpc_ports={k: free_port() for k in DEFAULT_GRPC_PORTS}, **kwargs)
 
     @property
     def pid_file(self) -> Path:
@@ -92,6 +103,10 @@ class TorchServe:
             "allowed_urls": f"file://{re.escape(str(self.model_store.resolve()))}/.*\\\\.mar",
             "metrics_config": str(ROOT / "configs" / "metrics.yaml"),
             "disable_token_authorization": "false" if self.auth else "true",
+            **{k: str(v) for k, v in self.grpc_ports.items()},
+            # The worker's unix socket lives in java.io.tmpdir (/tmp/.ts.sock.9000 by default) and a new
+            # worker deletes an existing one: per-run, so two servers never share or remove each other's.
+            "vmargs": f"{_template_value('vmargs')} -Djava.io.tmpdir={self.run_dir.resolve() / 'tmp'}",
             **self.extra_properties,
         }
         lines, seen = [], set()
@@ -125,6 +140,9 @@ class TorchServe:
             if not port_is_free(host, int(port)):
                 raise ServerError(f"{kind} address {host}:{port} is in use: stop what uses it or set "
                                   f"{kind.upper()}_ADDRESS")
+        for key, port in self.grpc_ports.items():
+            if not port_is_free("127.0.0.1", port):
+                raise ServerError(f"gRPC port {port} is in use (another TorchServe?): stop it or set {key.upper()}")
         (self.run_dir / "tmp").mkdir(parents=True, exist_ok=True)
         self.pid_file.unlink(missing_ok=True)  # stale: its process is gone (checked above)
         (self.run_dir / "key_file.json").unlink(missing_ok=True)
@@ -149,8 +167,8 @@ class TorchServe:
         while time.monotonic() < deadline:
             pid = self.running_pid()
             if pid is None and time.monotonic() > deadline - timeout + 5:
-                raise ServerError(f"TorchServe exited during start-up; see {self.run_dir}/ts_log.log:\n"
-                                  + self.log_tail())
+                raise ServerError(f"TorchServe exited during start-up; see {self.run_dir}/console.log:\n"
+                                  + self.log_tail("console.log"))
             if (failures := self.failed_worker_loads()) >= 3:
                 break  # a crash loop: waiting longer only repeats it
             try:
@@ -212,6 +230,8 @@ class TorchServe:
         if not self.auth:
             return None
         keys = self._read_keys()
+        if kind not in keys:
+            raise ServerError(f"no {kind} key in {self.run_dir / 'key_file.json'}")
         expires = keys[kind].get("expiration time", "")
         if expires and datetime.fromisoformat(expires[:19]).replace(tzinfo=timezone.utc) < \
                 datetime.now(timezone.utc) + timedelta(seconds=30):
@@ -259,6 +279,13 @@ class TorchServe:
             return status, json.loads(body)
         except ValueError:
             return status, {"raw": body.decode(errors="replace")}
+
+
+def _template_value(key: str) -> str:
+    for line in TEMPLATE.read_text().splitlines():
+        if line.startswith(f"{key}="):
+            return line.split("=", 1)[1]
+    return ""
 
 
 def verify_checksum(mar: Path) -> None:

@@ -42,21 +42,6 @@ def loopback_addresses() -> dict[str, str]:
     return {kind: f"http://127.0.0.1:{free_port()}" for kind in ("inference", "management", "metrics")}
 
 
-def template_value(key: str) -> str:
-    for line in (ROOT / "configs" / "config.properties").read_text().splitlines():
-        if line.startswith(f"{key}="):
-            return line.split("=", 1)[1]
-    raise KeyError(key)
-
-
-def isolated(run_dir: Path) -> dict[str, str]:
-    """Keep this server out of the way of any other TorchServe on the machine (a developer's
-    `make serve`, a benchmark): TorchServe always opens gRPC on 7070/7071, and its worker's unix
-    socket is <java.io.tmpdir>/.ts.sock.9000; serving/server.py sets neither (see the xfail below)."""
-    return {"grpc_inference_port": str(free_port()), "grpc_management_port": str(free_port()),
-            "vmargs": f"{template_value('vmargs')} -Djava.io.tmpdir={run_dir / 'tmp'}"}
-
-
 def call(url: str, data: bytes | None = None, headers: dict[str, str] | None = None,
          method: str | None = None) -> tuple[int, bytes, dict[str, str]]:
     """A plain HTTP call: no token added, status/body/headers returned whatever the status."""
@@ -137,8 +122,7 @@ def test_missing_archive_and_stopping_nothing(tmp_path):
 @pytest.fixture(scope="module")
 def server(trained_archive, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("serve")
-    ts = TorchServe(run_dir=run_dir, model_store=trained_archive.path.parent, model_name="mnist", auth=True,
-                    addresses=loopback_addresses(), extra_properties=isolated(run_dir))
+    ts = TorchServe.on_free_ports(run_dir, trained_archive.path.parent, model_name="mnist", auth=True)
     processes: list[psutil.Process] = []
     try:
         ts.start(timeout=120)
@@ -409,12 +393,9 @@ def test_tokens_never_reach_the_logs(server):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, raises=ServerError, reason=(
-    "serving/server.py leaves TorchServe's gRPC ports at their fixed defaults 7070/7071: a second "
-    "server on the same machine fails to start"))
 def test_a_second_server_can_start_beside_another(trained_archive, tmp_path):
     blockers = []
-    for port in (7070, 7071):  # stand-in for another TorchServe (if a real one holds them, even better)
+    for port in (7070, 7071):  # stand-in for another TorchServe's gRPC ports (a real one is even better)
         sock = socket.socket()
         try:
             sock.bind(("127.0.0.1", port))
@@ -422,13 +403,20 @@ def test_a_second_server_can_start_beside_another(trained_archive, tmp_path):
             blockers.append(sock)
         except OSError:
             sock.close()
-    # Only gRPC left at TorchServe's defaults: the worker socket still goes to this run directory.
-    second = TorchServe(run_dir=tmp_path, model_store=trained_archive.path.parent, addresses=loopback_addresses(),
-                        extra_properties={"vmargs": isolated(tmp_path)["vmargs"]})
     try:
-        second.start(timeout=60)
-        assert predict(second, SAMPLE_7.read_bytes(), "image/png")[1]["digit"] == 7
+        # At TorchServe's default gRPC ports it refuses early, naming the setting to change...
+        blocked = TorchServe(run_dir=tmp_path / "a", model_store=trained_archive.path.parent,
+                             addresses=loopback_addresses())
+        with pytest.raises(ServerError, match=r"gRPC port 707[01] is in use .* set GRPC_"):
+            blocked.start(timeout=60)
+        # ...and on its own ports it serves beside the other, its worker socket in its own run dir.
+        second = TorchServe.on_free_ports(tmp_path / "b", trained_archive.path.parent)
+        try:
+            second.start(timeout=60)
+            assert predict(second, SAMPLE_7.read_bytes(), "image/png")[1]["digit"] == 7
+            assert any((tmp_path / "b" / "tmp").glob(".ts.sock.*"))
+        finally:
+            second.stop()
     finally:
-        second.stop()
         for sock in blockers:
             sock.close()

@@ -114,8 +114,7 @@ def interrupt_at_epoch(epoch: int):
     scope="module",
     params=[
         0.0,
-        pytest.param(0.1, marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-            "last.pt does not save torch's global RNG, so dropout draws differ after a resume"))),
+        0.1,
     ],
     ids=["no-dropout", "dropout"],
 )

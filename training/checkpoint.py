@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,13 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}: run `make train` first")
+    try:  # torch.load skips the zip's CRC-32s: a flipped bit in the weights would load silently
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (OSError, zipfile.BadZipFile):
+        damaged = None  # not a zip at all: torch.load below says so
+    if damaged is not None:
+        raise CheckpointError(f"{path} is corrupt ({damaged} fails its CRC-32 check); retrain it")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for truncated or foreign files

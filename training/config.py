@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -43,15 +44,20 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
         if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
             return False
         raise ConfigError(f"{key}: expected true/false, got {value!r}")
-    if kind in (int, float, str):
-        if kind is int and isinstance(value, float) and not value.is_integer():
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        if kind is not str and isinstance(value, bool):
+    if kind is str:
+        return str(value)
+    if kind in (int, float):
+        if isinstance(value, bool):
             raise ConfigError(f"{key}: expected {kind.__name__}, got {value!r}")
         try:
-            return kind(float(value)) if kind is int and isinstance(value, str) and "e" in value else kind(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{key}: expected {kind.__name__}, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        if kind is int and not number.is_integer():
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return kind(number)
     raise ConfigError(f"{key}: unsupported field type {kind!r}")  # pragma: no cover - a programming error
 
 

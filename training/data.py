@@ -20,8 +20,6 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
 SHA256 = {
     "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
     "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
@@ -145,8 +143,8 @@ def ensure_mnist(
     )
 
 
-def load_split(root: str | os.PathLike | None, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images as uint8 (N, 28, 28) and labels as int64 (N,), read by torchvision from the raw files."""
+def load_split(root: str | os.PathLike | None, train: bool) -> tuple:
+    """Images as uint8 tensors (N, 28, 28) and int64 labels (N,), read by torchvision from the raw files."""
     from torchvision.datasets import MNIST
 
     raw = ensure_mnist(root, log=lambda msg: print(msg, file=sys.stderr))

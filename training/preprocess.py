@@ -8,6 +8,7 @@ the TorchServe handler calls `load_image` → `to_mnist` → `normalize`. This f
 from __future__ import annotations
 
 import io
+import warnings
 
 import cv2
 import numpy as np
@@ -38,8 +39,12 @@ def load_image(data: bytes) -> np.ndarray:
     # Read the header first (PIL parses it without decoding pixels), so a decompression bomb,
     # a small file that claims gigapixels, is refused before any memory is spent on it.
     try:
-        with Image.open(io.BytesIO(data)) as header:
-            fmt, (width, height) = header.format, header.size
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is lower
+            with Image.open(io.BytesIO(data)) as header:
+                fmt, (width, height) = header.format, header.size
+    except Image.DecompressionBombError:  # PIL's own limit (~179 MP), checked before ours
+        raise PreprocessError(f"image too large: over {MAX_PIXELS:,} pixels") from None
     except Exception:  # PIL raises many types for unknown or broken headers
         raise PreprocessError("not an image: expected PNG, JPEG, BMP or WebP bytes") from None
     if fmt not in FORMATS:
@@ -78,7 +83,7 @@ def from_pixels(pixels: object) -> np.ndarray:
     """Validate a JSON pixel array (28 rows of 28 values in 0..255) and return it as uint8."""
     try:
         array = np.asarray(pixels, dtype=np.float64)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an integer beyond float range
         raise PreprocessError("pixels must be 28 rows of 28 numbers") from None
     if array.shape != (SIZE, SIZE):
         raise PreprocessError(f"pixels must have shape 28x28, got {'x'.join(map(str, array.shape)) or 'scalar'}")
@@ -97,6 +102,8 @@ def to_mnist(gray: np.ndarray) -> np.ndarray:
     """
     if gray.ndim != 2 or gray.dtype != np.uint8:
         raise PreprocessError(f"expected a 2-D uint8 image, got {gray.dtype} {gray.shape}")
+    if gray.size == 0:
+        raise PreprocessError("empty image: no pixels")
     border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
     background = int(np.median(border))
     if background > 127:  # dark ink on light paper: MNIST is the other way round

@@ -228,7 +228,7 @@ def train_epoch(model, opt, sched, data: Splits, cfg: TrainConfig, dd: Dist, epo
 def _save_last(path: Path, model: Net, opt, sched, gen: torch.Generator, state: dict[str, Any]) -> None:
     atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                  "schedule": sched.state_dict() if sched is not None else None,
-                 "generator": gen.get_state(), **state}, path)
+                 "generator": gen.get_state(), "torch_rng": torch.get_rng_state(), **state}, path)
 
 
 def fit(cfg: TrainConfig, resume: bool = False, dry_run: bool = False, quiet: bool = False,
@@ -269,6 +269,7 @@ def fit(cfg: TrainConfig, resume: bool = False, dry_run: bool = False, quiet: bo
             if sched is not None:
                 sched.load_state_dict(saved["schedule"])
             gen.set_state(saved["generator"])
+            torch.set_rng_state(saved["torch_rng"])  # dropout draws from the global generator
             log(f"resuming {out / 'last.pt'} after epoch {state['epoch']}/{cfg.epochs}")
         net = model
         if dd.world > 1:
