@@ -100,7 +100,8 @@ EOF
 
 # buildah has no port publishing: the host's network, with TorchServe bound to loopback only.
 ADDRESSES=(--env "INFERENCE_ADDRESS=127.0.0.1:$PORT" --env "MANAGEMENT_ADDRESS=127.0.0.1:$((PORT + 1))"
-           --env "METRICS_ADDRESS=127.0.0.1:$((PORT + 2))")
+           --env "METRICS_ADDRESS=127.0.0.1:$((PORT + 2))"
+           --env "GRPC_INFERENCE_PORT=$((PORT + 3))" --env "GRPC_MANAGEMENT_PORT=$((PORT + 4))")
 
 start_server() {
     # The store is read-only: serving must not need to write to it. Logs and tokens land in $work/logs.
