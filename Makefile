@@ -39,7 +39,7 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP) ## create .venv and install the project with its dev tools (idempotent)
 
-data: $(STAMP) ## download and verify MNIST into data/ (or $$MNIST_DIR)
+data: $(STAMP) ## download and verify MNIST into data/ (or the MNIST_DIR env variable)
 	$(PY) -m training.data
 
 train: $(STAMP) ## train the CNN (CUDA if present): artifacts/model.pt, metrics.json, plots
@@ -51,7 +51,7 @@ train-ddp: $(STAMP) ## train with torchrun on NPROC processes (DDP: gloo on CPU,
 evaluate: $(STAMP) ## re-score a checkpoint on the MNIST test set (CHECKPOINT=...)
 	$(PY) -m training.evaluate --checkpoint $(CHECKPOINT) $(ARGS)
 
-archive: $(STAMP) ## package the checkpoint as model_store/$(MODEL_NAME).mar (VERSION=, ARGS=--force)
+archive: $(STAMP) ## package the checkpoint as model_store/mnist.mar (MODEL_NAME=, VERSION=, ARGS=--force)
 	$(PY) -m serving.archive --checkpoint $(CHECKPOINT) --model-name $(MODEL_NAME) --version $(VERSION) $(ARGS)
 
 serve: $(STAMP) ## start TorchServe on 127.0.0.1 in the background; returns when workers are READY
@@ -82,7 +82,7 @@ demo: $(STAMP) ## the whole path: data → train → archive → serve → curl 
 	      -H "Content-Type: application/octet-stream" --data-binary @$(IMAGE) \
 	      http://$(INFERENCE_ADDRESS)/predictions/$(MODEL_NAME); echo
 
-test: $(STAMP) ## the whole test suite: unit tests, then the slow ones (training, real TorchServe)
+test: $(STAMP) ## the whole test suite, slow ones included (training, torchrun, a real TorchServe)
 	$(PY) -m pytest $(ARGS)
 
 test-fast: $(STAMP) ## unit tests only (no training, no server)
@@ -91,7 +91,7 @@ test-fast: $(STAMP) ## unit tests only (no training, no server)
 lint: $(STAMP) ## ruff over the code
 	$(VENV)/bin/ruff check training serving tests
 
-bench: bench-train bench-serve ## both benchmarks (tables in README; ~10 min on 2 cores)
+bench: bench-train bench-serve ## both benchmarks (tables in README; ~8 min on 2 cores)
 
 bench-train: $(STAMP) ## training time-to-accuracy over seeds (SEEDS=3)
 	$(PY) -m training.bench --seeds $(SEEDS)
