@@ -174,7 +174,7 @@ def bench_setup(label: str, server: TorchServe, script_path: Path, digits: list[
 def variant_table(checkpoint: Path, images: torch.Tensor, labels: torch.Tensor) -> str:
     """Each archive variant as a worker runs it (one thread, channels_last): accuracy and batch latency."""
     from serving.archive import VARIANTS
-    from serving.handler import optimize
+    from serving.handler import serving_model, to_model_input
     from training.evaluate import confusion, summarize
 
     threads = torch.get_num_threads()
@@ -182,12 +182,11 @@ def variant_table(checkpoint: Path, images: torch.Tensor, labels: torch.Tensor) 
     lines = ["| variant | test accuracy | ms per batch of 1 | ms per batch of 32 |", "|---|---:|---:|---:|"]
     try:
         for variant in VARIANTS:
-            model = optimize(model_from_checkpoint(load_checkpoint(checkpoint)), variant)
-            model = model.to(memory_format=torch.channels_last)
+            model = serving_model(model_from_checkpoint(load_checkpoint(checkpoint)), variant)
             accuracy = summarize(*confusion(model, images, labels))["accuracy"]
             cells = []
             for batch in (1, 32):
-                x = normalize(images[:batch]).contiguous(memory_format=torch.channels_last)
+                x = to_model_input(images[:batch])
                 with torch.inference_mode():
                     for _ in range(10):
                         model(x)

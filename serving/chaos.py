@@ -39,10 +39,9 @@ import yaml
 
 from serving.archive import DEFAULT_VARIANT, MODEL_CONFIG, build_archive
 from serving.bench import WRK_SCRIPT, Sampler, run_wrk, write_digits
-from serving.handler import optimize
+from serving.handler import serving_model, to_model_input
 from serving.server import ServerError, TorchServe, port_is_free
 from training.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from training.preprocess import normalize
 
 SCENARIOS = ("inputs", "kill", "sigterm", "soak")
 RESPONSE_TIMEOUT = float(yaml.safe_load(MODEL_CONFIG.read_text())["responseTimeout"])  # s, packed in the .mar
@@ -423,16 +422,11 @@ def _host_port(url: str) -> tuple[str, int]:
     return parts.hostname, parts.port
 
 
-def isolated_server(run_dir: Path, store: Path) -> TorchServe:
-    return TorchServe.on_free_ports(run_dir, store)
-
-
 def expected_digits(checkpoint: Path, images: torch.Tensor) -> list[int]:
     """What the served model answers, computed offline the way the worker runs it."""
-    model = optimize(model_from_checkpoint(load_checkpoint(checkpoint)), DEFAULT_VARIANT)
-    model = model.to(memory_format=torch.channels_last)
+    model = serving_model(model_from_checkpoint(load_checkpoint(checkpoint)), DEFAULT_VARIANT)
     with torch.inference_mode():
-        return model(normalize(images).contiguous(memory_format=torch.channels_last)).argmax(1).tolist()
+        return model(to_model_input(images)).argmax(1).tolist()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -456,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             build_archive(args.checkpoint, work / "store", "mnist", "1.0")
             paths, images, _ = write_digits(work / "digits", args.digits, None)
-            server = isolated_server(work / "run", work / "store")
+            server = TorchServe.on_free_ports(work / "run", work / "store")
             say(f"starting TorchServe from {work}")
             server.start(timeout=180)
         except (CheckpointError, ServerError) as err:

@@ -56,22 +56,30 @@ def atomic_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load and sanity-check a checkpoint written by `training.train` (weights only: no pickled code)."""
-    path = Path(path)
+def read_checkpoint_file(path: Path, missing: str, advice: str = "retrain it") -> Any:
+    """The one way checkpoint files are read: present, intact (zip CRC-32s), weights only (no pickled code).
+
+    `missing` is the whole message for an absent file; `advice` ends the message for a damaged one.
+    """
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}: run `make train` first")
+        raise CheckpointError(missing)
     try:  # torch.load skips the zip's CRC-32s: a flipped bit in the weights would load silently
         with zipfile.ZipFile(path) as archive:
             damaged = archive.testzip()
     except (OSError, zipfile.BadZipFile):
         damaged = None  # not a zip at all: torch.load below says so
     if damaged is not None:
-        raise CheckpointError(f"{path} is corrupt ({damaged} fails its CRC-32 check); retrain it")
+        raise CheckpointError(f"{path} is corrupt ({damaged} fails its CRC-32 check); {advice}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for truncated or foreign files
-        raise CheckpointError(f"{path} is not a readable checkpoint ({type(err).__name__}); retrain it") from None
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(err).__name__}); {advice}") from None
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load and sanity-check a checkpoint written by `training.train`."""
+    path = Path(path)
+    ckpt = read_checkpoint_file(path, f"no checkpoint at {path}: run `make train` first")
     if not isinstance(ckpt, dict) or not {"state_dict", "model_config"} <= ckpt.keys():
         raise CheckpointError(f"{path} is not a checkpoint written by training.train")
     return ckpt

@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from training import config as cfglib
-from training.checkpoint import CheckpointError, atomic_save, make_checkpoint, publish
+from training.checkpoint import CheckpointError, atomic_save, make_checkpoint, publish, read_checkpoint_file
 from training.data import DataError, load_split
 from training.distributed import Dist, cleanup, setup_distributed, sync_buffers
 from training.evaluate import confusion, plot_confusion, plot_curves, summarize
@@ -240,7 +240,9 @@ def fit(cfg: TrainConfig, resume: bool = False, dry_run: bool = False, quiet: bo
     out = Path(cfg.out_dir)
     state: dict[str, Any] = {"epoch": 0, "history": [], "best_state": None, "best_val": -1.0, "stale": 0}
     if resume:
-        saved = load_checkpoint_state(out / "last.pt")
+        last = out / "last.pt"
+        saved = read_checkpoint_file(last, f"nothing to resume: {last} does not exist",
+                                     advice="start the run again without --resume")
         cfg = cfglib.apply(TrainConfig(), {**saved["config"], "out_dir": cfg.out_dir, "data_dir": cfg.data_dir})
         if saved["epoch"] >= cfg.epochs or saved.get("finished"):
             raise CheckpointError(f"{out / 'last.pt'} is from a finished run: nothing to resume")
@@ -323,15 +325,6 @@ def fit(cfg: TrainConfig, resume: bool = False, dry_run: bool = False, quiet: bo
         return metrics
     finally:
         cleanup(dd)
-
-
-def load_checkpoint_state(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise CheckpointError(f"nothing to resume: {path} does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise CheckpointError(f"{path} is not a readable checkpoint ({type(err).__name__})") from None
 
 
 def _metrics(cfg: TrainConfig, dd: Dist, device: torch.device, state: dict, test: dict) -> dict[str, Any]:
