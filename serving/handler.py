@@ -49,7 +49,7 @@ def optimize(model: torch.nn.Module, variant: str) -> torch.nn.Module:
 def serving_model(model: torch.nn.Module, variant: str, device: torch.device | str = "cpu") -> torch.nn.Module:
     """The model as a worker runs it: eval mode, the archive's variant, channels_last, on `device`.
 
-    channels_last: oneDNN's convolutions run ~2x faster in it on CPU (README, Benchmarks). Inputs
+    channels_last: oneDNN's convolutions run faster in it on CPU (README, Benchmarks). Inputs
     must be channels_last too (`to_model_input`). Benchmarks and fault scripts call this as well, so
     their offline answers are computed exactly the way the server computes them.
     """
