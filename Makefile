@@ -19,11 +19,13 @@ IMAGE      ?= serving/samples/7.png
 NPROC      ?= 2
 SEEDS      ?= 3
 AUTH       ?= on
+# Debian packages the slow tests and benchmarks use; `make system-deps` installs the missing ones.
+APT_PACKAGES ?= wrk
 export INFERENCE_ADDRESS ?= 127.0.0.1:8080
 export MANAGEMENT_ADDRESS ?= 127.0.0.1:8081
 export METRICS_ADDRESS ?= 127.0.0.1:8082
 
-.PHONY: help setup data train train-ddp evaluate archive serve predict status token stop demo \
+.PHONY: help setup system-deps data train train-ddp evaluate archive serve predict status token stop demo \
         test test-fast lint bench bench-train bench-serve chaos docker-build docker-run docker-train docker-test clean
 
 help: ## list the targets
@@ -38,6 +40,13 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 setup: $(STAMP) ## create .venv and install the project with its dev tools (idempotent)
+
+system-deps: ## install the Debian packages the slow tests use (APT_PACKAGES; needs root or sudo)
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	 if [ -z "$$missing" ]; then echo "system packages present: $(APT_PACKAGES)"; exit 0; fi; \
+	 sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	 echo "+ $$sudo apt-get install" $$missing; \
+	 $$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends $$missing
 
 data: $(STAMP) ## download and verify MNIST into data/ (or the MNIST_DIR env variable)
 	$(PY) -m training.data
