@@ -103,13 +103,13 @@ lint: $(STAMP) ## ruff over the code
 bench: bench-train bench-serve ## both benchmarks (tables in README; ~8 min on 2 cores)
 
 bench-train: $(STAMP) ## training time-to-accuracy over seeds (SEEDS=3)
-	$(PY) -m training.bench --seeds $(SEEDS)
+	$(PY) -m bench.train --seeds $(SEEDS)
 
 bench-serve: $(STAMP) ## serving: this project vs TorchServe's MNIST example, wrk at c=1,8,64,256
-	$(PY) -m serving.bench --checkpoint $(CHECKPOINT) $(ARGS)
+	$(PY) -m bench.serve --checkpoint $(CHECKPOINT) $(ARGS)
 
 chaos: $(STAMP) ## faults on a live server: bad input, kill a worker, SIGTERM, 5-min soak (~9 min)
-	$(PY) -m serving.chaos --checkpoint $(CHECKPOINT) $(ARGS)
+	$(PY) -m bench.chaos --checkpoint $(CHECKPOINT) $(ARGS)
 
 docker-build: ## build the image (docker, or buildah where no Docker engine runs)
 	docker/build.sh

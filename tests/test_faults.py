@@ -4,7 +4,7 @@
 tests/test_train.py covers resuming in-process (a KeyboardInterrupt raised from train_epoch) and a
 worse run kept as model.candidate.pt; tests/test_serving.py a tampered .mar. Here the signal is
 real, sent to the real CLI at whatever point of epoch 2 it lands. Server faults (kill -9 a
-worker, SIGTERM under load) are `make chaos` (serving/chaos.py).
+worker, SIGTERM under load) are `make chaos` (bench/chaos.py).
 """
 
 from __future__ import annotations

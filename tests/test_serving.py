@@ -22,10 +22,10 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import psutil
 import pytest
 
+from bench.inputs import handler_rejections
 from serving.server import ServerError, TorchServe, free_port
 
 # Shared fixtures (tiny_archive, trained_archive, trained_checkpoint) load as a plugin, so each
@@ -183,30 +183,18 @@ def test_every_input_form_returns_the_digit(server, expected_digits, mnist_test_
         assert (status, answer["digit"]) == (200, 7), ctype
 
 
-BAD_INPUTS = {  # name: (body, content type, start of the error message)
-    "empty body": (b"", "application/octet-stream", "empty input"),
-    "random bytes": (np.random.default_rng(0).bytes(4096), "application/octet-stream", "not an image"),
-    "truncated png": (encode_png(np.eye(28, dtype=np.uint8) * 255)[:60], "image/png", "could not decode the PNG"),
-    "text/plain": (b"seven", "text/plain", "not an image"),
-    "malformed json": (b'{"data": ', "application/json", "malformed JSON body"),
-    "bad base64": (*json_body({"data": "not base64!"}), "'data' is not valid base64"),
-    "wrong pixel shape": (*json_body({"pixels": [[0] * 28] * 27}), "pixels must have shape 28x28, got 27x28"),
-    "blank pixels": (*json_body({"pixels": [[0] * 28] * 28}), "no digit found"),
-    "1x1 png": (encode_png(np.zeros((1, 1), np.uint8)), "image/png", "image too small: 1x1"),
-    "json without an image": (*json_body({"image": "7.png"}), "JSON body must have 'data'"),
-    "form without an image": (b"digit=7", "application/x-www-form-urlencoded", "no image found"),
-}
+BAD_INPUTS = handler_rejections(SAMPLE_7.read_bytes())  # name: BadInput(body, content type, 400, message)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(BAD_INPUTS))
 def test_bad_input_is_a_400_that_leaves_the_worker_alone(server, name):
-    body, ctype, message = BAD_INPUTS[name]
+    bad = BAD_INPUTS[name]
     pid = worker_pid(server)
-    status, answer, _ = predict(server, body, ctype)
+    status, answer, _ = predict(server, bad.body, bad.content_type)
     assert status == 400
     assert (answer["code"], answer["type"]) == (400, "InvalidInput")
-    assert answer["message"].startswith(message), answer["message"]
+    assert answer["message"].startswith(bad.message), answer["message"]
     status, answer, _ = predict(server, SAMPLE_7.read_bytes(), "image/png")
     assert (status, answer["digit"]) == (200, 7)
     assert worker_pid(server) == pid  # no crash, no restart
@@ -259,7 +247,7 @@ def test_concurrent_requests_are_batched_and_a_bad_one_fails_only_itself(server,
     requests = []  # 16 at once: even positions good, odd positions bad
     for i in range(8):
         requests.append((encode_png(images[i]), "image/png", expected_digits[i]))
-        requests.append(bad[i])
+        requests.append((bad[i].body, bad[i].content_type, bad[i].message))
     for _ in range(5):  # batching depends on timing; a few rounds make a mixed batch near certain
         barrier = threading.Barrier(len(requests))
 

@@ -1,4 +1,4 @@
-"""Training benchmark: time-to-accuracy over several seeds, `make bench-train` (`python -m training.bench`).
+"""Training benchmark: time-to-accuracy over several seeds, `make bench-train` (`python -m bench.train`).
 
 Each run is a separate `python -m training.train --test-every-epoch` process (clean timings and peak
 memory), so the seconds reported are the trainer's own: training epochs only, data loading and
@@ -55,7 +55,7 @@ def table(results: dict[str, list[dict]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.train", description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--config", action="append", metavar="NAME=FLAGS",
                         help="a named set of training flags, repeatable, e.g. 'no-aug=--augment false' "

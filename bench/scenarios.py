@@ -1,8 +1,4 @@
-"""Fault injection against a live TorchServe: `make chaos`, `python -m serving.chaos`.
-
-Archives the checkpoint into a temporary model store, starts the project's TorchServe
-(serving/server.py) on free loopback ports and runs each scenario under load, then prints a
-Markdown report. Every loop is bounded in time and stops by itself.
+"""The fault scenarios `make chaos` runs against a live TorchServe; each returns Markdown lines.
 
   inputs   a corpus of bad requests: status and message of each; the worker must survive them all
   kill     kill -9 the worker under steady load: every request's outcome, time to full throughput
@@ -13,37 +9,25 @@ Markdown report. Every loop is bounded in time and stops by itself.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import http.client
-import json
 import os
-import random
-import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import cv2
-import numpy as np
 import psutil
-import torch
 import yaml
 
-from serving.archive import DEFAULT_VARIANT, MODEL_CONFIG, build_archive
-from serving.bench import WRK_SCRIPT, Sampler, run_wrk, write_digits
-from serving.handler import serving_model, to_model_input
+from bench.inputs import bad_inputs
+from bench.load import WRK_SCRIPT, Load, Sampler, digit_of, run_wrk
+from bench.report import ok_between, outcome_table, rss_mb
+from serving.archive import MODEL_CONFIG
 from serving.server import ServerError, TorchServe, port_is_free
-from training.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 
-SCENARIOS = ("inputs", "kill", "sigterm", "soak")
 RESPONSE_TIMEOUT = float(yaml.safe_load(MODEL_CONFIG.read_text())["responseTimeout"])  # s, packed in the .mar
 CLIENT_TIMEOUT = RESPONSE_TIMEOUT + 2  # a request without an answer by then counts as hung
 
@@ -52,114 +36,8 @@ def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)  # progress; the report goes to stdout
 
 
-@dataclass
-class Record:
-    start: float  # seconds since the load started
-    seconds: float
-    status: int | str  # HTTP status, or the exception a client saw instead of an answer
-    detail: str  # start of the body (or exception message) when not 200
-    wrong: bool
-
-    @property
-    def end(self) -> float:
-        return self.start + self.seconds
-
-
-class Load:
-    """`threads` keep-alive HTTP clients posting MNIST digits as fast as answers come back.
-
-    Every request's outcome is recorded; a 200 is checked against the offline model's answer.
-    """
-
-    def __init__(self, server: TorchServe, pngs: list[bytes], expected: list[int], threads: int,
-                 max_seconds: float):
-        url = urlsplit(server.url("inference"))
-        self.host, self.port = url.hostname, url.port
-        self.path = f"/predictions/{server.model_name}"
-        self.headers = {"Content-Type": "application/octet-stream",
-                        "Authorization": f"Bearer {server.token('inference')}"}
-        self.pngs, self.expected = pngs, expected
-        self.records: list[Record] = []  # list.append is atomic: the threads share it
-        self.stopping = threading.Event()
-        self.threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(threads)]
-        self.t0 = time.monotonic()
-        self.deadline = self.t0 + max_seconds
-
-    def now(self) -> float:
-        return time.monotonic() - self.t0
-
-    def start(self) -> Load:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def stop(self) -> list[Record]:
-        self.stopping.set()
-        for t in self.threads:  # each finishes its request in flight: it gets an outcome too
-            t.join(CLIENT_TIMEOUT + 5)
-        assert not any(t.is_alive() for t in self.threads), "a client thread outlived its socket timeout"
-        return sorted(self.records, key=lambda r: r.start)
-
-    def _client(self, seed: int) -> None:
-        rng, conn = random.Random(seed), None
-        while not self.stopping.is_set() and time.monotonic() < self.deadline:
-            i = rng.randrange(len(self.pngs))
-            start = time.monotonic()
-            try:
-                if conn is None:
-                    conn = http.client.HTTPConnection(self.host, self.port, timeout=CLIENT_TIMEOUT)
-                conn.request("POST", self.path, self.pngs[i], self.headers)
-                response = conn.getresponse()
-                status, body = response.status, response.read()
-            except (OSError, http.client.HTTPException) as err:
-                status, body = type(err).__name__, str(err).encode()
-                conn.close()
-                conn = None
-            seconds = time.monotonic() - start
-            detail = "" if status == 200 else " ".join(body[:160].decode(errors="replace").split())
-            wrong = status == 200 and _digit(body) != self.expected[i]
-            self.records.append(Record(start - self.t0, seconds, status, detail, wrong))
-            if isinstance(status, str):
-                time.sleep(0.05)  # no server to talk to: retry, but don't spin
-
-
-def _digit(body: bytes) -> int:
-    try:
-        return json.loads(body)["digit"]
-    except (ValueError, KeyError, TypeError):
-        return -1
-
-
 # --- reporting -----------------------------------------------------------------------------------
 
-def outcome_table(records: list[Record]) -> list[str]:
-    ok = sum(r.status == 200 for r in records)
-    hung = sum(r.seconds > RESPONSE_TIMEOUT for r in records)
-    slowest = max((r.seconds for r in records), default=0.0)
-    lines = [f"| requests | ok | failed | hung (> {RESPONSE_TIMEOUT:.0f} s) | wrong answers | slowest |",
-             "|---:|---:|---:|---:|---:|---:|",
-             f"| {len(records)} | {ok} | {len(records) - ok} | {hung} | {sum(r.wrong for r in records)} | "
-             f"{slowest:.2f} s |"]
-    failures = Counter((str(r.status), r.detail) for r in records if r.status != 200)
-    if failures:
-        lines += ["", "| failed requests | status | body (or client error) |", "|---:|---|---|"]
-        lines += [f"| {n} | {status} | `{detail}` |" for (status, detail), n in failures.most_common()]
-    return lines
-
-
-def ok_between(records: list[Record], start: float, end: float) -> int:
-    return sum(r.status == 200 and start <= r.end < end for r in records)
-
-
-def rss_mb(server: TorchServe) -> dict[str, float]:
-    frontend = psutil.Process(server.running_pid())
-    sizes = {"frontend": frontend.memory_info().rss / 2**20}
-    for p in frontend.children(recursive=True):
-        sizes[f"worker {p.pid}"] = p.memory_info().rss / 2**20
-    return sizes
-
-
-# --- scenarios -----------------------------------------------------------------------------------
 
 @dataclass
 class Harness:
@@ -170,49 +48,17 @@ class Harness:
     work: Path
 
 
-def bad_inputs(png: bytes) -> dict[str, tuple[bytes, str]]:
-    """name: (body, content type) of requests a client might get wrong, or an attacker might try."""
-    def as_json(obj: object) -> bytes:
-        return json.dumps(obj).encode()
-
-    boundary = "chaos-boundary"
-    form = (f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="7.png"\r\n\r\n').encode() \
-        + png + f"\r\n--{boundary}--\r\n".encode()
-    bomb = cv2.imencode(".png", np.zeros((12000, 12000), np.uint8))[1].tobytes()  # 144 MB of pixels in ~140 KB
-    tiny = cv2.imencode(".png", np.full((1, 1), 255, np.uint8))[1].tobytes()
-    tiff = cv2.imencode(".tiff", np.full((28, 28), 255, np.uint8))[1].tobytes()
-    return {
-        "empty body": (b"", "application/octet-stream"),
-        "random bytes (4 KiB)": (random.Random(0).randbytes(4096), "application/octet-stream"),
-        "truncated PNG": (png[: len(png) // 2], "image/png"),
-        "text": (b"seven", "text/plain"),
-        "malformed JSON": (b'{"data": ', "application/json"),
-        "bad base64": (as_json({"data": "not base64!"}), "application/json"),
-        "JSON without an image": (as_json({"image": "7.png"}), "application/json"),
-        "wrong pixel shape (27x28)": (as_json({"pixels": [[0] * 28] * 27}), "application/json"),
-        "pixel value 300": (as_json({"pixels": [[300] * 28] * 28}), "application/json"),
-        "pixel value 1e400 (integer)": (b'{"pixels": [[1' + b"0" * 400 + b"]]}", "application/json"),
-        "1x1 PNG": (tiny, "image/png"),
-        "TIFF image": (tiff, "image/tiff"),
-        f"12000x12000 PNG ({len(bomb) // 1000} KB)": (bomb, "image/png"),
-        "body over max_request_size (1 MiB + 1)": (b"\0" * (2**20 + 1), "application/octet-stream"),
-        "PNG as form-urlencoded": (png, "application/x-www-form-urlencoded"),
-        "PNG as application/json": (png, "application/json"),
-        "PNG as text/plain": (png, "text/plain"),
-        "multipart without data/file": (form, f"multipart/form-data; boundary={boundary}"),
-    }
-
-
 def scenario_inputs(h: Harness, rounds: int = 5) -> list[str]:
     (worker,) = h.server.describe()["workers"]
     lines = ["## Bad input over HTTP", "",
              "Each request sent once, alone, with a valid inference token.", "",
              "| input | content type | status | answer |", "|---|---|---:|---|"]
     corpus = bad_inputs(h.pngs[0])
-    for name, (body, content_type) in corpus.items():
-        status, raw = h.server.request("inference", f"/predictions/{h.server.model_name}", data=body,
+    for name, bad in corpus.items():
+        content_type = bad.content_type
+        status, raw = h.server.request("inference", f"/predictions/{h.server.model_name}", data=bad.body,
                                        headers={"Content-Type": content_type}, timeout=CLIENT_TIMEOUT)
-        answer = f"digit {_digit(raw)}" if status == 200 else \
+        answer = f"digit {digit_of(raw)}" if status == 200 else \
             " ".join(raw[:120].decode(errors="replace").split()) or "(empty body)"
         lines.append(f"| {name} | {content_type.split(';')[0]} | {status} | `{answer}` |")
     status, answer = h.server.predict(h.pngs[0])
@@ -223,7 +69,8 @@ def scenario_inputs(h: Harness, rounds: int = 5) -> list[str]:
     # Does a bad request fail only itself? It is sent at the same moment as 15 good digits, so that
     # they share batches (batchSize 32, maxBatchDelay 5 ms).
     for name in ("pixel value 300", "pixel value 1e400 (integer)"):
-        requests = [corpus[name], *((png, "application/octet-stream") for png in h.pngs[1:16])]
+        bad = corpus[name]
+        requests = [(bad.body, bad.content_type), *((png, "application/octet-stream") for png in h.pngs[1:16])]
         failed = 0
         for _ in range(rounds):
             barrier = threading.Barrier(len(requests))
@@ -242,7 +89,8 @@ def scenario_inputs(h: Harness, rounds: int = 5) -> list[str]:
 
 
 def scenario_kill(h: Harness, warm: float = 3, before: float = 5, max_after: float = 60) -> list[str]:
-    load = Load(h.server, h.pngs, h.expected, h.threads, max_seconds=warm + before + max_after + 10).start()
+    load = Load(h.server, h.pngs, h.expected, h.threads, max_seconds=warm + before + max_after + 10,
+                timeout=CLIENT_TIMEOUT).start()
     time.sleep(warm + before)
     (worker,) = h.server.describe()["workers"]
     killed_at = load.now()
@@ -277,7 +125,7 @@ def scenario_kill(h: Harness, warm: float = 3, before: float = 5, max_after: flo
              f"{h.threads} keep-alive clients, each posting the next of {len(h.pngs)} MNIST test digits as soon "
              f"as the last answer arrived (client timeout {CLIENT_TIMEOUT:.0f} s). Worker pid {worker['pid']} "
              f"killed {killed_at:.1f} s into the load, at {rate:.0f} answers/s.", "",
-             *outcome_table(records), "",
+             *outcome_table(records, RESPONSE_TIMEOUT), "",
              f"- worker restarted as pid {new_pid}, READY {since_kill(ready_at)} after the kill",
              f"- first answer after the kill: {since_kill(first_ok)}; throughput back to >= 90% of the rate before "
              f"it: the first 1-s window with >= {0.9 * rate:.0f} answers starts {since_kill(recovered_at)} after "
@@ -293,7 +141,8 @@ def scenario_kill(h: Harness, warm: float = 3, before: float = 5, max_after: flo
 
 
 def scenario_sigterm(h: Harness, under_load: float = 3, bound: float = 60) -> list[str]:
-    load = Load(h.server, h.pngs, h.expected, h.threads, max_seconds=under_load + bound + 10).start()
+    load = Load(h.server, h.pngs, h.expected, h.threads, max_seconds=under_load + bound + 10,
+                timeout=CLIENT_TIMEOUT).start()
     time.sleep(under_load)
     frontend = psutil.Process(h.server.running_pid())
     processes = [frontend, *frontend.children(recursive=True)]
@@ -339,7 +188,7 @@ def scenario_sigterm(h: Harness, under_load: float = 3, bound: float = 60) -> li
             f"- restart on the same run directory and ports: READY in {start_seconds:.1f} s, "
             f"{right}/{len(answers)} test digits answered correctly", "",
             "Requests answered (or failed) from the SIGTERM until 1 s after the last process exited:", "",
-            *outcome_table(after), "",
+            *outcome_table(after, RESPONSE_TIMEOUT), "",
             f"- last answer {'none' if last_ok is None else f'{last_ok:.2f} s'} after SIGTERM, first failure "
             f"{'none' if first_failed is None else f'{first_failed:.2f} s'} after it"]
 
@@ -361,7 +210,7 @@ def scenario_soak(h: Harness, seconds: int) -> list[str]:
     connections = min(trials, key=lambda c: abs(trials[c] - target))
     say(f"soak: capacity {capacity:.0f}/s at c=64; {connections} connections ({trials[connections]:.0f}/s) "
         f"for {seconds}s")
-    sampler = Sampler(h.server, h.pngs, h.expected, _digit, limit=seconds * 60)
+    sampler = Sampler(h.server, h.pngs, h.expected, digit_of, limit=seconds * 60)
     sampler.start()
     rss_start, rows = rss_mb(h.server), []
     left = seconds
@@ -397,82 +246,8 @@ def scenario_soak(h: Harness, seconds: int) -> list[str]:
     return lines
 
 
-def other_jobs(seconds: float = 1.0) -> str:
-    """The busiest other processes: on a shared machine they explain slow or noisy numbers."""
-    processes = [p for p in psutil.process_iter(["cmdline"]) if p.pid != os.getpid()]
-    for p in processes:
-        with contextlib.suppress(psutil.Error):
-            p.cpu_percent()  # starts the measurement
-    time.sleep(seconds)
-    busy = []
-    for p in processes:
-        try:
-            cpu = p.cpu_percent()
-        except psutil.Error:
-            continue
-        if cpu >= 10:
-            busy.append((cpu, " ".join((p.info["cmdline"] or [p.name()])[:4])[:70]))
-    return ", ".join(f"`{name}` ({cpu:.0f}% CPU)" for cpu, name in sorted(busy, reverse=True)[:4]) or "none"
-
-
 # --- setup ---------------------------------------------------------------------------------------
 
 def _host_port(url: str) -> tuple[str, int]:
     parts = urlsplit(url)
     return parts.hostname, parts.port
-
-
-def expected_digits(checkpoint: Path, images: torch.Tensor) -> list[int]:
-    """What the served model answers, computed offline the way the worker runs it."""
-    model = serving_model(model_from_checkpoint(load_checkpoint(checkpoint)), DEFAULT_VARIANT)
-    with torch.inference_mode():
-        return model(to_model_input(images)).argmax(1).tolist()
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m serving.chaos", description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", default="artifacts/model.pt", type=Path)
-    parser.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma-separated: {', '.join(SCENARIOS)}")
-    parser.add_argument("--soak-seconds", type=int, default=300)
-    parser.add_argument("--threads", type=int, default=8, help="client threads for kill and sigterm")
-    parser.add_argument("--digits", type=int, default=200, help="distinct MNIST test digits sent")
-    args = parser.parse_args(argv)
-    scenarios = [s for s in args.scenarios.split(",") if s]
-    if unknown := set(scenarios) - set(SCENARIOS):
-        parser.error(f"unknown scenario(s) {', '.join(sorted(unknown))}: choose from {', '.join(SCENARIOS)}")
-    if "soak" in scenarios and shutil.which("wrk") is None:
-        print("error: the soak needs wrk (Debian/Ubuntu: sudo apt-get install wrk)", file=sys.stderr)
-        return 1
-    load_before, jobs_before = os.getloadavg(), other_jobs()
-    report = []
-    with tempfile.TemporaryDirectory(prefix="mnist-chaos-") as tmp:
-        work = Path(tmp)
-        try:
-            build_archive(args.checkpoint, work / "store", "mnist", "1.0")
-            paths, images, _ = write_digits(work / "digits", args.digits, None)
-            server = TorchServe.on_free_ports(work / "run", work / "store")
-            say(f"starting TorchServe from {work}")
-            server.start(timeout=180)
-        except (CheckpointError, ServerError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 1
-        h = Harness(server, [p.read_bytes() for p in paths], expected_digits(args.checkpoint, images),
-                    args.threads, work)
-        try:
-            for name in scenarios:
-                say(f"scenario {name}")
-                run = {"inputs": scenario_inputs, "kill": scenario_kill, "sigterm": scenario_sigterm,
-                       "soak": lambda h: scenario_soak(h, args.soak_seconds)}[name]
-                report += ["", *run(h)]
-        finally:
-            h.server.stop()
-    print(f"# Chaos report\n\n{os.cpu_count()} CPUs, 1-minute load average {load_before[0]:.1f} at the start "
-          f"and {os.getloadavg()[0]:.1f} at the end; checkpoint {args.checkpoint}; torch {torch.__version__}; "
-          f"`{' '.join(['python -m serving.chaos', *(argv if argv is not None else sys.argv[1:])])}`\n\n"
-          f"Other processes using CPU at the start: {jobs_before}; at the end: {other_jobs()}.")
-    print("\n".join(report))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

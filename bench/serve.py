@@ -1,6 +1,6 @@
 """Serving benchmark: this project's TorchServe setup against TorchServe's own MNIST example setup.
 
-`make bench-serve` (`python -m serving.bench`) archives the same weights twice, starts each server
+`make bench-serve` (`python -m bench.serve`) archives the same weights twice, starts each server
 on free loopback ports one after the other, and drives it with `wrk` (keep-alive connections, a Lua
 script cycling through real MNIST test digits as PNG) at each concurrency. While wrk runs, a sampler
 sends digits of its own and checks every answer against the offline model: no wrong answers at speed.
@@ -12,18 +12,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import cv2
 import torch
 
+from bench.load import WRK_SCRIPT, Sampler, run_wrk, write_digits
+from bench.report import plot_serving, serving_table
 from serving.archive import build_archive
 from serving.server import TorchServe
 from training.checkpoint import load_checkpoint, model_from_checkpoint
@@ -48,42 +47,6 @@ class MNISTDigitClassifier(ImageClassifier):
 # BaseHandler wants exactly one class defined in the model file: the same network, same weights.
 BASELINE_MODEL = "from training.model import Net\n\n\nclass MNISTNet(Net):\n    pass\n"
 
-WRK_SCRIPT = '''
-local bodies = {}
-local n = 0
-for line in io.lines("%(list)s") do
-  local f = assert(io.open(line, "rb")); n = n + 1; bodies[n] = f:read("*a"); f:close()
-end
-local i = 0
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/octet-stream"
-wrk.headers["Authorization"] = "Bearer %(token)s"
-request = function()
-  i = (i %% n) + 1
-  return wrk.format(nil, nil, nil, bodies[i])
-end
-done = function(summary, latency, requests)
-  io.write(string.format("JSON{\\"requests\\": %%d, \\"seconds\\": %%f, \\"non2xx\\": %%d, \\"socket_errors\\": %%d, "
-    .. "\\"p50\\": %%f, \\"p90\\": %%f, \\"p99\\": %%f, \\"max\\": %%f}\\n",
-    summary.requests, summary.duration / 1e6, summary.errors.status,
-    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout,
-    latency:percentile(50) / 1e3, latency:percentile(90) / 1e3, latency:percentile(99) / 1e3, latency.max / 1e3))
-end
-'''
-
-
-def write_digits(folder: Path, count: int, data_dir: str | None) -> tuple[list[Path], torch.Tensor, torch.Tensor]:
-    """Real MNIST test digits as 28×28 PNG files, with their images and labels."""
-    images, labels = load_split(data_dir, train=False)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(count):
-        path = folder / f"{i:04d}-{int(labels[i])}.png"
-        cv2.imwrite(str(path), images[i].numpy())
-        paths.append(path)
-    return paths, images[:count], labels[:count]
-
-
 def baseline_archive(checkpoint: Path, store: Path, work: Path) -> None:
     """The same weights packaged the way TorchServe's MNIST example does it."""
     ckpt = load_checkpoint(checkpoint)
@@ -100,48 +63,6 @@ def baseline_archive(checkpoint: Path, store: Path, work: Path) -> None:
                    check=True, env={**os.environ, "TMPDIR": str(work)})
     mar = store / "baseline.mar"
     (store / "baseline.mar.sha256").write_text(f"{sha256_of(mar)}  baseline.mar\n")
-
-
-def run_wrk(server: TorchServe, script: Path, connections: int, seconds: int) -> dict:
-    url = server.url("inference", f"/predictions/{server.model_name}")
-    threads = max(1, min(2, connections))
-    out = subprocess.run(["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds}s",
-                          "--timeout", "10s", "-s", str(script), url],
-                         capture_output=True, text=True, timeout=seconds + 60)
-    line = next((line for line in out.stdout.splitlines() if line.startswith("JSON")), None)
-    if line is None:
-        raise RuntimeError(f"wrk gave no summary: {out.stdout[-500:]} {out.stderr[-500:]}")
-    result = json.loads(line[4:])
-    result["rps"] = result["requests"] / result["seconds"]
-    return result
-
-
-class Sampler(threading.Thread):
-    """Sends digits while wrk runs and compares each answer with the offline prediction."""
-
-    def __init__(self, server: TorchServe, pngs: list[bytes], expected: list[int], parse, limit: int = 200):
-        super().__init__(daemon=True)
-        self.server, self.pngs, self.expected, self.parse, self.limit = server, pngs, expected, parse, limit
-        self.checked = self.wrong = self.failed = 0
-        self.stop_flag = threading.Event()
-
-    def run(self) -> None:
-        rng = random.Random(0)
-        while not self.stop_flag.is_set() and self.checked + self.failed < self.limit:
-            i = rng.randrange(len(self.pngs))
-            try:
-                status, body = self.server.request("inference", f"/predictions/{self.server.model_name}",
-                                                   data=self.pngs[i], timeout=15,
-                                                   headers={"Content-Type": "application/octet-stream"})
-            except Exception:
-                self.failed += 1
-                continue
-            if status != 200:
-                self.failed += 1
-                continue
-            self.checked += 1
-            self.wrong += self.parse(body) != self.expected[i]
-            time.sleep(0.02)
 
 
 def bench_setup(label: str, server: TorchServe, script_path: Path, digits: list[Path], expected: list[int],
@@ -201,40 +122,8 @@ def variant_table(checkpoint: Path, images: torch.Tensor, labels: torch.Tensor) 
     return "\n".join(lines)
 
 
-def markdown(rows: list[dict]) -> str:
-    base = {r["concurrency"]: r for r in rows if r["setup"] == "baseline"}
-    lines = ["| setup | conc. | req/s | p50 ms | p90 ms | p99 ms | errors | wrong answers | vs baseline |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        b = base.get(r["concurrency"])
-        ratio = f"{r['rps'] / b['rps']:.1f}x" if b and r["setup"] != "baseline" and b["rps"] else ""
-        lines.append(f"| {r['setup']} | {r['concurrency']} | {r['rps']:,.0f} | {r['p50']:.1f} | {r['p90']:.1f} | "
-                     f"{r['p99']:.1f} | {r['non2xx'] + r['socket_errors']} | {r['wrong']}/{r['checked']} | {ratio} |")
-    return "\n".join(lines)
-
-
-def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for setup in dict.fromkeys(r["setup"] for r in rows):
-        pts = [r for r in rows if r["setup"] == setup]
-        left.plot([r["concurrency"] for r in pts], [r["rps"] for r in pts], "o-", label=setup)
-        right.plot([r["concurrency"] for r in pts], [r["p99"] for r in pts], "o-", label=setup)
-    for ax, title in ((left, "throughput (req/s)"), (right, "p99 latency (ms)")):
-        ax.set(xscale="log", yscale="log", xlabel="concurrent connections", title=title)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m serving.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.serve", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default="artifacts/model.pt", type=Path)
     parser.add_argument("--concurrency", default="1,8,64,256")
     parser.add_argument("--seconds", type=int, default=10, help="per concurrency point")
@@ -280,10 +169,10 @@ def main(argv: list[str] | None = None) -> int:
 
             rows += bench_setup(setup, server, work / f"{setup}.lua", digits, expected, parse, concurrencies,
                                 args.seconds)
-    table = markdown(rows)
+    table = serving_table(rows)
     variants = variant_table(args.checkpoint, *load_split(None, train=False))
     (args.out / "serving.json").write_text(json.dumps(rows, indent=2) + "\n")
-    plot(rows, args.out / "serving.png")
+    plot_serving(rows, args.out / "serving.png")
     print(f"\nserving benchmark: {os.cpu_count()} CPUs, {args.seconds}s per point, {args.digits} MNIST test digits "
           f"as PNG, torch {torch.__version__}\n")
     print(table)
