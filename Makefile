@@ -64,19 +64,19 @@ archive: $(STAMP) ## package the checkpoint as model_store/mnist.mar (MODEL_NAME
 	$(PY) -m serving.archive --checkpoint $(CHECKPOINT) --model-name $(MODEL_NAME) --version $(VERSION) $(ARGS)
 
 serve: $(STAMP) ## start TorchServe on 127.0.0.1 in the background; returns when workers are READY
-	$(PY) -m serving.server start --model-name $(MODEL_NAME) --auth $(AUTH) $(ARGS)
+	$(PY) -m serving.cli start --model-name $(MODEL_NAME) --auth $(AUTH) $(ARGS)
 
 predict: $(STAMP) ## send IMAGE=path to the running server and print the prediction
-	$(PY) -m serving.server predict $(IMAGE) --model-name $(MODEL_NAME)
+	$(PY) -m serving.cli predict $(IMAGE) --model-name $(MODEL_NAME)
 
 status: $(STAMP) ## show the server's models and workers
-	$(PY) -m serving.server status
+	$(PY) -m serving.cli status --model-name $(MODEL_NAME)
 
 token: $(STAMP) ## print the inference token of the running server (for curl)
-	@$(PY) -m serving.server token inference
+	@$(PY) -m serving.cli token inference --model-name $(MODEL_NAME)
 
 stop: $(STAMP) ## stop TorchServe (leaves nothing running)
-	$(PY) -m serving.server stop
+	$(PY) -m serving.cli stop --model-name $(MODEL_NAME)
 
 demo: $(STAMP) ## the whole path: data → train → archive → serve → curl → stop
 	$(MAKE) --no-print-directory data
@@ -87,7 +87,7 @@ demo: $(STAMP) ## the whole path: data → train → archive → serve → curl 
 	$(MAKE) --no-print-directory serve
 	@trap '$(MAKE) --no-print-directory stop' EXIT; \
 	 echo "+ curl -H 'Authorization: Bearer <inference key>' -H 'Content-Type: application/octet-stream' --data-binary @$(IMAGE) http://$(INFERENCE_ADDRESS)/predictions/$(MODEL_NAME)"; \
-	 curl -sS --fail-with-body -H "Authorization: Bearer $$($(PY) -m serving.server token inference)" \
+	 curl -sS --fail-with-body -H "Authorization: Bearer $$($(PY) -m serving.cli token inference)" \
 	      -H "Content-Type: application/octet-stream" --data-binary @$(IMAGE) \
 	      http://$(INFERENCE_ADDRESS)/predictions/$(MODEL_NAME); echo
 

@@ -17,7 +17,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import psutil
 import yaml
@@ -26,7 +25,8 @@ from bench.inputs import bad_inputs
 from bench.load import WRK_SCRIPT, Load, Sampler, digit_of, run_wrk
 from bench.report import ok_between, outcome_table, rss_mb
 from serving.archive import MODEL_CONFIG
-from serving.server import ServerError, TorchServe, port_is_free
+from serving.ports import host_port, port_is_free
+from serving.server import ServerError, TorchServe
 
 RESPONSE_TIMEOUT = float(yaml.safe_load(MODEL_CONFIG.read_text())["responseTimeout"])  # s, packed in the .mar
 CLIENT_TIMEOUT = RESPONSE_TIMEOUT + 2  # a request without an answer by then counts as hung
@@ -161,7 +161,7 @@ def scenario_sigterm(h: Harness, under_load: float = 3, bound: float = 60) -> li
     leftovers = sorted(str(p.relative_to(run_dir)) for p in
                        [h.server.pid_file, run_dir / "key_file.json", *(run_dir / "tmp").glob(".ts.sock*")]
                        if p.exists())
-    busy = [kind for kind, url in h.server.addresses.items() if not port_is_free(*_host_port(url))]
+    busy = [kind for kind, url in h.server.addresses.items() if not port_is_free(*host_port(url))]
 
     restarted = TorchServe(run_dir=h.server.run_dir, model_store=h.server.model_store,
                            model_name=h.server.model_name, addresses=h.server.addresses,
@@ -247,7 +247,3 @@ def scenario_soak(h: Harness, seconds: int) -> list[str]:
 
 
 # --- setup ---------------------------------------------------------------------------------------
-
-def _host_port(url: str) -> tuple[str, int]:
-    parts = urlsplit(url)
-    return parts.hostname, parts.port

@@ -28,9 +28,9 @@ serve() {
     fi
     # Token auth stays on: every call needs a key from this file.
     echo "entrypoint: TorchServe keys will be in $SERVE_DIR/key_file.json;" \
-         "read one with: docker exec <container> python -m serving.server token inference"
+         "read one with: docker exec <container> python -m serving.cli token inference"
     # exec: python becomes the process that receives the container's SIGTERM.
-    exec python -m serving.server start --model-name "$MODEL_NAME" --auth on --foreground
+    exec python -m serving.cli start --model-name "$MODEL_NAME" --auth on --foreground
 }
 
 health() {

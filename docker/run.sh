@@ -34,7 +34,7 @@ if [[ $engine == docker ]]; then
     if [[ $command == serve ]]; then
         # Inside, TorchServe listens on 0.0.0.0 (the image's default); outside, on these host addresses.
         args+=(--name mnist-serve -p "$inference:8080" -p "$management:8081" -p "$metrics:8082")
-        echo "token: docker exec mnist-serve python -m serving.server token inference"
+        echo "token: docker exec mnist-serve python -m serving.cli token inference"
     fi
     set -x
     exec docker run "${args[@]}" "$DOCKER_IMAGE" "$command" "$@"
@@ -47,7 +47,7 @@ addresses=(--env "INFERENCE_ADDRESS=$inference" --env "MANAGEMENT_ADDRESS=$manag
 user=(--user "$(id -u):0")
 trap 'buildah rm "$ctr" >/dev/null' EXIT
 [[ $command == serve ]] && echo "token: buildah run ${BUILDAH_ISOLATION[*]} ${user[*]} $ctr --" \
-    "python -m serving.server token inference"
+    "python -m serving.cli token inference"
 # A session of its own, so that Ctrl-C reaches this script, which stops the server cleanly (buildah_stop).
 (set -x; exec setsid buildah run "${BUILDAH_ISOLATION[@]}" "${user[@]}" "${mounts[@]}" "${addresses[@]}" "$ctr" \
     -- entrypoint.sh "$command" "$@") &

@@ -209,7 +209,7 @@ done
 in_container entrypoint.sh health
 echo "HEALTHCHECK command: workers READY"
 
-token=$(in_container python -m serving.server token inference)
+token=$(in_container python -m serving.cli token inference)
 url=http://127.0.0.1:$PORT/predictions/mnist
 # TorchServe 0.12 refuses a missing or wrong token with 400 InvalidKeyException, not 401.
 refused=$(curl -sS -w ' HTTP %{http_code}' -H 'Content-Type: application/octet-stream' --data-binary "@$SAMPLE" "$url")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from serving.handler import DEFAULT_VARIANT, VARIANTS
 from training.checkpoint import CheckpointError, load_checkpoint
 from training.data import sha256_of
 
@@ -28,10 +29,6 @@ ROOT = Path(__file__).resolve().parent.parent
 HANDLER = ROOT / "serving" / "handler.py"
 PACKED_TRAINING_FILES = ("model.py", "preprocess.py")  # what the handler imports from training/
 MODEL_CONFIG = ROOT / "configs" / "model-config.yaml"
-# Load-time transforms the handler applies to the eager model (see serving/handler.py, VARIANTS).
-VARIANTS = ("eager", "fused", "int8")
-# fused (batch norm folded into the convs) is the fastest at equal test accuracy: README, Benchmarks.
-DEFAULT_VARIANT = "fused"
 
 
 class ArchiveError(RuntimeError):

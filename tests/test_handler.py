@@ -21,7 +21,7 @@ from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 from ts.service import Service
 
 from serving.archive import build_archive
-from serving.handler import MNISTHandler, decode_request
+from serving.handler import DEFAULT_VARIANT, MNISTHandler, decode_request
 from training.preprocess import PreprocessError, normalize
 
 # Shared fixtures (tiny_archive, trained_archive, trained_checkpoint) load as a plugin, so each
@@ -299,3 +299,14 @@ def test_every_variant_serves_the_trained_model(variant, trained_checkpoint, mni
     # eager and fused compute the same function (fused folds batch norm into the convs): same digits.
     # int8 quantises the fully connected weights: an approximation, allowed a few borderline digits.
     assert disagree <= (5 if variant == "int8" else 0), f"{variant}: {disagree} of 1000 digits differ"
+
+
+def test_an_archive_without_a_variant_gets_the_one_default(tiny_archive, tmp_path):
+    model_dir = unpack(tiny_archive[1].path, tmp_path / "model")
+    meta = json.loads((model_dir / "model.json").read_text())
+    del meta["variant"]
+    (model_dir / "model.json").write_text(json.dumps(meta))
+    worker = InProcessWorker(model_dir)
+    assert DEFAULT_VARIANT == "fused"
+    # fused folds each batch norm into its conv (serving/handler.py: optimize)
+    assert [type(block[1]).__name__ for block in worker.handler.model.features] == ["Identity", "Identity"]

@@ -93,7 +93,14 @@ def test_default_config_is_loopback_only_with_auth_on(tmp_path, monkeypatch):
     assert props["max_request_size"] == str(MAX_REQUEST_SIZE)
 
 
-def test_tampered_archive_is_refused_before_anything_starts(tiny_archive, tmp_path):
+@pytest.fixture
+def no_java(tmp_path, monkeypatch):
+    """`make test-fast` runs where no Java is installed: the checks before a start must not need it."""
+    monkeypatch.delenv("JAVA_HOME", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-path"))
+
+
+def test_tampered_archive_is_refused_before_anything_starts(tiny_archive, tmp_path, no_java):
     store = tmp_path / "store"
     shutil.copytree(tiny_archive[1].path.parent, store)
     mar = store / "mnist.mar"
@@ -110,7 +117,7 @@ def test_tampered_archive_is_refused_before_anything_starts(tiny_archive, tmp_pa
     assert not (tmp_path / "run").exists()  # refused before the run directory was even made
 
 
-def test_missing_archive_and_stopping_nothing(tmp_path):
+def test_missing_archive_and_stopping_nothing(tmp_path, no_java):
     server = TorchServe(run_dir=tmp_path / "run", model_store=tmp_path / "empty", addresses=loopback_addresses())
     with pytest.raises(ServerError, match=r"no archive at .*mnist\.mar: run `make archive` first"):
         server.start(timeout=30)

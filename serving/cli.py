@@ -1,0 +1,107 @@
+"""`make serve | predict | status | token | stop`: `python -m serving.cli COMMAND`.
+
+Every failure is one line on stderr that says what to do, and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from serving.client import ROOT, ServerClient
+from serving.errors import ServerError
+from serving.server import TorchServe
+
+
+def _start(server: TorchServe, foreground: bool) -> int:
+    if not server.auth:
+        print("WARNING: token authorization is OFF: anyone who can reach the ports can use and manage the model",
+              file=sys.stderr)
+    server.start()
+    name = server.model_name
+    print(f"TorchServe is up: model {name} ready; logs and tokens in {server.run_dir}/")
+    auth = ' -H "Authorization: Bearer $(make -s token)"' if server.auth else ""
+    # A content type matters: curl's default (form-urlencoded) makes TorchServe parse the image as a form.
+    print(f"try:  curl{auth} -H 'Content-Type: application/octet-stream' --data-binary @serving/samples/7.png "
+          f"{server.url('inference', f'/predictions/{name}')}")
+    if not foreground:
+        print("stop: make stop")
+        return 0
+    # Containers: stay in the foreground and turn SIGTERM/SIGINT into a clean stop.
+    stopping = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.append(True))
+    while not stopping and server.running_pid() is not None:
+        time.sleep(0.5)
+    server.stop()
+    return 0 if stopping else 1
+
+
+def _status(server: TorchServe) -> int:
+    if server.running_pid() is None:
+        print("TorchServe is not running")
+        return 1
+    info = server.describe()
+    print(f"model {info['modelName']} version {info['modelVersion']}  batch {info['batchSize']}  "
+          f"max delay {info['maxBatchDelay']} ms")
+    for w in info["workers"]:
+        print(f"  worker {w['id']}  {w['status']}  pid {w['pid']}  gpu {w['gpu']}  memory {w['memoryUsage']}")
+    return 0
+
+
+def _predict(client: ServerClient, image: Path) -> int:
+    if not image.is_file():
+        raise ServerError(f"no such image: {image}")
+    status, body = client.predict(image.read_bytes())
+    print(json.dumps(body, indent=2))
+    return 0 if status == 200 else 1
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m serving.cli", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    start = sub.add_parser("start", help="start TorchServe and wait until the model's workers are READY")
+    start.add_argument("--auth", choices=("on", "off"), default="on")
+    start.add_argument("--foreground", action="store_true", help="stay attached; stop on SIGTERM/SIGINT")
+    predict = sub.add_parser("predict", help="send an image to the running server")
+    predict.add_argument("image", type=Path)
+    status = sub.add_parser("status", help="models and workers of the running server")
+    stop = sub.add_parser("stop", help="stop the server and its workers")
+    token = sub.add_parser("token", help="print a bearer key from the token file")
+    token.add_argument("kind", choices=("inference", "management"), nargs="?", default="inference")
+    for p in (start, predict, status, stop, token):
+        p.add_argument("--model-name", default="mnist")
+        p.add_argument("--model-store", default=ROOT / "model_store", type=Path)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    auth = getattr(args, "auth", "on") == "on"
+    try:
+        if args.command != "start":  # the token file says whether the running server uses auth
+            auth = (Path(os.environ.get("SERVE_DIR", ROOT / "logs")) / "key_file.json").exists()
+        server = TorchServe(model_store=args.model_store, model_name=args.model_name, auth=auth)
+        if args.command == "start":
+            return _start(server, args.foreground)
+        if args.command == "stop":
+            print("TorchServe stopped" if server.stop() else "TorchServe was not running")
+        elif args.command == "token":
+            print(server.token(args.kind) or "")
+        elif args.command == "status":
+            return _status(server)
+        elif args.command == "predict":
+            return _predict(server, args.image)
+    except ServerError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
