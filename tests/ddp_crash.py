@@ -6,7 +6,11 @@ for a Ctrl-C) choose which ranks stop, when, and how.
 
 import os
 import sys
+from pathlib import Path
 
+# Run as a script, its own folder comes first on sys.path: put the repository it belongs to before
+# any installed copy, so the code tested is the code beside this file.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import training.train as train
 
 if __name__ == "__main__":

@@ -93,13 +93,13 @@ def test_uneven_shards_take_the_same_steps_on_every_rank(tmp_path):
     # waited in an all-reduce until the 5-minute timeout. Now the shard is padded to 256 + 256 (as
     # DistributedSampler does) and both ranks take 2 steps per epoch.
     out = tmp_path / "uneven"
-    result = _run([*TORCHRUN, "-m", "training.train", *_flags(out, 128, 511, "--epochs", "2")], timeout=240)
+    result = _run([*TORCHRUN, "-m", "training.train", *_flags(out, 128, 511, "--epochs", "3")], timeout=240)
     assert result.returncode == 0, result.stderr[-2000:]
     history = _history(out)
-    assert [row["train_images"] for row in history] == [512, 512]  # 2 ranks × 2 steps × 128
-    # The one-cycle schedule planned exactly the 4 steps taken (more would fail, fewer cut it short).
+    assert [row["train_images"] for row in history] == [512] * 3  # 2 ranks × 2 steps × 128
+    # The one-cycle schedule planned exactly the 6 steps taken (more would fail, fewer cut it short).
     schedule = torch.load(out / "last.pt", weights_only=True)["schedule"]
-    assert schedule["total_steps"] == schedule["last_epoch"] == 4
+    assert schedule["total_steps"] == schedule["last_epoch"] == 6
 
 
 def test_a_resumed_two_rank_run_ends_exactly_where_the_uninterrupted_run_does(tmp_path):

@@ -263,3 +263,11 @@ def test_main_dry_run_trains_a_few_batches_and_exits_0(mnist_dir, tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["epochs"] == 1 and metrics["config"]["epochs"] == 1
     load_checkpoint(tmp_path / "model.pt")
+
+
+def test_a_one_cycle_schedule_too_short_to_warm_up_is_refused_in_one_line():
+    # 4 steps in all made OneCycleLR divide by zero (its warm-up phase would span no step).
+    opt = train.build_optimizer(Net(ModelConfig(conv1=4, conv2=8, hidden=16)), TrainConfig())
+    with pytest.raises(cfglib.ConfigError, match=r"^the one-cycle schedule needs at least 5 steps, this run has 4 "):
+        train.build_schedule(opt, TrainConfig(epochs=2), steps=2)
+    assert train.build_schedule(opt, TrainConfig(epochs=1), steps=5).total_steps == 5
