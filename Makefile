@@ -54,7 +54,7 @@ data: $(STAMP) ## download and verify MNIST into data/ (or the MNIST_DIR env var
 train: $(STAMP) ## train the CNN (CUDA if present): artifacts/model.pt, metrics.json, plots
 	$(PY) -m training.train --config $(CONFIG) $(ARGS)
 
-train-ddp: $(STAMP) ## train with torchrun on NPROC processes (DDP: gloo on CPU, nccl on GPUs)
+train-ddp: $(STAMP) ## train with torchrun on NPROC processes (nccl: one GPU each; ARGS="--device cpu": gloo on CPU)
 	$(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) -m training.train --config $(CONFIG) $(ARGS)
 
 evaluate: $(STAMP) ## re-score a checkpoint on the MNIST test set (CHECKPOINT=...)

@@ -27,7 +27,8 @@ def run_once(flags: list[str], seed: int, out: Path) -> dict:
     history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     reached = {t: next((h["train_seconds"] for h in history if h["test_accuracy"] >= t), None) for t in THRESHOLDS}
     return {"seed": seed, "test_accuracy": metrics["test_accuracy"], "train_seconds": metrics["train_seconds"],
-            "images_per_second": metrics["images_per_second"], "peak_memory_mb": metrics["peak_memory_mb"],
+            "images_per_second": metrics["images_per_second"], "peak_rss_mb": metrics["peak_rss_mb"],
+            "peak_cuda_mb": metrics["peak_cuda_mb"],
             "device": metrics["device"], "epochs": metrics["epochs"],
             **{f"seconds_to_{t:.3f}": s for t, s in reached.items()}}
 
@@ -40,9 +41,16 @@ def _mean_sd(values: list[float | None], fmt: str) -> str:
     return f"{fmt.format(statistics.mean(values))} ± {fmt.format(sd)}"
 
 
+def _peak(values: list[float | None]) -> str:
+    """The largest of the runs' peaks; a dash where there was no GPU."""
+    known = [v for v in values if v is not None]
+    return f"{max(known):,.0f}" if known else "—"
+
+
 def table(results: dict[str, list[dict]]) -> str:
-    lines = ["| config | device | runs | test accuracy (%) | s to 99.0% | s to 99.4% | s total | img/s | peak MB |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| config | device | runs | test accuracy (%) | s to 99.0% | s to 99.4% | s total | img/s "
+             "| peak RSS MB | peak CUDA MB |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, runs in results.items():
         cols = {k: [r[k] for r in runs] for k in runs[0]}
         accuracy = _mean_sd([100 * a for a in cols["test_accuracy"]], "{:.2f}")
@@ -50,7 +58,7 @@ def table(results: dict[str, list[dict]]) -> str:
             f"| {name} | {runs[0]['device']} | {len(runs)} | {accuracy} "
             f"| {_mean_sd(cols['seconds_to_0.990'], '{:.0f}')} | {_mean_sd(cols['seconds_to_0.994'], '{:.0f}')} "
             f"| {_mean_sd(cols['train_seconds'], '{:.0f}')} | {statistics.mean(cols['images_per_second']):,.0f} "
-            f"| {max(cols['peak_memory_mb']):,.0f} |")
+            f"| {max(cols['peak_rss_mb']):,.0f} | {_peak(cols['peak_cuda_mb'])} |")
     return "\n".join(lines)
 
 

@@ -79,6 +79,57 @@ def _stage(ckpt: dict, variant: str, checkpoint: Path, staging: Path) -> tuple[P
     return weights, extra
 
 
+def _refuse_overwrites(target: Path, existing: str | None, version: str, keep_as: Path | None) -> None:
+    """Without --force: never replace an archive of the same version, nor overwrite a kept one."""
+    if target.exists() and existing in (version, None):
+        raise ArchiveError(f"{target} (version {existing or 'unknown'}) already exists: pass --force to replace it")
+    same = target.with_name(f"{target.stem}-{version}.mar")
+    if same.exists():
+        raise ArchiveError(f"version {version} is already kept as {same}: choose another version, or pass --force")
+    if keep_as is not None and keep_as.exists():
+        raise ArchiveError(f"{target} (version {existing}) would replace the kept {keep_as}: "
+                           "pass --force to overwrite it")
+
+
+def _replace_with(path: Path, write) -> None:
+    """Create `path` by `write(tmp)` on a temporary name beside it, then one rename."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)  # the same bytes under a second name, no copy
+    except OSError:  # no hard links on this filesystem
+        shutil.copyfile(src, dst)
+
+
+def _install(built: Path, target: Path, keep_as: Path | None) -> str:
+    """Put `built` in place as `target` (keeping the old archive as `keep_as`); return its SHA-256.
+
+    Every step renames a complete file into place, so `target` is a whole archive at every instant and
+    a kept version is complete before the old archive is replaced. Two files cannot change in one
+    rename: between the archive's rename and its checksum's, the two disagree (and stay so if that last
+    step fails); `make serve` refuses such a pair rather than serve an archive it cannot vouch for.
+    """
+    digest = sha256_of(built)
+    if keep_as is not None:
+        _replace_with(keep_as, lambda tmp: _link_or_copy(target, tmp))
+        recorded = _checksum_file(target)
+        if recorded.exists():  # the digest recorded when it was built, under its new name
+            old = recorded.read_text().split()[0]
+            _replace_with(_checksum_file(keep_as), lambda tmp: tmp.write_text(f"{old}  {keep_as.name}\n"))
+        else:  # a --force overwrite must not leave another archive's digest beside it
+            _checksum_file(keep_as).unlink(missing_ok=True)
+    _replace_with(target, lambda tmp: shutil.copyfile(built, tmp))
+    _replace_with(_checksum_file(target), lambda tmp: tmp.write_text(f"{digest}  {target.name}\n"))
+    return digest
+
+
 def build_archive(checkpoint: Path, model_store: Path, name: str, version: str, variant: str = DEFAULT_VARIANT,
                   force: bool = False) -> Archive:
     if variant not in VARIANTS:
@@ -86,8 +137,9 @@ def build_archive(checkpoint: Path, model_store: Path, name: str, version: str, 
     ckpt = load_checkpoint(checkpoint)
     target = model_store / f"{name}.mar"
     existing = archive_version(target) if target.exists() else None
-    if target.exists() and existing in (version, None) and not force:
-        raise ArchiveError(f"{target} (version {existing or 'unknown'}) already exists: pass --force to replace it")
+    keep_as = model_store / f"{name}-{existing}.mar" if existing not in (version, None) else None
+    if not force:
+        _refuse_overwrites(target, existing, version, keep_as)
     model_store.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="mnist-archive-") as tmp:
         staging = Path(tmp)
@@ -102,20 +154,8 @@ def build_archive(checkpoint: Path, model_store: Path, name: str, version: str, 
         result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TMPDIR": tmp})
         if result.returncode != 0:
             raise ArchiveError(f"torch-model-archiver failed: {result.stderr.strip()[-500:]}")
-        built = export / f"{name}.mar"
-        replaced = None
-        if existing is not None and existing != version:
-            replaced = model_store / f"{name}-{existing}.mar"  # another version: kept, not overwritten
-            os.replace(target, replaced)
-            if _checksum_file(target).exists():
-                os.replace(_checksum_file(target), _checksum_file(replaced))
-        # Copy beside the target, then rename: the store never holds a half-written archive.
-        partial = model_store / f".{name}.mar.partial"
-        shutil.copyfile(built, partial)
-        os.replace(partial, target)
-    digest = sha256_of(target)
-    _checksum_file(target).write_text(f"{digest}  {target.name}\n")
-    return Archive(target, digest, target.stat().st_size, ckpt.get("metrics", {}).get("test_accuracy"), replaced)
+        digest = _install(export / f"{name}.mar", target, keep_as)
+    return Archive(target, digest, target.stat().st_size, ckpt.get("metrics", {}).get("test_accuracy"), keep_as)
 
 
 def main(argv: list[str] | None = None) -> int:

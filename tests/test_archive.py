@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import zipfile
 from pathlib import Path
 
@@ -160,3 +161,76 @@ def test_cli_reports_the_archive_and_fails_in_one_line(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert out == ""
     assert err == f"error: no checkpoint at {tmp_path / 'missing.pt'}: run `make train` first\n"
+
+
+# --- replacing and versioning: a valid archive at every instant, kept versions never overwritten --------
+
+
+def failing_replace(monkeypatch, fail_on: int) -> list:
+    """os.replace that raises on its `fail_on`-th call (as a full disk or a kill would stop it there)."""
+    real, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append((Path(src).name, Path(dst).name))
+        if len(calls) == fail_on:
+            raise OSError(28, "No space left on device (injected)")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    return calls
+
+
+def sha256_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("fail_on", [1, 2, 3, 4])
+def test_a_failure_between_the_steps_of_a_new_version_leaves_a_valid_archive(tmp_path, monkeypatch, fail_on):
+    store = tmp_path / "store"
+    old = build_archive(save_tiny_checkpoint(tmp_path / "a.pt", seed=0), store, "mnist", "1.0")
+    checkpoint = save_tiny_checkpoint(tmp_path / "b.pt", seed=1)
+    calls = failing_replace(monkeypatch, fail_on)
+    with pytest.raises(OSError, match="injected"):
+        build_archive(checkpoint, store, "mnist", "2.0")
+    monkeypatch.undo()
+    assert len(calls) == fail_on
+    mar = store / "mnist.mar"
+    with zipfile.ZipFile(mar) as z:  # never missing, never half-written
+        assert z.testzip() is None
+    if archive_version(mar) == "1.0":  # the old archive, still matching its checksum
+        assert sha256_file(mar) == old.sha256
+        assert (store / "mnist.mar.sha256").read_text() == f"{old.sha256}  mnist.mar\n"
+    else:  # only the last rename (the checksum's) failed: make serve refuses the pair until a rebuild
+        assert fail_on == 4 and archive_version(mar) == "2.0"
+    kept = store / "mnist-1.0.mar"
+    if kept.exists():
+        assert sha256_file(kept) == old.sha256
+    assert not [p.name for p in store.iterdir() if p.name.startswith(".")]  # no temporary file left
+
+
+def test_a_kept_version_is_never_overwritten_unless_forced(tmp_path, capsys):
+    store = tmp_path / "store"
+    args = ["--model-store", str(store), "--checkpoint"]
+    checkpoints = [str(save_tiny_checkpoint(tmp_path / f"{seed}.pt", seed=seed)) for seed in range(3)]
+    assert main([*args, checkpoints[0], "--version", "1.0"]) == 0
+    assert main([*args, checkpoints[1], "--version", "2.0"]) == 0  # 1.0 kept as mnist-1.0.mar
+    first = sha256_file(store / "mnist-1.0.mar")
+    capsys.readouterr()
+
+    # Another archive as 1.0 would leave two different "1.0"s: refused.
+    assert main([*args, checkpoints[2], "--version", "1.0"]) == 1
+    assert capsys.readouterr().err == (f"error: version 1.0 is already kept as {store / 'mnist-1.0.mar'}: "
+                                       "choose another version, or pass --force\n")
+    assert main([*args, checkpoints[2], "--version", "1.0", "--force"]) == 0  # 2.0 kept as mnist-2.0.mar
+    assert sha256_file(store / "mnist-1.0.mar") == first
+    capsys.readouterr()
+
+    # Now mnist.mar is a 1.0 and a 1.0 is kept: a new version would overwrite the kept one. Refused.
+    assert main([*args, checkpoints[0], "--version", "3.0"]) == 1
+    assert capsys.readouterr().err == (f"error: {store / 'mnist.mar'} (version 1.0) would replace the kept "
+                                       f"{store / 'mnist-1.0.mar'}: pass --force to overwrite it\n")
+    assert sha256_file(store / "mnist-1.0.mar") == first
+    assert archive_version(store / "mnist.mar") == "1.0"
+    assert main([*args, checkpoints[0], "--version", "3.0", "--force"]) == 0
+    assert archive_version(store / "mnist.mar") == "3.0"
+    assert sha256_file(store / "mnist-1.0.mar") != first

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 from training.model import ModelConfig, Net, build_model
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def parameter_count(model: nn.Module) -> int:
@@ -23,24 +26,34 @@ def test_logits_have_shape_n_by_10(n):
     assert logits.shape == (n, 10) and logits.dtype == torch.float32
 
 
-def test_parameter_count_of_the_default_model():
-    conv1 = 1 * 32 * 3 * 3  # no bias: batch norm's shift replaces it
-    bn1 = 2 * 32  # scale and shift
-    conv2 = 32 * 64 * 3 * 3
-    bn2 = 2 * 64
-    fc1 = 64 * 7 * 7 * 128 + 128  # 3136 → 128, with bias
-    fc2 = 128 * 10 + 10
-    assert conv1 + bn1 + conv2 + bn2 + fc1 + fc2 == 421_738
-    assert parameter_count(build_model()) == 421_738
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter's shape, from the architecture the docstring states and the config's sizes."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for block, (c_in, c_out) in enumerate([(1, config.conv1), (config.conv1, config.conv2)]):
+        shapes[f"features.{block}.0.weight"] = (c_out, c_in, 3, 3)
+        if config.batch_norm:  # batch norm's shift replaces the conv's bias
+            shapes[f"features.{block}.1.weight"] = shapes[f"features.{block}.1.bias"] = (c_out,)
+        else:
+            shapes[f"features.{block}.0.bias"] = (c_out,)
+    shapes["classifier.1.weight"] = (config.hidden, config.conv2 * 7 * 7)  # two 2× poolings: 28 → 7
+    shapes["classifier.1.bias"] = (config.hidden,)
+    shapes["classifier.4.weight"] = (config.num_classes, config.hidden)
+    shapes["classifier.4.bias"] = (config.num_classes,)
+    return shapes
 
 
-def test_parameter_count_without_batch_norm():
-    conv1 = 1 * 32 * 3 * 3 + 32  # the convolutions get their bias back
-    conv2 = 32 * 64 * 3 * 3 + 64
-    fc1 = 64 * 7 * 7 * 128 + 128
-    fc2 = 128 * 10 + 10
-    assert conv1 + conv2 + fc1 + fc2 == 421_642
-    assert parameter_count(build_model(ModelConfig(batch_norm=False))) == 421_642
+@pytest.mark.parametrize("config", [
+    ModelConfig(), ModelConfig(batch_norm=False), ModelConfig(conv1=8, conv2=16, hidden=32, num_classes=5),
+], ids=["default", "no-batch-norm", "small"])
+def test_every_parameter_has_the_shape_the_architecture_states(config):
+    model = build_model(config)
+    assert {name: tuple(p.shape) for name, p in model.named_parameters()} == expected_shapes(config)
+
+
+def test_the_readme_states_the_default_models_parameter_count():
+    count = parameter_count(build_model())
+    assert count == 421_738
+    assert f"; {count:,} parameters." in (ROOT / "README.md").read_text()
 
 
 def test_every_conv_is_followed_by_batch_norm_relu_and_pooling():

@@ -211,7 +211,7 @@ def test_an_empty_array_is_refused():
 
 # --- JSON pixels → digit ---------------------------------------------------------------------------
 
-# Integers up to ±2**1023 (the float range); beyond it is the xfail below.
+# Integers up to ±2**1023 (the float range); beyond it, test_an_integer_beyond_float_range_is_refused.
 json_scalars = st.one_of(st.none(), st.booleans(), st.floats(), st.text(max_size=5), st.integers(),
                          st.sampled_from([2**1023, -(2**1023), 10**300]))
 json_values = st.recursive(json_scalars, lambda inner: st.one_of(
@@ -239,7 +239,26 @@ def test_any_json_value_as_pixels_is_uint8_28x28_or_a_preprocess_error(value):
         return
     event("pixels")
     assert out.shape == (SIZE, SIZE) and out.dtype == np.uint8
-    assert np.array_equal(out, np.rint(np.asarray(value, dtype=np.float64)).astype(np.uint8))
+    # Accepted only when every value is a number in 0..255, and each pixel is that number to the
+    # nearest integer: checked value by value, not by repeating from_pixels's array arithmetic.
+    assert len(value) == SIZE
+    for row, pixels in zip(value, out.tolist(), strict=True):
+        assert len(row) == SIZE
+        for number, pixel in zip(row, pixels, strict=True):
+            assert isinstance(number, int | float) and 0 <= number <= 255, number
+            assert abs(pixel - number) <= 0.5, (number, pixel)
+
+
+# value in the JSON → the pixel it must become: exact integers stay, others round to the nearest, and
+# halves to the even neighbour (NumPy's rint, the IEEE default), so 0.5 is black and 254.5 is not white.
+KNOWN_PIXELS = {0: 0, 255: 255, 7: 7, 0.4: 0, 0.5: 0, 0.6: 1, 1.5: 2, 2.5: 2, 127.49: 127, 254.5: 254, 254.51: 255}
+
+
+def test_json_pixels_become_known_uint8_values():
+    values = list(KNOWN_PIXELS)
+    grid = [[values[(r * SIZE + c) % len(values)] for c in range(SIZE)] for r in range(SIZE)]
+    out = from_pixels(grid)
+    assert out.tolist() == [[KNOWN_PIXELS[v] for v in row] for row in grid]
 
 
 def test_an_integer_beyond_float_range_is_refused():

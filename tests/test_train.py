@@ -17,6 +17,7 @@ from training import train
 from training.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from training.data import load_split
 from training.evaluate import confusion, summarize
+from training.model import ModelConfig, Net
 from training.train import DEFAULT_CONFIG, TrainConfig, fit
 
 # The shipped peak lr (0.1 at batch 128) is tuned for the full run's long warm-up: squeezed into one
@@ -67,11 +68,18 @@ def test_the_run_writes_checkpoints_metrics_history_and_plots(trained):
     assert ckpt["metrics"]["test_accuracy"] == metrics["test_accuracy"]
     assert 0.0 <= ckpt["metrics"]["test_accuracy"] <= 1.0
     assert ckpt["train_config"] == cfglib.to_dict(cfg)
-    assert torch.load(out / "last.pt", weights_only=True)["finished"] is True
+    last = torch.load(out / "last.pt", weights_only=True)
+    assert last["finished"] is True
+    # No RNG state (every epoch reseeds its draws): a last.pt saved on the CPU resumes on a GPU.
+    assert not {"generator", "torch_rng"} & last.keys()
 
     written = json.loads((out / "metrics.json").read_text())
     assert {"test_accuracy", "val_accuracy", "epochs", "train_seconds", "images_per_second", "device",
             "per_class", "provenance"} <= written.keys()
+    # Peak memory: the process's RSS, and the GPU's own figure only where there is one (never mixed).
+    assert written["peak_rss_mb"] > 0 and written["peak_cuda_mb"] is None and "peak_memory_mb" not in written
+    # What the run was scored on, so that publish compares only like with like.
+    assert written["val_set"]["count"] == cfg.val_size and written["test_set"]["count"] == cfg.test_limit
     assert written["test_accuracy"] == metrics["test_accuracy"] and written["epochs"] == 1
     assert written["device"] == "cpu" and written["train_seconds"] > 0 and written["images_per_second"] > 0
     assert sorted(written["per_class"]) == [str(d) for d in range(10)]
@@ -80,6 +88,7 @@ def test_the_run_writes_checkpoints_metrics_history_and_plots(trained):
 
     history = (out / "history.jsonl").read_text().splitlines()
     assert len(history) == 1 and json.loads(history[0])["epoch"] == 1
+    assert json.loads(history[0])["train_images"] == cfg.train_limit // cfg.batch_size * cfg.batch_size
     assert is_png(out / "confusion_matrix.png") and is_png(out / "curves.png")
 
 
@@ -163,6 +172,65 @@ def test_resuming_without_last_pt_is_refused(tmp_path):
         fit(TrainConfig(out_dir=str(tmp_path)), resume=True)
 
 
+@pytest.fixture
+def interrupted(tmp_path, mnist_dir) -> Path:
+    """An out_dir holding the last.pt of a 2-epoch TINY run stopped after epoch 1."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train, "train_epoch", interrupt_at_epoch(2))
+        with pytest.raises(KeyboardInterrupt):
+            fit(shrunk(tmp_path, mnist_dir, **{**TINY, "epochs": 2}), quiet=True)
+    return tmp_path
+
+
+@pytest.mark.slow
+def test_resume_refuses_flags_that_contradict_the_saved_config(interrupted, mnist_dir, capsys):
+    last = interrupted / "last.pt"
+    saved = last.read_bytes()
+    dirs = ["--out-dir", str(interrupted), "--data-dir", str(mnist_dir)]
+    assert train.main(["--resume", *dirs, "--epochs", "3", "--model.dropout", "0.3", "--lr", "0.02"]) == 2
+    # --lr 0.02 is what the run was saved with: only the two contradictions are named.
+    assert capsys.readouterr().err == (
+        f"error: --resume continues the run saved in {last} with its own config; --epochs 3 (saved: 2), "
+        "--model.dropout 0.3 (saved: 0.1) would change it: drop the flag, or start a new run without --resume\n")
+    assert last.read_bytes() == saved and not (interrupted / "model.pt").exists()
+
+
+@pytest.mark.slow
+def test_resume_honours_a_new_thread_count_and_says_so(interrupted, mnist_dir, capsys):
+    assert train.main(["--resume", "--out-dir", str(interrupted), "--data-dir", str(mnist_dir), "--threads", "2",
+                       "--device", "cpu"]) == 0
+    torch.set_num_threads(1)
+    out = capsys.readouterr().out
+    assert f"resuming {interrupted / 'last.pt'} after epoch 1/2, with --threads 2 (saved: 1)\n" in out
+    assert torch.load(interrupted / "last.pt", weights_only=True)["config"]["threads"] == 2
+
+
+@pytest.mark.slow
+def test_resume_refuses_another_world_size(interrupted):
+    last = torch.load(interrupted / "last.pt", weights_only=True)
+    assert last["world_size"] == 1
+    torch.save({**last, "world_size": 2}, interrupted / "last.pt")
+    with pytest.raises(CheckpointError, match=r"last\.pt is from a run on 2 process\(es\), this one has 1: resume it "
+                                              r"on as many \(the shards and the schedule depend on it\)$"):
+        fit(TrainConfig(out_dir=str(interrupted)), resume=True, quiet=True)
+
+
+def random_splits(n: int = 64) -> train.Splits:
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8, generator=g), torch.arange(n) % 10
+    return train.Splits(images, labels, images[:8], labels[:8], images[:8], labels[:8])
+
+
+def test_the_warm_up_step_changes_nothing_the_run_keeps():
+    # Run on CUDA before epoch 1 so the GPU's start-up is not timed; it must not train the model.
+    torch.manual_seed(0)
+    model = Net(ModelConfig(conv1=4, conv2=8, hidden=16))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train.warm_up(model, random_splits(), TrainConfig(batch_size=16))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # BN statistics included
+    assert all(p.grad is None for p in model.parameters())
+
+
 # --- publishing model.pt ------------------------------------------------------------------------
 
 
@@ -172,15 +240,18 @@ def test_a_worse_run_never_replaces_model_pt_unless_forced(trained, mnist_dir, t
     shutil.copyfile(Path(cfg.out_dir) / "model.pt", tmp_path / "model.pt")
     good = (tmp_path / "model.pt").read_bytes()
 
-    worse = fit(shrunk(tmp_path, mnist_dir, **TINY), quiet=True)
-    assert worse["test_accuracy"] < metrics["test_accuracy"]
+    # Scored on the same validation and test sets as the run in model.pt (tests/test_publish.py has
+    # the rules, runs that cannot be compared included).
+    comparable = {**TINY, "val_size": cfg.val_size, "test_limit": cfg.test_limit}
+    worse = fit(shrunk(tmp_path, mnist_dir, **comparable), quiet=True)
+    assert worse["val_accuracy"] < metrics["val_accuracy"]
     assert (tmp_path / "model.pt").read_bytes() == good
-    assert load_checkpoint(tmp_path / "model.candidate.pt")["metrics"]["test_accuracy"] == worse["test_accuracy"]
+    assert load_checkpoint(tmp_path / "model.candidate.pt")["metrics"]["val_accuracy"] == worse["val_accuracy"]
     assert not (tmp_path / "model.prev.pt").exists()
     assert "(pass --force to replace)" in capsys.readouterr().out
 
-    fit(shrunk(tmp_path, mnist_dir, **TINY), quiet=True, force=True)
-    assert load_checkpoint(tmp_path / "model.pt")["metrics"]["test_accuracy"] == worse["test_accuracy"]
+    fit(shrunk(tmp_path, mnist_dir, **comparable), quiet=True, force=True)
+    assert load_checkpoint(tmp_path / "model.pt")["metrics"]["val_accuracy"] == worse["val_accuracy"]
     assert (tmp_path / "model.prev.pt").read_bytes() == good
 
 
@@ -192,3 +263,11 @@ def test_main_dry_run_trains_a_few_batches_and_exits_0(mnist_dir, tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["epochs"] == 1 and metrics["config"]["epochs"] == 1
     load_checkpoint(tmp_path / "model.pt")
+
+
+def test_a_one_cycle_schedule_too_short_to_warm_up_is_refused_in_one_line():
+    # 4 steps in all made OneCycleLR divide by zero (its warm-up phase would span no step).
+    opt = train.build_optimizer(Net(ModelConfig(conv1=4, conv2=8, hidden=16)), TrainConfig())
+    with pytest.raises(cfglib.ConfigError, match=r"^the one-cycle schedule needs at least 5 steps, this run has 4 "):
+        train.build_schedule(opt, TrainConfig(epochs=2), steps=2)
+    assert train.build_schedule(opt, TrainConfig(epochs=1), steps=5).total_steps == 5

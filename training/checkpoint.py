@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import subprocess
 import zipfile
 from pathlib import Path
@@ -103,28 +104,76 @@ def make_checkpoint(model: Net, config: dict, metrics: dict) -> dict[str, Any]:
     }
 
 
-def publish(ckpt: dict[str, Any], out_dir: Path, force: bool = False) -> str:
-    """Write `model.pt` unless a better one is already there; return a sentence saying what happened.
+def _incomparable(old: dict[str, Any], new: dict[str, Any]) -> str | None:
+    """Why two runs' accuracies cannot be compared, or None when both were scored on the same sets.
 
-    The replaced model is kept as `model.prev.pt`; a worse new one is kept as `model.candidate.pt`.
+    `val_set` and `test_set` in a checkpoint's metrics are {count, sha256} of the images and labels
+    that scored it (recorded by training.train); a --test-limit or another seed's split changes them.
+    """
+    if "val_set" not in old or "test_set" not in old:
+        return "it does not record which validation and test sets scored it"
+    for key, name in (("val_set", "validation"), ("test_set", "test")):
+        if not new.get(key, {}).get("count"):
+            return f"this run has no {name} set"
+        a, b = old[key], new[key]
+        if a["count"] != b["count"]:
+            return f"the runs were scored on different {name} sets ({a['count']} images and {b['count']})"
+        if a["sha256"] != b["sha256"]:
+            return f"the runs were scored on different {name} sets ({a['count']} images each, other images)"
+    return None
+
+
+def _swap_in(ckpt: dict[str, Any], target: Path, keep_as: Path) -> None:
+    """Make `ckpt` the new `target`, the old one `keep_as`, leaving a valid `target` at every instant.
+
+    The new file is written completely first; the old one gets its second name by a hard link (a copy
+    where links are not supported) renamed over `keep_as`; then one rename replaces `target`. A failure
+    at any step leaves the old `target` in place and no temporary file behind.
+    """
+    new_tmp = target.with_name(f".{target.name}.new-{os.getpid()}")
+    old_tmp = keep_as.with_name(f".{keep_as.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(ckpt, new_tmp)
+        try:
+            os.link(target, old_tmp)
+        except OSError:  # no hard links on this filesystem
+            shutil.copyfile(target, old_tmp)
+        os.replace(old_tmp, keep_as)
+        os.replace(new_tmp, target)
+    finally:
+        for leftover in (new_tmp, old_tmp):
+            leftover.unlink(missing_ok=True)
+
+
+def publish(ckpt: dict[str, Any], out_dir: Path, force: bool = False) -> str:
+    """Write `model.pt` unless the one already there is better; return a sentence saying what happened.
+
+    Runs are compared by validation accuracy (the test set stays an unbiased final figure, never a
+    criterion), and only when both were scored on the same validation and test sets. The replaced
+    model is kept as `model.prev.pt`; a new one that is worse or not comparable is kept as
+    `model.candidate.pt`. `force` replaces regardless.
     """
     target = out_dir / "model.pt"
-    new_acc = ckpt["metrics"]["test_accuracy"]
-    if target.exists():
-        try:
-            old_acc = load_checkpoint(target)["metrics"]["test_accuracy"]
-        except (CheckpointError, KeyError):
-            old_acc = None  # unreadable: replacing it loses nothing, but keep the file for inspection
-        if old_acc is not None and new_acc < old_acc and not force:
-            candidate = out_dir / "model.candidate.pt"
-            atomic_save(ckpt, candidate)
-            return (
-                f"kept {target} (test accuracy {old_acc:.2%}); this run scored {new_acc:.2%} and was "
-                f"saved as {candidate} (pass --force to replace)"
-            )
-        os.replace(target, out_dir / "model.prev.pt")
+    new = ckpt["metrics"]
+    if not target.exists():
         atomic_save(ckpt, target)
-        before = "unreadable" if old_acc is None else f"{old_acc:.2%}"
-        return f"wrote {target} (test accuracy {new_acc:.2%}); previous ({before}) kept as {out_dir / 'model.prev.pt'}"
-    atomic_save(ckpt, target)
-    return f"wrote {target} (test accuracy {new_acc:.2%})"
+        return f"wrote {target} (validation accuracy {new['val_accuracy']:.2%})"
+    try:
+        old: dict[str, Any] | None = load_checkpoint(target)["metrics"]
+    except (CheckpointError, KeyError):
+        old = None  # unreadable: replacing it loses nothing, but keep the file for inspection
+    if old is not None and not force:
+        candidate = out_dir / "model.candidate.pt"
+        reason = _incomparable(old, new)
+        if reason is not None:
+            atomic_save(ckpt, candidate)
+            return (f"kept {target}: {reason}, so their accuracies do not compare; this run was saved as "
+                    f"{candidate} (pass --force to replace)")
+        if new["val_accuracy"] < old["val_accuracy"]:
+            atomic_save(ckpt, candidate)
+            return (f"kept {target} (validation accuracy {old['val_accuracy']:.2%}); this run scored "
+                    f"{new['val_accuracy']:.2%} and was saved as {candidate} (pass --force to replace)")
+    previous = out_dir / "model.prev.pt"
+    _swap_in(ckpt, target, previous)
+    before = "unreadable" if old is None else f"{old.get('val_accuracy', float('nan')):.2%}"
+    return f"wrote {target} (validation accuracy {new['val_accuracy']:.2%}); previous ({before}) kept as {previous}"

@@ -6,6 +6,8 @@ here does anything.
 
 from __future__ import annotations
 
+import hashlib
+import math
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -45,6 +47,33 @@ def sync_buffers(model: torch.nn.Module, dd: Dist) -> None:
     if dd.world > 1:
         for buffer in model.buffers():
             dist.broadcast(buffer, 0)
+
+
+def derived_seed(seed: int, epoch: int, rank: int, stream: str) -> int:
+    """A seed of its own for each (run seed, epoch, rank, stream of draws).
+
+    Each epoch reseeds its augmentation and dropout draws from this, so they depend on nothing but
+    these four values: a resumed epoch draws exactly what it would have uninterrupted, on every rank,
+    and `last.pt` needs no generator state (which would also tie it to the device that saved it).
+    """
+    return int.from_bytes(hashlib.sha256(f"{seed}/{epoch}/{rank}/{stream}".encode()).digest()[:8], "little")
+
+
+def steps_per_epoch(images: int, world: int, batch_size: int) -> int:
+    """Steps every rank takes per epoch: each rank's shard holds ceil(images / world) (see epoch_shard)."""
+    return max(1, math.ceil(images / world) // batch_size)
+
+
+def epoch_shard(images: int, seed: int, epoch: int, dd: Dist) -> torch.Tensor:
+    """This rank's share of the epoch's permutation, the same length on every rank.
+
+    All ranks draw the same permutation (same seed, same epoch); it is padded with its own first
+    indices to a multiple of the world size, as DistributedSampler does, so that every rank takes the
+    same number of steps and meets the others at every all-reduce (uneven shards hang otherwise).
+    """
+    perm = torch.randperm(images, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+    total = math.ceil(images / dd.world) * dd.world
+    return perm.repeat(math.ceil(total / images))[:total][dd.rank :: dd.world]
 
 
 def cleanup(dd: Dist) -> None:

@@ -8,6 +8,8 @@ shard of every epoch and the metrics are summed over ranks; rank 0 alone prints 
 from __future__ import annotations
 
 import argparse
+import copy
+import hashlib
 import json
 import math
 import os
@@ -24,7 +26,15 @@ import torch.nn.functional as F
 from training import config as cfglib
 from training.checkpoint import CheckpointError, atomic_save, make_checkpoint, publish, read_checkpoint_file
 from training.data import DataError, load_split
-from training.distributed import Dist, cleanup, setup_distributed, sync_buffers
+from training.distributed import (
+    Dist,
+    cleanup,
+    derived_seed,
+    epoch_shard,
+    setup_distributed,
+    steps_per_epoch,
+    sync_buffers,
+)
 from training.evaluate import confusion, plot_confusion, plot_curves, summarize
 from training.model import ModelConfig, Net
 from training.preprocess import MNIST_MEAN, MNIST_STD, normalize
@@ -84,6 +94,10 @@ def pick_device(name: str, local_rank: int) -> torch.device:
     if name == "cuda":
         if not torch.cuda.is_available():
             raise cfglib.ConfigError("device cuda was asked for but CUDA is not available")
+        count = torch.cuda.device_count()
+        if local_rank >= count:  # e.g. `make train-ddp NPROC=2` on a one-GPU host
+            raise cfglib.ConfigError(f"local rank {local_rank} has no GPU: this host has {count} CUDA device(s); "
+                                     f"run at most {count} process(es) per node, or pass --device cpu")
         return torch.device("cuda", local_rank)
     return torch.device(name)
 
@@ -112,9 +126,12 @@ def build_optimizer(model: Net, cfg: TrainConfig) -> torch.optim.Optimizer:
     return opt(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def build_schedule(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
-    total = cfg.epochs * steps_per_epoch
+def build_schedule(opt: torch.optim.Optimizer, cfg: TrainConfig, steps: int):
+    total = cfg.epochs * steps  # steps per epoch: exactly what train_epoch takes, or OneCycleLR refuses to step
     if cfg.schedule == "onecycle":
+        if total < 5:  # its warm-up phase (25% of the steps) must span more than one step
+            raise cfglib.ConfigError(f"the one-cycle schedule needs at least 5 steps, this run has {total} "
+                                     "(epochs × steps per epoch): use more images or epochs, or a smaller batch")
         return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.25)
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
@@ -145,6 +162,13 @@ def load_data(cfg: TrainConfig, device: torch.device) -> Splits:
         test_x, test_y = test_x[: cfg.test_limit], test_y[: cfg.test_limit]
     return Splits(*(t.to(device) for t in (images[train_idx], labels[train_idx], images[val_idx],
                                            labels[val_idx], test_x, test_y)))
+
+
+def fingerprint(images: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
+    """Size and SHA-256 of a split: `publish` compares only runs scored on equal ones."""
+    digest = hashlib.sha256(images.cpu().numpy().tobytes())
+    digest.update(labels.cpu().numpy().tobytes())
+    return {"count": len(labels), "sha256": digest.hexdigest()[:16]}
 
 
 def score(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, dd: Dist) -> dict[str, Any]:
@@ -180,15 +204,18 @@ def train_epoch(model, opt, sched, data: Splits, cfg: TrainConfig, dd: Dist, epo
                 gen: torch.Generator, show: bool, dry_run: bool) -> dict[str, float]:
     model.train()
     device = data.train_x.device
-    # Every rank draws the same permutation (same seed, same epoch) and takes a disjoint slice.
-    perm = torch.randperm(len(data.train_x), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
-    perm = perm[dd.rank :: dd.world].to(device)
-    steps = len(perm) // cfg.batch_size or 1
+    gen.manual_seed(derived_seed(cfg.seed, epoch, dd.rank, "augment"))
+    torch.manual_seed(derived_seed(cfg.seed, epoch, dd.rank, "dropout"))  # CPU and every CUDA device
+    perm = epoch_shard(len(data.train_x), cfg.seed, epoch, dd).to(device)
+    steps = steps_per_epoch(len(data.train_x), dd.world, cfg.batch_size)
     if dry_run:
         steps = min(steps, 3)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda")
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
+    # Summed on the device and read once per epoch: a per-step .item() or host→device copy would
+    # make the host wait for the GPU at every step. The image count is known on the host.
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, correct
+    count = 0
     bar = Progress(show, steps * cfg.batch_size, epoch, cfg.epochs)
     start = time.perf_counter()
     for step in range(steps):
@@ -208,33 +235,82 @@ def train_epoch(model, opt, sched, data: Splits, cfg: TrainConfig, dd: Dist, epo
         if sched is not None and cfg.schedule != "plateau":
             sched.step()
         with torch.no_grad():
-            sums += torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double(),
-                                 torch.tensor(float(len(y)), device=device, dtype=torch.float64)])
-        if bar.bar is not None and step % 20 == 0:
-            seen = sums[2].item()
-            bar.update(20 * cfg.batch_size if step else cfg.batch_size, loss=f"{sums[0].item() / seen:.3f}",
-                       acc=f"{sums[1].item() / seen:.2%}", ips=f"{seen * dd.world / (time.perf_counter() - start):.0f}")
+            sums += torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double()])
+        count += len(y)
+        if bar.bar is not None and step % 20 == 0:  # a terminal's progress bar reads the sums (and waits)
+            loss_sum, correct = sums.tolist()
+            bar.update(20 * cfg.batch_size if step else cfg.batch_size, loss=f"{loss_sum / count:.3f}",
+                       acc=f"{correct / count:.2%}", ips=f"{count * dd.world / (time.perf_counter() - start):.0f}")
     bar.close()
+    totals = torch.cat([sums, torch.tensor([count], dtype=torch.float64, device=device)])
     if dd.world > 1:
-        dist.all_reduce(sums)
+        dist.all_reduce(totals)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    loss_sum, correct, count = sums.tolist()
-    return {"train_loss": loss_sum / count, "train_accuracy": correct / count,
-            "seconds": seconds, "images_per_second": count / seconds}
+    loss_sum, correct, images = totals.tolist()
+    return {"train_loss": loss_sum / images, "train_accuracy": correct / images, "train_images": int(images),
+            "seconds": seconds, "images_per_second": images / seconds}
 
 
-def _save_last(path: Path, model: Net, opt, sched, gen: torch.Generator, state: dict[str, Any]) -> None:
+def warm_up(model: Net, data: Splits, cfg: TrainConfig) -> None:
+    """One untimed forward and backward pass on a copy of the model, so epoch 1's time is training.
+
+    On CUDA the first step pays the start-up: context, cuBLAS/cuDNN handles, cudnn.benchmark's
+    algorithm search. A copy leaves the weights, batch-norm statistics and optimiser untouched, and
+    its RNG draws do not matter: every epoch reseeds its own.
+    """
+    device = data.train_x.device
+    clone = copy.deepcopy(model).train()
+    x = normalize(data.train_x[: cfg.batch_size])
+    if cfg.augment:
+        x = random_affine(x, cfg, torch.Generator(device=device).manual_seed(0))
+    x = x.contiguous(memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
+        loss = F.cross_entropy(clone(x).float(), data.train_y[: cfg.batch_size])
+    loss.backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _save_last(path: Path, model: Net, opt, sched, state: dict[str, Any]) -> None:
+    # No RNG state: every epoch reseeds its draws (derived_seed), so this file resumes on any device.
     atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                 "schedule": sched.state_dict() if sched is not None else None,
-                 "generator": gen.get_state(), "torch_rng": torch.get_rng_state(), **state}, path)
+                 "schedule": sched.state_dict() if sched is not None else None, **state}, path)
+
+
+# What --resume lets the command line change: where the run reads and writes, and what it runs on.
+# Any other flag would make the resumed run a different run than the one saved.
+RESUME_MAY_CHANGE = ("data_dir", "out_dir", "device", "threads")
+
+
+def _resume_config(last: Path, saved: dict[str, Any], cfg: TrainConfig, flags: dict[str, Any]) -> TrainConfig:
+    """The config saved in last.pt, with the directories of `cfg`; `flags` (given on the command line,
+    dotted name → value) may also change the device and thread count, and must agree on the rest."""
+    resumed = cfglib.apply(TrainConfig(), {**saved, "out_dir": cfg.out_dir, "data_dir": cfg.data_dir})
+    mine, theirs = cfglib.to_dict(cfg), cfglib.to_dict(resumed)
+
+    def value(config: dict, dotted: str) -> Any:
+        for part in dotted.split("."):
+            config = config[part]
+        return config
+
+    changed = {k: (value(mine, k), value(theirs, k)) for k in flags if value(mine, k) != value(theirs, k)}
+    refused = [f"--{k.replace('_', '-')} {new} (saved: {old})" for k, (new, old) in changed.items()
+               if k not in RESUME_MAY_CHANGE]
+    if refused:
+        raise cfglib.ConfigError(f"--resume continues the run saved in {last} with its own config; "
+                                 f"{', '.join(refused)} would change it: drop the flag, or start a new run "
+                                 "without --resume")
+    return cfglib.apply(resumed, {k: new for k, (new, _) in changed.items()})
 
 
 def fit(cfg: TrainConfig, resume: bool = False, dry_run: bool = False, quiet: bool = False,
-        force: bool = False, test_every_epoch: bool = False) -> dict[str, Any]:
+        force: bool = False, test_every_epoch: bool = False, flags: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train, keep the best epoch by validation accuracy, score it on the test set, write artifacts.
 
+    With `resume`, the run continues with the config saved in last.pt; `flags` are the config keys
+    given on the command line (dotted name → value), which may change only RESUME_MAY_CHANGE.
     Returns the metrics written to metrics.json (on every rank).
     """
     out = Path(cfg.out_dir)
@@ -243,7 +319,7 @@ def fit(cfg: TrainConfig, resume: bool = False, dry_run: bool = False, quiet: bo
         last = out / "last.pt"
         saved = read_checkpoint_file(last, f"nothing to resume: {last} does not exist",
                                      advice="start the run again without --resume")
-        cfg = cfglib.apply(TrainConfig(), {**saved["config"], "out_dir": cfg.out_dir, "data_dir": cfg.data_dir})
+        cfg = _resume_config(last, saved["config"], cfg, flags or {})
         if saved["epoch"] >= cfg.epochs or saved.get("finished"):
             raise CheckpointError(f"{out / 'last.pt'} is from a finished run: nothing to resume")
         state.update({k: saved[k] for k in state})
@@ -256,23 +332,30 @@ def fit(cfg: TrainConfig, resume: bool = False, dry_run: bool = False, quiet: bo
     if device.type == "cpu":
         torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // dd.local_world))
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
-    gen = torch.Generator(device=device).manual_seed(cfg.seed * 7919 + dd.rank)  # augmentation draws
+    gen = torch.Generator(device=device)  # augmentation draws: train_epoch seeds it per epoch and rank
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed batch shapes: pick the fastest kernels once
 
     try:
+        if resume and saved.get("world_size", 1) != dd.world:
+            raise CheckpointError(f"{last} is from a run on {saved.get('world_size', 1)} process(es), this one has "
+                                  f"{dd.world}: resume it on as many (the shards and the schedule depend on it)")
         data = load_data(cfg, device)
+        sets = {"val_set": fingerprint(data.val_x, data.val_y), "test_set": fingerprint(data.test_x, data.test_y)}
         memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         model = Net(cfg.model).to(device, memory_format=memory_format)
-        steps_per_epoch = max(1, len(data.train_x) // dd.world // cfg.batch_size)
         opt = build_optimizer(model, cfg)
-        sched = build_schedule(opt, cfg, steps_per_epoch)
+        sched = build_schedule(opt, cfg, steps_per_epoch(len(data.train_x), dd.world, cfg.batch_size))
         if resume:
             model.load_state_dict(saved["model"])
             opt.load_state_dict(saved["optimizer"])
             if sched is not None:
                 sched.load_state_dict(saved["schedule"])
-            gen.set_state(saved["generator"])
-            torch.set_rng_state(saved["torch_rng"])  # dropout draws from the global generator
-            log(f"resuming {out / 'last.pt'} after epoch {state['epoch']}/{cfg.epochs}")
+            log(f"resuming {out / 'last.pt'} after epoch {state['epoch']}/{cfg.epochs}"
+                + "".join(f", with --{k} {getattr(cfg, k)} (saved: {saved['config'][k]})"
+                          for k in ("device", "threads") if getattr(cfg, k) != saved["config"][k]))
+        if device.type == "cuda":
+            warm_up(model, data, cfg)
         net = model
         if dd.world > 1:
             device_ids = [local_rank] if device.type == "cuda" else None
@@ -312,22 +395,24 @@ def fit(cfg: TrainConfig, resume: bool = False, dry_run: bool = False, quiet: bo
                 f"{stats['seconds']:.1f}s  {stats['images_per_second']:,.0f} img/s"
                 + (f"  test {row['test_accuracy']:.2%}" if test_every_epoch else ""))
             if dd.is_main:
-                _save_last(out / "last.pt", model, opt, sched, gen, {**state, "config": cfglib.to_dict(cfg)})
+                _save_last(out / "last.pt", model, opt, sched,
+                           {**state, "config": cfglib.to_dict(cfg), "world_size": dd.world})
             if cfg.early_stop and state["stale"] >= cfg.early_stop:
                 log(f"early stop: no better validation accuracy for {cfg.early_stop} epochs")
                 break
 
         model.load_state_dict(state["best_state"])
         test = score(model, data.test_x, data.test_y, dd)
-        metrics = _metrics(cfg, dd, device, state, test)
+        metrics = _metrics(cfg, dd, device, state, test, sets)
         if dd.is_main:
-            _write_outputs(out, model, cfg, metrics, state, opt, sched, gen, force, say)
+            _write_outputs(out, model, cfg, metrics, state, opt, sched, force, say)
         return metrics
     finally:
         cleanup(dd)
 
 
-def _metrics(cfg: TrainConfig, dd: Dist, device: torch.device, state: dict, test: dict) -> dict[str, Any]:
+def _metrics(cfg: TrainConfig, dd: Dist, device: torch.device, state: dict, test: dict,
+             sets: dict[str, dict]) -> dict[str, Any]:
     history = state["history"]
     best = max(history, key=lambda h: h["val_accuracy"])
     seconds = history[-1]["train_seconds"]
@@ -337,20 +422,21 @@ def _metrics(cfg: TrainConfig, dd: Dist, device: torch.device, state: dict, test
         "val_accuracy": best["val_accuracy"], "val_loss": best["val_loss"], "best_epoch": best["epoch"],
         "epochs": len(history), "train_seconds": seconds, "images_per_second": round(images / seconds, 1),
         "device": str(device), "world_size": dd.world, "global_batch_size": cfg.batch_size * dd.world,
-        "seed": cfg.seed, "peak_memory_mb": round(_peak_memory_mb(device), 1),
+        "seed": cfg.seed, **_peak_memory_mb(device), **sets,
         "per_class": test["per_class"], "confusion_matrix": test["confusion_matrix"],
     }
 
 
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
+def _peak_memory_mb(device: torch.device) -> dict[str, float | None]:
+    """The process's peak resident memory, and on CUDA the peak memory its tensors took on the GPU."""
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    cuda = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return {"peak_rss_mb": round(rss, 1), "peak_cuda_mb": None if cuda is None else round(cuda, 1)}
 
 
-def _write_outputs(out: Path, model: Net, cfg: TrainConfig, metrics: dict, state: dict, opt, sched, gen,
+def _write_outputs(out: Path, model: Net, cfg: TrainConfig, metrics: dict, state: dict, opt, sched,
                    force: bool, log) -> None:
     ckpt = make_checkpoint(model, cfglib.to_dict(cfg), {k: v for k, v in metrics.items() if k != "confusion_matrix"})
     metrics = {**metrics, "provenance": ckpt["provenance"], "config": ckpt["train_config"]}
@@ -358,7 +444,8 @@ def _write_outputs(out: Path, model: Net, cfg: TrainConfig, metrics: dict, state
     (out / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in state["history"]))
     plot_confusion(metrics["confusion_matrix"], out / "confusion_matrix.png")
     plot_curves(state["history"], out / "curves.png")
-    _save_last(out / "last.pt", model, opt, sched, gen, {**state, "config": cfglib.to_dict(cfg), "finished": True})
+    _save_last(out / "last.pt", model, opt, sched, {**state, "config": cfglib.to_dict(cfg),
+                                                    "world_size": metrics["world_size"], "finished": True})
     log(f"test accuracy {metrics['test_accuracy']:.2%} (best epoch {metrics['best_epoch']}, "
         f"val {metrics['val_accuracy']:.2%}) in {metrics['train_seconds']:.1f}s of training, "
         f"{metrics['images_per_second']:,.0f} img/s on {metrics['device']}")
@@ -369,10 +456,13 @@ def _write_outputs(out: Path, model: Net, cfg: TrainConfig, metrics: dict, state
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML file (default: configs/train.yaml)")
-    parser.add_argument("--resume", action="store_true", help="continue the run saved in <out_dir>/last.pt")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run saved in <out_dir>/last.pt with its saved config (flags may change "
+                             "only " + ", ".join(f"--{k.replace('_', '-')}" for k in RESUME_MAY_CHANGE) + ")")
     parser.add_argument("--dry-run", action="store_true", help="3 batches per epoch: a quick check of the whole path")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
-    parser.add_argument("--force", action="store_true", help="replace model.pt even if the new model is worse")
+    parser.add_argument("--force", action="store_true",
+                        help="replace model.pt even if the new model is worse or not comparable")
     parser.add_argument("--test-every-epoch", action="store_true", help="score the test set after every epoch")
     cfglib.add_flags(parser, TrainConfig())
     args = parser.parse_args(argv)
@@ -380,8 +470,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = cfglib.from_args(TrainConfig(), args, args.config)
         if os.environ.get("MNIST_DIR") and args.__dict__.get("cfg:data_dir") is None:
             cfg = cfglib.apply(cfg, {"data_dir": os.environ["MNIST_DIR"]})
+        flags = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg:") and v is not None}
         fit(cfg, resume=args.resume, dry_run=args.dry_run, quiet=args.quiet, force=args.force,
-            test_every_epoch=args.test_every_epoch)
+            test_every_epoch=args.test_every_epoch, flags=flags)
     except (ValueError, CheckpointError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
