@@ -94,8 +94,8 @@ demo: $(STAMP) ## the whole path: data → train → archive → serve → curl 
 test: $(STAMP) ## the whole test suite, slow ones included (training, torchrun, a real TorchServe)
 	$(PY) -m pytest $(ARGS)
 
-test-fast: $(STAMP) ## unit tests only (no training, no server)
-	$(PY) -m pytest -m "not slow" $(ARGS)
+test-fast: $(STAMP) ## unit tests only: no training, no server, no Java, no download (MNIST tests skip without data)
+	MNIST_OFFLINE=1 $(PY) -m pytest -m "not slow" $(ARGS)
 
 lint: $(STAMP) ## ruff over the code
 	$(VENV)/bin/ruff check training serving tests

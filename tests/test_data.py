@@ -6,7 +6,10 @@ truncated or not at all, so every checksum in these tests is the real one.
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,6 +17,8 @@ import pytest
 
 from training import data
 from training.data import SHA256, DataError, data_dir, ensure_mnist, missing_files, raw_dir
+
+ROOT = Path(__file__).resolve().parent.parent
 
 NAMES = list(SHA256)
 LABELS = "train-labels-idx1-ubyte"  # the smallest-but-one file: cheap to damage
@@ -171,3 +176,14 @@ def test_cli_failure_is_one_error_line_and_exit_1(root, monkeypatch, capsys):
     assert err.count("\n") == 1
     assert err.startswith("error: could not get MNIST file(s) ")
     assert "Tried: offline: no network." in err and "by hand" in err
+
+
+def test_fast_tests_skip_rather_than_download_when_offline(tmp_path):
+    """`make test-fast` (MNIST_OFFLINE=1) must not need the network: a test that wants MNIST skips."""
+    env = {**os.environ, "MNIST_DIR": str(tmp_path / "mnist"), "MNIST_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
+                          "tests/test_preprocess.py::test_an_mnist_test_image_survives_png_and_normalizes_like_training"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert "1 skipped" in out.stdout, out.stdout[-2000:]
+    assert "MNIST_OFFLINE=1 forbids the download: run `make data` first" in out.stdout
+    assert not (tmp_path / "mnist").exists()
