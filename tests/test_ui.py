@@ -57,15 +57,15 @@ def png_of_data_url(url: str) -> np.ndarray:
     return cv2.imdecode(np.frombuffer(base64.b64decode(url[len(prefix):]), np.uint8), cv2.IMREAD_UNCHANGED)
 
 
-def photo_of(digit: np.ndarray) -> bytes:
+def photo_of(digit: np.ndarray, scale: int = 1) -> bytes:
     """A phone-photo-like JPEG: the digit in dark ink on grey, textured, unevenly lit paper."""
     rng = np.random.default_rng(0)
-    h, w = 360, 300
+    h, w, s = 360 * scale, 300 * scale, scale
     yy, xx = np.mgrid[0:h, 0:w]
     paper = 178 + 10 * (xx / w) - 6 * (yy / h)  # light falling across the sheet
-    paper += cv2.GaussianBlur(rng.normal(0, 6, (h, w)), (0, 0), 1.5)  # paper fibre
-    ink = cv2.resize(np.asarray(digit), (220, 220), interpolation=cv2.INTER_CUBIC).astype(np.float64) / 255
-    paper[70:290, 40:260] *= 1 - 0.75 * np.clip(ink, 0, 1)
+    paper += cv2.GaussianBlur(rng.normal(0, 6, (h, w)), (0, 0), 1.5 * s)  # paper fibre
+    ink = cv2.resize(np.asarray(digit), (220 * s, 220 * s), interpolation=cv2.INTER_CUBIC).astype(np.float64) / 255
+    paper[70 * s : 290 * s, 40 * s : 260 * s] *= 1 - 0.75 * np.clip(ink, 0, 1)
     ok, buffer = cv2.imencode(".jpg", np.clip(paper, 0, 255).astype(np.uint8), [cv2.IMWRITE_JPEG_QUALITY, 85])
     assert ok
     return buffer.tobytes()
@@ -272,6 +272,12 @@ def test_page_draws_uploads_and_explains_errors_and_never_leaks_the_token(
     assert int(labels[4]) == 4
     upload(page, "photo.jpg", "image/jpeg", photo_of(images[4]))
     assert shown(page)["digit"] == "4", shown(page)
+    # The same at 1440×1200: over 1024 px, so the page scales it down before sending.
+    with page.expect_request("**/api/predict") as sent:
+        upload(page, "big-photo.jpg", "image/jpeg", photo_of(images[4], scale=4))
+    assert shown(page)["digit"] == "4", shown(page)
+    sent_image = cv2.imdecode(np.frombuffer(sent.value.post_data_buffer, np.uint8), cv2.IMREAD_GRAYSCALE)
+    assert sent_image.shape == (1024, 853)  # 1440×1200 scaled to 1024 px on its longer side
 
     upload(page, "notes.txt", "text/plain", b"seven, I think")
     result = shown(page)
@@ -285,7 +291,7 @@ def test_page_draws_uploads_and_explains_errors_and_never_leaks_the_token(
     assert torchserve.token("inference") in secrets
     paths = [url.removeprefix(page_url) for url, _ in responses]
     assert {"", "app.js", "style.css"} <= set(paths)
-    assert paths.count("api/predict") >= 6  # at least one answer per drawing or upload
+    assert paths.count("api/predict") >= 7  # at least one answer per drawing or upload
     leaked = [url for url, body in responses for s in secrets if s.encode() in body]
     assert leaked == []
     page.context.close()

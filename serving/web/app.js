@@ -107,7 +107,7 @@ async function send(blob) {
     const response = await fetch("/api/predict", {
       method: "POST",
       headers: { "Content-Type": "application/octet-stream" },
-      body: blob,
+      body: await blob.arrayBuffer(), // bytes, not a Blob: devtools (and the tests) can see them
     });
     status = response.status;
     body = await response.json().catch(() => ({ error: `the page's server answered HTTP ${status}` }));
@@ -127,6 +127,7 @@ async function send(blob) {
 function showMessage(text, isError = false) {
   const message = $("message");
   message.textContent = text;
+  message.hidden = !text;
   message.classList.toggle("error", isError);
 }
 
@@ -145,7 +146,7 @@ function showError(status, body) {
 }
 
 function render(answer) {
-  showMessage(answer.is_digit === false ? "Answer (low trust):" : "Answer:");
+  showMessage("");
   $("digit").textContent = String(answer.digit);
   $("confidence").textContent = `${(100 * answer.confidence).toFixed(1)}% confidence`;
   $("not-digit").hidden = answer.is_digit !== false;
