@@ -67,8 +67,14 @@ def png_data_url(image: np.ndarray) -> str:
 
 
 def find_attribution_map(answer: dict[str, Any]) -> tuple[str, np.ndarray] | None:
-    """The 28×28 attribution map in an /explanations answer, whatever its field is called, or None."""
+    """The 28×28 attribution map in an /explanations answer, whatever its field is called, or None.
+
+    Found by shape, at the top level or one object down ({"explanation": {"attributions": ...}}),
+    so the page works with whichever layout the server's /explanations settles on.
+    """
     for key, value in answer.items():
+        if isinstance(value, dict) and (inner := find_attribution_map(value)) is not None:
+            return key, inner[1]
         if isinstance(value, list) and len(value) == SIZE:
             try:
                 array = np.asarray(value, dtype=np.float64)
@@ -113,15 +119,25 @@ class Backend:
         return _error_for(status, answer)
 
     def _infer(self, image: bytes) -> tuple[int, dict[str, Any]]:
-        headers = {"Content-Type": "application/octet-stream"}
-        name = self.torchserve.model_name
+        extra: dict[str, Any] = {}
         if self.explanations is not False:
-            status, raw = self.torchserve.request("inference", f"/explanations/{name}", image, headers=headers)
-            if status not in (404, 405, 501):
+            status, explained = self._post("explanations", image)
+            if status in (404, 405, 501):  # a server without explanations: never ask again
+                self.explanations = False
+            elif status == 400:  # a bad image or token: /predictions would say the same
+                return status, explained
+            elif status == 200 and isinstance(explained.get("digit"), int):
                 self.explanations = True
-                return status, _json(raw)
-            self.explanations = False
-        status, raw = self.torchserve.request("inference", f"/predictions/{name}", image, headers=headers)
+                return status, explained
+            elif status == 200:  # a map without the prediction: keep the map, ask for the prediction
+                extra = explained
+            # and a failed explanation (5xx) still gets this image its answer from /predictions
+        status, answer = self._post("predictions", image)
+        return status, {**extra, **answer} if status == 200 else answer
+
+    def _post(self, api: str, image: bytes) -> tuple[int, dict[str, Any]]:
+        status, raw = self.torchserve.request("inference", f"/{api}/{self.torchserve.model_name}", image,
+                                              headers={"Content-Type": "application/octet-stream"})
         return status, _json(raw)
 
     @staticmethod

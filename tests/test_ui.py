@@ -27,7 +27,7 @@ import pytest
 from serving import page as pagelib
 from serving.page import PageServer, find_attribution_map, heatmap_png, strip_data_url
 from serving.server import TorchServe, free_port
-from training.preprocess import PreprocessError
+from training.preprocess import PreprocessError, preprocess_bytes
 
 pytest.register_assert_rewrite("serving_fixtures")
 pytest_plugins = ["serving_fixtures"]
@@ -91,6 +91,8 @@ def test_attribution_map_is_found_by_shape_and_drawn_red_for_and_blue_against():
     key, found = find_attribution_map(answer)
     assert key == "attributions" and np.array_equal(found, attributions)
     assert find_attribution_map({"digit": 7, "rows": [[1, 2]] * 28}) is None
+    key, found = find_attribution_map({"digit": 7, "explanation": {"method": "ig", "map": attributions.tolist()}})
+    assert key == "explanation" and np.array_equal(found, attributions)
     bgra = png_of_data_url(heatmap_png(attributions))
     assert bgra.shape == (28, 28, 4)
     assert tuple(bgra[3, 4]) == (0, 0, 255, 220)  # the strongest support: opaque red
@@ -326,6 +328,27 @@ def test_page_fits_a_375_px_phone_screen(browser, page_url, screenshots):
     assert page.evaluate("document.querySelector('#pad').getBoundingClientRect().right") <= 375
     page.screenshot(path=str(screenshots / "ui-mobile.png"), full_page=True)
     page.context.close()
+
+
+@pytest.mark.slow
+def test_backend_answers_with_the_digit_the_model_saw(torchserve):
+    page = PageServer(torchserve, quiet=True)
+    page.serve_in_thread()
+    try:
+        sample = SAMPLE_7.read_bytes()
+        for body in (sample, b"data:image/png;base64," + base64.b64encode(sample)):
+            status, answer = post(page.url, body)
+            assert (status, answer["digit"]) == (200, 7)
+            assert np.array_equal(png_of_data_url(answer["input"]), preprocess_bytes(sample))
+        # Today's handler answers /explanations with its plain prediction (no map): the backend keeps
+        # asking there, and the page shows no heatmap.
+        assert page.backend.explanations is True and "heatmap" not in answer
+        status, answer = post(page.url, b"seven")
+        assert (status, answer) == (400, {"error": "not an image: expected PNG, JPEG, BMP or WebP bytes",
+                                          "kind": "input"})
+    finally:
+        page.shutdown()
+        page.server_close()
 
 
 @pytest.mark.slow
