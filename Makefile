@@ -19,13 +19,13 @@ IMAGE      ?= serving/samples/7.png
 NPROC      ?= 2
 SEEDS      ?= 3
 AUTH       ?= on
-# Debian packages the slow tests and benchmarks use; `make system-deps` installs the missing ones.
-APT_PACKAGES ?= wrk
+# Debian packages the slow tests and benchmarks use (wrk: bench-serve; chromium: the page's browser test); `make system-deps` installs the missing ones.
+APT_PACKAGES ?= wrk chromium
 export INFERENCE_ADDRESS ?= 127.0.0.1:8080
 export MANAGEMENT_ADDRESS ?= 127.0.0.1:8081
 export METRICS_ADDRESS ?= 127.0.0.1:8082
 
-.PHONY: help setup system-deps data train train-ddp evaluate archive serve predict status token stop demo \
+.PHONY: help setup system-deps data train train-ddp evaluate archive serve predict status token ui stop demo \
         test test-fast lint bench bench-train bench-serve chaos docker-build docker-run docker-train docker-test clean
 
 help: ## list the targets
@@ -75,7 +75,12 @@ status: $(STAMP) ## show the server's models and workers
 token: $(STAMP) ## print the inference token of the running server (for curl)
 	@$(PY) -m serving.cli token inference --model-name $(MODEL_NAME)
 
-stop: $(STAMP) ## stop TorchServe (leaves nothing running)
+ui: $(STAMP) ## the digit page on 127.0.0.1, a free port (printed); starts TorchServe first if it is not running
+	@$(PY) -m serving.cli status --model-name $(MODEL_NAME) >/dev/null 2>&1 || $(MAKE) --no-print-directory serve
+	$(PY) -m serving.ui --model-name $(MODEL_NAME) start
+
+stop: $(STAMP) ## stop the page and TorchServe (leaves nothing running)
+	$(PY) -m serving.ui stop
 	$(PY) -m serving.cli stop --model-name $(MODEL_NAME)
 
 demo: $(STAMP) ## the whole path: data → train → archive → serve → curl → stop

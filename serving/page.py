@@ -1,0 +1,263 @@
+"""The digit page's backend: serves serving/web/ and forwards each image to TorchServe.
+
+The page (plain HTML, JS and CSS, nothing to build) talks only to this small standard-library
+server. It adds the inference token, so no token ever reaches the browser, and it returns the 28×28
+digit the model saw, made by training/preprocess.py (the handler's own function): the page has no
+copy of the preprocessing. `serving/ui.py` starts and stops it (`make ui`, `make stop`).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import ipaddress
+import json
+import threading
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from serving.server import ServerError, TorchServe
+from training.preprocess import SIZE, PreprocessError, preprocess_bytes
+
+WEB = Path(__file__).resolve().parent / "web"
+STATIC = {"/": ("index.html", "text/html; charset=utf-8"),
+          "/app.js": ("app.js", "text/javascript; charset=utf-8"),
+          "/style.css": ("style.css", "text/css; charset=utf-8")}
+# TorchServe's max_request_size (configs/config.properties): anything larger would be refused there
+# anyway, so refuse it here before reading it. The page shrinks big photos before sending them.
+MAX_BODY = 1_048_576
+# Everything the page loads comes from this server; images are data: and blob: URLs it makes itself.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; base-uri 'none'; "
+                               "form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+
+
+def strip_data_url(body: bytes) -> bytes:
+    """`data:image/png;base64,...` (what canvas.toDataURL and some clipboards give) → the image bytes.
+
+    TorchServe's handler wants the bytes themselves, so the backend unwraps a data URL here and
+    always forwards plain bytes as application/octet-stream.
+    """
+    if not body.startswith(b"data:"):
+        return body
+    header, sep, payload = body.partition(b",")
+    if not sep or not header.endswith(b";base64"):
+        raise PreprocessError("a data URL must be base64-encoded: data:image/...;base64,...")
+    try:
+        return base64.b64decode(b"".join(payload.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise PreprocessError("the data URL's base64 is not valid") from None
+
+
+def png_data_url(image: np.ndarray) -> str:
+    ok, buffer = cv2.imencode(".png", image)
+    if not ok:
+        raise ValueError("PNG encoding failed")
+    return "data:image/png;base64," + base64.b64encode(buffer.tobytes()).decode()
+
+
+def find_attribution_map(answer: dict[str, Any]) -> tuple[str, np.ndarray] | None:
+    """The 28×28 attribution map in an /explanations answer, whatever its field is called, or None.
+
+    Found by shape, at the top level or one object down ({"explanation": {"attributions": ...}}),
+    so the page works with whichever layout the server's /explanations settles on.
+    """
+    for key, value in answer.items():
+        if isinstance(value, dict) and (inner := find_attribution_map(value)) is not None:
+            return key, inner[1]
+        if isinstance(value, list) and len(value) == SIZE:
+            try:
+                array = np.asarray(value, dtype=np.float64)
+            except (TypeError, ValueError):
+                continue
+            if array.shape == (SIZE, SIZE) and np.isfinite(array).all():
+                return key, array
+    return None
+
+
+def heatmap_png(attributions: np.ndarray) -> str:
+    """Attributions → a 28×28 RGBA PNG to lay over the input: red supports the answer, blue opposes it."""
+    scale = float(np.abs(attributions).max()) or 1.0
+    strength = np.clip(attributions / scale, -1.0, 1.0)
+    rgba = np.zeros((SIZE, SIZE, 4), np.uint8)  # OpenCV's channel order: B, G, R, A
+    rgba[..., 2] = np.where(strength > 0, 255, 0)
+    rgba[..., 0] = np.where(strength < 0, 255, 0)
+    rgba[..., 3] = np.rint(np.abs(strength) * 220).astype(np.uint8)
+    return png_data_url(rgba)
+
+
+class Backend:
+    """The page's calls to TorchServe. /explanations is probed once: where it is missing (404/405),
+    every later call goes to /predictions; where it answers, its map becomes the heatmap."""
+
+    def __init__(self, torchserve: TorchServe) -> None:
+        self.torchserve = torchserve
+        self.explanations: bool | None = None  # unknown until the first image
+
+    def predict(self, body: bytes) -> tuple[int, dict[str, Any]]:
+        try:
+            image = strip_data_url(body)
+        except PreprocessError as err:
+            return 400, {"error": str(err), "kind": "input"}
+        try:
+            status, answer = self._infer(image)
+        except ServerError as err:
+            return 503, {"error": f"TorchServe is not answering ({err}); start it with `make serve`",
+                         "kind": "down"}
+        if status == 200 and isinstance(answer.get("digit"), int):
+            return 200, self._with_pictures(answer, image)
+        return _error_for(status, answer)
+
+    def _infer(self, image: bytes) -> tuple[int, dict[str, Any]]:
+        extra: dict[str, Any] = {}
+        if self.explanations is not False:
+            status, explained = self._post("explanations", image)
+            if status in (404, 405, 501):  # a server without explanations: never ask again
+                self.explanations = False
+            elif status == 400:  # a bad image or token: /predictions would say the same
+                return status, explained
+            elif status == 200 and isinstance(explained.get("digit"), int):
+                self.explanations = True
+                return status, explained
+            elif status == 200:  # a map without the prediction: keep the map, ask for the prediction
+                extra = explained
+            # and a failed explanation (5xx) still gets this image its answer from /predictions
+        status, answer = self._post("predictions", image)
+        return status, {**extra, **answer} if status == 200 else answer
+
+    def _post(self, api: str, image: bytes) -> tuple[int, dict[str, Any]]:
+        status, raw = self.torchserve.request("inference", f"/{api}/{self.torchserve.model_name}", image,
+                                              headers={"Content-Type": "application/octet-stream"})
+        return status, _json(raw)
+
+    @staticmethod
+    def _with_pictures(answer: dict[str, Any], image: bytes) -> dict[str, Any]:
+        answer = dict(answer)
+        found = find_attribution_map(answer)
+        if found is not None:
+            key, attributions = found
+            del answer[key]  # the page needs the picture, not 784 numbers
+            answer["heatmap"] = heatmap_png(attributions)
+        # The same function the handler ran, on the same bytes: the digit the model saw. Where a server
+        # newer than this checkout accepts more than it does, the page shows the answer alone.
+        with contextlib.suppress(PreprocessError):
+            answer["input"] = png_data_url(preprocess_bytes(image))
+        return answer
+
+
+def _json(raw: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return {"message": raw[:200].decode(errors="replace")}
+    return value if isinstance(value, dict) else {"message": str(value)[:200]}
+
+
+def _error_for(status: int, answer: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    message = str(answer.get("message", ""))[:300]
+    # TorchServe 0.12 answers a refused token with 400 InvalidKeyException, not 401 (README, Security).
+    if status in (401, 403) or answer.get("type") == "InvalidKeyException":
+        return 502, {"error": "TorchServe refused the inference token: the key file does not belong to the "
+                              "running server; restart both with `make stop && make ui`", "kind": "auth"}
+    if status == 413:
+        return 413, {"error": "the image is over TorchServe's 1 MiB request limit", "kind": "input"}
+    if status == 400:
+        return 400, {"error": message or "TorchServe refused the image", "kind": "input"}
+    return 502, {"error": f"TorchServe answered HTTP {status}: {message or 'no message'}", "kind": "server"}
+
+
+class PageHandler(BaseHTTPRequestHandler):
+    server: PageServer
+    server_version = "mnist-ui"
+    sys_version = ""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        if self.server.quiet:
+            return
+        super().log_message(format, *args)
+
+    def do_GET(self) -> None:
+        if not self._host_allowed():
+            return
+        path = self.path.split("?", 1)[0]
+        if path == "/healthz":
+            self._send(200, b'{"ok": true}', "application/json")
+        elif path in STATIC:
+            name, content_type = STATIC[path]
+            self._send(200, (WEB / name).read_bytes(), content_type)
+        else:
+            self._send_json(404, {"error": f"no page at {path}", "kind": "client"})
+
+    def do_POST(self) -> None:
+        if not self._host_allowed():
+            return
+        if self.path.split("?", 1)[0] != "/api/predict":
+            self._send_json(404, {"error": f"no API at {self.path}", "kind": "client"})
+            return
+        try:
+            length = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            self._send_json(411, {"error": "a Content-Length header is required", "kind": "client"})
+            return
+        if length > MAX_BODY:
+            self.close_connection = True  # the unread body must not be parsed as the next request
+            self._send_json(413, {"error": f"the image is {length:,} bytes; the limit is {MAX_BODY:,}",
+                                  "kind": "input"})
+            return
+        status, answer = self.server.backend.predict(self.rfile.read(length))
+        self._send_json(status, answer)
+
+    def _host_allowed(self) -> bool:
+        """Refuse other Host names on a loopback bind: a web page elsewhere could otherwise reach this
+        server through DNS rebinding and use the model with the token this backend adds."""
+        if self.server.allowed_hosts is None or self.headers.get("Host", "") in self.server.allowed_hosts:
+            return True
+        self._send_json(403, {"error": "unexpected Host header", "kind": "client"})
+        return False
+
+    def _send_json(self, status: int, body: dict[str, Any]) -> None:
+        self._send(status, json.dumps(body).encode(), "application/json")
+
+    def _send(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status, HTTPStatus(status).phrase)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for key, value in SECURITY_HEADERS.items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+
+class PageServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, torchserve: TorchServe, host: str = "127.0.0.1", port: int = 0, quiet: bool = False):
+        super().__init__((host, port), PageHandler)
+        self.backend = Backend(torchserve)
+        self.quiet = quiet
+        port = self.server_address[1]
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:  # a host name
+            loopback = host == "localhost"
+        self.allowed_hosts = {f"{h}:{port}" for h in ("127.0.0.1", "localhost", "[::1]")} if loopback else None
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}/"
+
+    def serve_in_thread(self) -> threading.Thread:
+        thread = threading.Thread(target=self.serve_forever, name="mnist-ui", daemon=True)
+        thread.start()
+        return thread

@@ -1,0 +1,371 @@
+"""The digit page (`make ui`): its backend alone, then the page in a real headless Chromium.
+
+The browser tests run Debian's Chromium through Playwright (no browser download) against a real
+TorchServe serving the session's briefly trained model, with the page's backend started by
+`python -m serving.ui start` exactly as `make ui` starts it. Set UI_SCREENSHOTS=docs to refresh
+the README's screenshots (docs/ui.png, docs/ui-mobile.png); otherwise they go to a temp folder.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import itertools
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import psutil
+import pytest
+
+from serving import page as pagelib
+from serving.page import PageServer, find_attribution_map, heatmap_png, strip_data_url
+from serving.server import TorchServe, free_port
+from training.preprocess import PreprocessError, preprocess_bytes
+
+pytest.register_assert_rewrite("serving_fixtures")
+pytest_plugins = ["serving_fixtures"]
+from serving_fixtures import ROOT, SAMPLE_7, encode_png, offline_probabilities  # noqa: E402
+
+CHROMIUM = Path("/usr/bin/chromium")
+# No sandbox: CI runs as root, where Chromium refuses its sandbox. The rest keeps a headless run
+# from reaching out to the network (updates, sync) on a machine that has none.
+LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+               "--disable-component-update", "--disable-sync", "--no-first-run"]
+PAD = 280  # the canvas's drawing resolution (serving/web/index.html)
+
+
+def post(url: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, dict]:
+    host, port = url.split("://")[1].strip("/").rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    try:
+        conn.request("POST", "/api/predict", body, headers or {})
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+def png_of_data_url(url: str) -> np.ndarray:
+    prefix = "data:image/png;base64,"
+    assert url.startswith(prefix), url[:40]
+    return cv2.imdecode(np.frombuffer(base64.b64decode(url[len(prefix):]), np.uint8), cv2.IMREAD_UNCHANGED)
+
+
+def photo_of(digit: np.ndarray, scale: int = 1) -> bytes:
+    """A phone-photo-like JPEG: the digit in dark ink on grey, textured, unevenly lit paper."""
+    rng = np.random.default_rng(0)
+    h, w, s = 360 * scale, 300 * scale, scale
+    yy, xx = np.mgrid[0:h, 0:w]
+    paper = 178 + 10 * (xx / w) - 6 * (yy / h)  # light falling across the sheet
+    paper += cv2.GaussianBlur(rng.normal(0, 6, (h, w)), (0, 0), 1.5 * s)  # paper fibre
+    ink = cv2.resize(np.asarray(digit), (220 * s, 220 * s), interpolation=cv2.INTER_CUBIC).astype(np.float64) / 255
+    paper[70 * s : 290 * s, 40 * s : 260 * s] *= 1 - 0.75 * np.clip(ink, 0, 1)
+    ok, buffer = cv2.imencode(".jpg", np.clip(paper, 0, 255).astype(np.uint8), [cv2.IMWRITE_JPEG_QUALITY, 85])
+    assert ok
+    return buffer.tobytes()
+
+
+# --- the backend, no server or browser needed ----------------------------------------------------
+
+def test_data_urls_are_unwrapped_and_bad_ones_refused():
+    png = SAMPLE_7.read_bytes()
+    assert strip_data_url(png) == png
+    assert strip_data_url(b"data:image/png;base64," + base64.b64encode(png)) == png
+    with pytest.raises(PreprocessError, match="must be base64-encoded"):
+        strip_data_url(b"data:image/png,rawbytes")
+    with pytest.raises(PreprocessError, match="base64 is not valid"):
+        strip_data_url(b"data:image/png;base64,not*base64")
+
+
+def test_attribution_map_is_found_by_shape_and_drawn_red_for_and_blue_against():
+    attributions = np.zeros((28, 28))
+    attributions[3, 4], attributions[10, 20] = 2.0, -1.0
+    answer = {"digit": 7, "probabilities": {str(d): 0.1 for d in range(10)}, "attributions": attributions.tolist()}
+    key, found = find_attribution_map(answer)
+    assert key == "attributions" and np.array_equal(found, attributions)
+    assert find_attribution_map({"digit": 7, "rows": [[1, 2]] * 28}) is None
+    key, found = find_attribution_map({"digit": 7, "explanation": {"method": "ig", "map": attributions.tolist()}})
+    assert key == "explanation" and np.array_equal(found, attributions)
+    bgra = png_of_data_url(heatmap_png(attributions))
+    assert bgra.shape == (28, 28, 4)
+    assert tuple(bgra[3, 4]) == (0, 0, 255, 220)  # the strongest support: opaque red
+    assert tuple(bgra[10, 20]) == (255, 0, 0, 110)  # half as strong against: blue, half as opaque
+    assert bgra[0, 0, 3] == 0  # no attribution: transparent
+
+
+def test_backend_refuses_foreign_hosts_big_bodies_and_says_when_torchserve_is_down(tmp_path):
+    nothing = f"http://127.0.0.1:{free_port()}"  # no TorchServe listens here
+    torchserve = TorchServe(run_dir=tmp_path, model_store=tmp_path, auth=False,
+                            addresses={"inference": nothing, "management": nothing, "metrics": nothing})
+    page = PageServer(torchserve, quiet=True)
+    page.serve_in_thread()
+    try:
+        status, answer = post(page.url, SAMPLE_7.read_bytes())
+        assert (status, answer["kind"]) == (503, "down")
+        assert answer["error"].startswith("TorchServe is not answering") and "make serve" in answer["error"]
+        status, answer = post(page.url, b"x", {"Content-Length": str(pagelib.MAX_BODY + 1)})
+        assert (status, answer["kind"]) == (413, "input")
+        status, answer = post(page.url, SAMPLE_7.read_bytes(), {"Host": "rebound.example:80"})
+        assert (status, answer["error"]) == (403, "unexpected Host header")
+        conn = http.client.HTTPConnection(*page.server_address[:2], timeout=10)
+        conn.request("GET", "/")
+        resp = conn.getresponse()
+        assert resp.status == 200 and b'<canvas id="pad"' in resp.read()
+        assert resp.headers["Content-Security-Policy"].startswith("default-src 'self'")
+        conn.close()
+    finally:
+        page.shutdown()
+        page.server_close()
+
+
+# --- a real TorchServe, the page started as `make ui` does, and Chromium --------------------------
+
+@pytest.fixture(scope="module")
+def torchserve(trained_archive, tmp_path_factory):
+    ts = TorchServe.on_free_ports(tmp_path_factory.mktemp("serve"), trained_archive.path.parent,
+                                  model_name="mnist", auth=True)
+    try:
+        ts.start(timeout=180)
+        yield ts
+    finally:
+        ts.stop()
+
+
+@pytest.fixture(scope="module")
+def page_url(torchserve):
+    """`python -m serving.ui start` beside the test's TorchServe (what `make ui` runs); stopped after."""
+    env = {**os.environ, "SERVE_DIR": str(torchserve.run_dir),
+           **{f"{k.upper()}_ADDRESS": v.split("://")[1] for k, v in torchserve.addresses.items()}}
+    cmd = [sys.executable, "-m", "serving.ui"]
+    out = subprocess.run([*cmd, "start"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    url = re.search(r"page: (http://127\.0\.0\.1:\d+/)", out.stdout).group(1)
+    pid = int((torchserve.run_dir / "ui.pid").read_text())
+    try:
+        yield url
+    finally:
+        out = subprocess.run([*cmd, "stop"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "page stopped", out
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert not (torchserve.run_dir / "ui.pid").exists()
+
+
+def chromium_path() -> Path:
+    """Debian's Chromium, installed the way `make system-deps` installs the project's packages."""
+    if not CHROMIUM.exists() and shutil.which("apt-get"):
+        subprocess.run(["make", "-s", "system-deps", "APT_PACKAGES=chromium"], cwd=ROOT, timeout=900, check=False)
+    if not CHROMIUM.exists():
+        if shutil.which("apt-get"):
+            pytest.fail("chromium is missing and `make system-deps` could not install it")
+        pytest.skip("no /usr/bin/chromium and no apt-get to install it (Debian's `chromium` package)")
+    return CHROMIUM
+
+
+@pytest.fixture(scope="module")
+def browser():
+    executable = chromium_path()
+    from playwright.sync_api import sync_playwright  # a dev dependency (pyproject.toml)
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(executable), headless=True, args=LAUNCH_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def screenshots(tmp_path_factory) -> Path:
+    return ROOT / "docs" if os.environ.get("UI_SCREENSHOTS") == "docs" else tmp_path_factory.mktemp("shots")
+
+
+def open_page(browser, url: str, **context_options):
+    context = browser.new_context(**context_options)
+    page = context.new_page()
+    responses: list[tuple[str, bytes]] = []
+
+    def record(response) -> None:
+        # Every body the browser received over HTTP, read as it arrives (a body can be evicted later).
+        # data: and blob: URLs are the page's own copies of those bodies and of the user's files.
+        if response.url.startswith("http"):
+            responses.append((response.url, response.body()))
+
+    page.on("response", record)
+    page.goto(url)
+    page.wait_for_selector("#pad")
+    return page, responses
+
+
+def results_shown(page) -> int:
+    return int(page.evaluate("document.body.dataset.results"))
+
+
+def wait_for_answer(page, before: int) -> None:
+    """Until a new answer (or error) is shown and nothing is pending: no timed sleep."""
+    page.wait_for_function("(before) => document.body.dataset.idle === 'true' "
+                           "&& Number(document.body.dataset.results) > before", arg=before, timeout=60_000)
+
+
+def touch_event(cdp, kind: str, point: tuple[float, float] | None) -> None:
+    points = [] if point is None else [{"x": point[0], "y": point[1]}]
+    cdp.send("Input.dispatchTouchEvent", {"type": kind, "touchPoints": points})
+
+
+def draw(page, strokes: list[list[tuple[float, float]]], touch: bool = False) -> None:
+    """Strokes through the given points (the pad's 280×280 coordinates), with the mouse or a finger.
+
+    Playwright's touchscreen only taps, so a finger stroke is sent as the browser's own touch
+    events through the DevTools protocol: the page sees pointerType "touch", as on a phone.
+    """
+    page.click("#clear")
+    before = results_shown(page)
+    box = page.locator("#pad").bounding_box()
+    scale = box["width"] / PAD
+    path = [[(box["x"] + x * scale, box["y"] + y * scale) for x, y in stroke] for stroke in strokes]
+    if touch:
+        cdp = page.context.new_cdp_session(page)
+        for stroke in path:
+            moves = [(a[0] + (b[0] - a[0]) * t, a[1] + (b[1] - a[1]) * t)  # 6 steps per segment, as the mouse
+                     for a, b in itertools.pairwise(stroke) for t in np.linspace(0, 1, 7)[1:]]
+            touch_event(cdp, "touchStart", stroke[0])
+            for point in moves:
+                touch_event(cdp, "touchMove", point)
+            touch_event(cdp, "touchEnd", None)
+        cdp.detach()
+    else:
+        for stroke in path:
+            page.mouse.move(*stroke[0])
+            page.mouse.down()
+            for point in stroke[1:]:
+                page.mouse.move(*point, steps=6)
+            page.mouse.up()
+    wait_for_answer(page, before)
+
+
+def upload(page, name: str, mime: str, data: bytes) -> None:
+    before = results_shown(page)
+    page.set_input_files("#file", files=[{"name": name, "mimeType": mime, "buffer": data}])
+    wait_for_answer(page, before)
+
+
+def shown(page) -> dict:
+    return page.evaluate("""() => ({
+        digit: document.querySelector('#answer').hidden ? null : document.querySelector('#digit').textContent,
+        message: document.querySelector('#message').textContent,
+        error: document.querySelector('#message').classList.contains('error'),
+        seen: document.querySelector('#seen').getAttribute('src'),
+        bars: document.querySelectorAll('#bars .bar').length,
+    })""")
+
+
+SEVEN = [[(62, 58), (214, 58), (180, 130), (150, 200), (136, 238)]]
+ZERO = [[(140 + 62 * np.sin(t), 140 - 92 * np.cos(t)) for t in np.linspace(0, 2 * np.pi, 41)]]
+
+
+@pytest.mark.slow
+def test_page_draws_uploads_and_explains_errors_and_never_leaks_the_token(
+        browser, page_url, torchserve, trained_checkpoint, mnist_test_images, screenshots):
+    images, labels = mnist_test_images
+    page, responses = open_page(browser, page_url, viewport={"width": 1100, "height": 760})
+
+    draw(page, SEVEN)
+    assert shown(page)["digit"] == "7", shown(page)
+    assert shown(page)["bars"] == 10
+    page.screenshot(path=str(screenshots / "ui.png"))
+    draw(page, ZERO)
+    assert shown(page)["digit"] == "0", shown(page)
+
+    # An MNIST test digit (index 1, a 2) as a 28×28 PNG: the page shows exactly it as the model's input.
+    assert int(labels[1]) == 2
+    assert offline_probabilities(trained_checkpoint, images[1:2]).argmax(1).item() == 2
+    upload(page, "two.png", "image/png", encode_png(images[1]))
+    result = shown(page)
+    assert result["digit"] == "2", result
+    assert np.array_equal(png_of_data_url(result["seen"]), images[1].numpy())
+
+    # A photo-like JPEG of MNIST test digit 4 (index 4): grey textured paper, dark ink.
+    assert int(labels[4]) == 4
+    upload(page, "photo.jpg", "image/jpeg", photo_of(images[4]))
+    assert shown(page)["digit"] == "4", shown(page)
+    # The same at 1440×1200: over 1024 px, so the page scales it down before sending.
+    with page.expect_request("**/api/predict") as sent:
+        upload(page, "big-photo.jpg", "image/jpeg", photo_of(images[4], scale=4))
+    assert shown(page)["digit"] == "4", shown(page)
+    sent_image = cv2.imdecode(np.frombuffer(sent.value.post_data_buffer, np.uint8), cv2.IMREAD_GRAYSCALE)
+    assert sent_image.shape == (1024, 853)  # 1440×1200 scaled to 1024 px on its longer side
+
+    upload(page, "notes.txt", "text/plain", b"seven, I think")
+    result = shown(page)
+    assert result["error"] and result["digit"] is None
+    assert result["message"] == "Could not read a digit: not an image: expected PNG, JPEG, BMP or WebP bytes"
+    draw(page, SEVEN)  # still works after the error
+    assert shown(page)["digit"] == "7"
+
+    keys = json.loads((torchserve.run_dir / "key_file.json").read_text())
+    secrets = [keys[kind]["key"] for kind in ("inference", "management", "API")]
+    assert torchserve.token("inference") in secrets
+    paths = [url.removeprefix(page_url) for url, _ in responses]
+    assert {"", "app.js", "style.css"} <= set(paths)
+    assert paths.count("api/predict") >= 7  # at least one answer per drawing or upload
+    leaked = [url for url, body in responses for s in secrets if s.encode() in body]
+    assert leaked == []
+    page.context.close()
+
+
+@pytest.mark.slow
+def test_page_fits_a_375_px_phone_screen(browser, page_url, screenshots):
+    page, _ = open_page(browser, page_url, viewport={"width": 375, "height": 812}, is_mobile=True,
+                        has_touch=True, device_scale_factor=1)
+    draw(page, SEVEN, touch=True)  # a finger: no page scroll, the stroke lands on the pad
+    assert shown(page)["digit"] == "7"
+    assert page.evaluate("window.scrollY") == 0
+    assert page.evaluate("document.documentElement.scrollWidth") <= 375
+    assert page.evaluate("document.querySelector('#pad').getBoundingClientRect().right") <= 375
+    page.screenshot(path=str(screenshots / "ui-mobile.png"), full_page=True)
+    page.context.close()
+
+
+@pytest.mark.slow
+def test_backend_answers_with_the_digit_the_model_saw(torchserve):
+    page = PageServer(torchserve, quiet=True)
+    page.serve_in_thread()
+    try:
+        sample = SAMPLE_7.read_bytes()
+        for body in (sample, b"data:image/png;base64," + base64.b64encode(sample)):
+            status, answer = post(page.url, body)
+            assert (status, answer["digit"]) == (200, 7)
+            assert np.array_equal(png_of_data_url(answer["input"]), preprocess_bytes(sample))
+        # Today's handler answers /explanations with its plain prediction (no map): the backend keeps
+        # asking there, and the page shows no heatmap.
+        assert page.backend.explanations is True and "heatmap" not in answer
+        status, answer = post(page.url, b"seven")
+        assert (status, answer) == (400, {"error": "not an image: expected PNG, JPEG, BMP or WebP bytes",
+                                          "kind": "input"})
+    finally:
+        page.shutdown()
+        page.server_close()
+
+
+@pytest.mark.slow
+def test_page_says_when_the_token_is_refused(browser, torchserve, tmp_path):
+    # The token file of another server: TorchServe refuses its key, and the page says so.
+    (tmp_path / "key_file.json").write_text(json.dumps(
+        {kind: {"key": "not-the-key", "expiration time": "2999-01-01T00:00:00"} for kind in ("inference", "API")}))
+    stale = TorchServe(run_dir=tmp_path, model_store=torchserve.model_store, addresses=torchserve.addresses)
+    server = PageServer(stale, quiet=True)
+    server.serve_in_thread()
+    try:
+        page, _ = open_page(browser, server.url, viewport={"width": 900, "height": 700})
+        draw(page, SEVEN)
+        result = shown(page)
+        assert result["error"] and result["digit"] is None
+        assert result["message"].startswith("Bad token: TorchServe refused the inference token")
+        page.context.close()
+    finally:
+        server.shutdown()
+        server.server_close()
