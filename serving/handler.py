@@ -26,10 +26,9 @@ _HERE = Path(__file__).resolve().parent
 if (_HERE / "training").is_dir() and str(_HERE) not in sys.path[:1]:
     sys.path.insert(0, str(_HERE))
 
+from serving import oip  # noqa: E402  (Open Inference Protocol v2: KServe)
 from training.model import build_model  # noqa: E402
 from training.preprocess import PreprocessError, from_pixels, normalize, preprocess_bytes, to_mnist  # noqa: E402
-
-from serving import oip  # noqa: E402  (Open Inference Protocol v2: KServe)
 
 logger = logging.getLogger(__name__)
 

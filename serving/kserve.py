@@ -44,16 +44,18 @@ def read_properties(path: Path) -> dict[str, str]:
     return {k.strip(): v.strip() for k, v in pairs}
 
 
-def model_snapshot(mar: Path) -> dict:
+def model_snapshot(mar: Path, batch_size: int | None = None) -> dict:
     """TorchServe's startup snapshot for one archive: which model to load, with what workers and batching."""
     with zipfile.ZipFile(mar) as z:
         model = json.loads(z.read("MAR-INF/MANIFEST.json"))["model"]
     settings = yaml.safe_load(MODEL_CONFIG.read_text())
     entry = {"defaultVersion": True, "marName": mar.name, **{k: settings[k] for k in SNAPSHOT_KEYS}}
+    if batch_size is not None:  # GPU replicas batch more (configs/model-config.yaml)
+        entry["batchSize"] = batch_size
     return {"name": "startup.cfg", "modelCount": 1, "models": {model["modelName"]: {model["modelVersion"]: entry}}}
 
 
-def build_bundle(model_store: Path, model_name: str, out: Path) -> Path:
+def build_bundle(model_store: Path, model_name: str, out: Path, batch_size: int | None = None) -> Path:
     mar = model_store / f"{model_name}.mar"
     if not mar.is_file():
         raise BundleError(f"no archive at {mar}: run `make archive` first")
@@ -68,7 +70,7 @@ def build_bundle(model_store: Path, model_name: str, out: Path) -> Path:
     for path in [mar, *sorted(model_store.glob(f"{mar.name}.*"))]:  # checksum, signatures if any
         shutil.copy2(path, out / "model-store" / path.name)
     shutil.copy2(METRICS, out / "config" / "metrics.yaml")
-    snapshot = json.dumps(model_snapshot(mar), separators=(",", ":"))
+    snapshot = json.dumps(model_snapshot(mar, batch_size), separators=(",", ":"))
     config = out / "config" / "config.properties"
     config.write_text(TEMPLATE.read_text() + f"model_snapshot={snapshot}\n")
     return config
@@ -116,9 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-store", default="model_store", type=Path)
     parser.add_argument("--model-name", default="mnist")
     parser.add_argument("--out", default="artifacts/kserve", type=Path)
+    parser.add_argument("--batch-size", type=int, help="override configs/model-config.yaml's batchSize (GPU: 128)")
     args = parser.parse_args(argv)
     try:
-        config = build_bundle(args.model_store, args.model_name, args.out)
+        config = build_bundle(args.model_store, args.model_name, args.out, args.batch_size)
     except BundleError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

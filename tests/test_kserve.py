@@ -31,7 +31,8 @@ def v2_uint8(image, request_id: str | None = None) -> dict:
 
 
 def v2_bytes(png: bytes) -> dict:
-    return {"inputs": [{"name": "input-0", "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(png).decode()]}]}
+    data = [base64.b64encode(png).decode()]
+    return {"inputs": [{"name": "input-0", "shape": [1], "datatype": "BYTES", "data": data}]}
 
 
 # --- no server ----------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -103,10 +103,13 @@ def start_node(node: Node, rank: int, out_dir: Path, log: Path, extra: tuple[str
 
 
 def stop(*procs: subprocess.Popen) -> None:
-    for p in procs:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
+    """SIGKILL each node's torchrun and its workers (they run in sessions of their own)."""
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            for p in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    p.kill()
+        proc.wait()
 
 
 def wait_for(log: Path, text: str, proc: subprocess.Popen, timeout: float = 240) -> None:
@@ -164,7 +167,9 @@ def test_a_node_killed_mid_epoch_ends_the_other_within_seconds(tmp_path):
         try:
             wait_for(logs[0], "training on", procs[0])
             time.sleep(1.0)  # inside the first epoch (about 4 s on this slice)
-            os.killpg(procs[1].pid, signal.SIGKILL)  # node 1 dies: agent and worker at once
+            node1 = psutil.Process(procs[1].pid)
+            for p in [node1, *node1.children(recursive=True)]:  # node 1 dies: agent and worker at once
+                p.kill()  # (the worker is in a session of its own: killing the agent's group misses it)
             killed = time.monotonic()
             code = procs[0].wait(timeout=120)
             took = time.monotonic() - killed
