@@ -12,6 +12,7 @@ import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import torch
 import yaml
 
 from serving import oip
@@ -20,7 +21,8 @@ from training.preprocess import PreprocessError
 
 pytest.register_assert_rewrite("serving_fixtures")
 pytest_plugins = ["serving_fixtures"]
-from serving_fixtures import encode_png, offline_probabilities  # noqa: E402
+from serving_fixtures import encode_png, offline_probabilities, unpack  # noqa: E402
+from test_handler import InProcessWorker, as_json, raw  # noqa: E402
 from test_serving import call  # noqa: E402
 
 
@@ -87,6 +89,25 @@ def test_v2_is_recognised_as_bytes_or_parsed_json_and_nothing_else():
     assert oip.v2_body({"body": b'{"data": "inputs"}'}) is None
     assert oip.v2_body({"body": {"pixels": []}}) is None
     assert oip.v2_body({"data": b"\x89PNG..."}) is None
+
+
+def test_handler_answers_v2_and_json_in_one_batch(tiny_archive, mnist_test_images, tmp_path):
+    """The handler without a server: a v2 body as bytes (this project's server) or already parsed
+    (TorchServe's default decoding), beside a raw PNG, in one batch: same digit, same numbers."""
+    images, _ = mnist_test_images
+    threads = torch.get_num_threads()
+    worker = InProcessWorker(unpack(tiny_archive[1].path, tmp_path / "model"), batch_size=4)
+    torch.set_num_threads(threads)  # initialize() sets one thread per worker, process-wide
+    parsed = [{"name": "body", "contentType": "application/json", "value": v2_bytes(encode_png(images[0]))}]
+    answers = worker.handle([as_json(v2_uint8(images[0], "a")), parsed, as_json({"inputs": [{"datatype": "FP64"}]}),
+                             raw(encode_png(images[0]))])
+    assert [status for status, _ in answers] == [200, 200, 400, 200]
+    (_, by_tensor), (_, by_bytes), (_, error), (_, plain) = answers
+    assert by_tensor["id"] == "a" and "id" not in by_bytes
+    assert by_tensor["outputs"] == by_bytes["outputs"]
+    assert by_tensor["outputs"][0]["data"] == [plain["probabilities"][str(d)] for d in range(10)]
+    assert by_tensor["outputs"][1]["data"] == [plain["digit"]]
+    assert error == {"error": "'shape' must be a list of non-negative integers"}
 
 
 # --- TorchServe run as KServe's runtime runs it -----------------------------------------------------
