@@ -174,8 +174,8 @@ class MNISTHandler(BaseHandler):
                 predicted = probabilities.argmax(1).tolist()
                 probabilities = probabilities.cpu().tolist()
             for i, probs in zip(good, probabilities, strict=True):
-                responses[i] = oip.response_body(v2[i], probs, self.classes, *self.model_id) if i in v2 \
-                    else prediction_body(probs, self.classes)
+                responses[i] = prediction_body(probs, self.classes) if i not in v2 else \
+                    oip.response_body(v2[i], probs, self.classes, *self.model_id, context.get_request_id(i))
         self._record_metrics(context, decoded - start, time.perf_counter() - decoded,
                              rejected=len(data) - len(good), predicted=predicted)
         return responses

@@ -79,11 +79,11 @@ def decode(body: dict[str, Any]) -> np.ndarray:
 
 
 def response_body(body: dict[str, Any], probabilities: list[float], classes: list[str], model_name: str,
-                  model_version: str) -> bytes:
-    """The v2 response: the request's id echoed, outputs `probabilities` and `digit`."""
+                  model_version: str, request_id: str) -> bytes:
+    """The v2 response: outputs `probabilities` and `digit`, and the request's id, or TorchServe's
+    request id when it sent none (clients, KServe's wrapper among them, may read `id` unconditionally)."""
     response: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
-    if isinstance(body.get("id"), str):
-        response["id"] = body["id"]
+    response["id"] = body["id"] if isinstance(body.get("id"), str) else request_id
     response["outputs"] = [
         {"name": "probabilities", "shape": [1, len(probabilities)], "datatype": "FP32",
          "data": [round(p, 6) for p in probabilities]},

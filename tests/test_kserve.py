@@ -23,7 +23,7 @@ pytest.register_assert_rewrite("serving_fixtures")
 pytest_plugins = ["serving_fixtures"]
 from serving_fixtures import encode_png, offline_probabilities, unpack  # noqa: E402
 from test_handler import InProcessWorker, as_json, raw  # noqa: E402
-from test_serving import call  # noqa: E402
+from test_serving import UUID, call  # noqa: E402
 
 
 def v2_uint8(image, request_id: str | None = None) -> dict:
@@ -103,7 +103,7 @@ def test_handler_answers_v2_and_json_in_one_batch(tiny_archive, mnist_test_image
                              raw(encode_png(images[0]))])
     assert [status for status, _ in answers] == [200, 200, 400, 200]
     (_, by_tensor), (_, by_bytes), (_, error), (_, plain) = answers
-    assert by_tensor["id"] == "a" and "id" not in by_bytes
+    assert (by_tensor["id"], by_bytes["id"]) == ("a", "req-1")  # the request's id, else TorchServe's
     assert by_tensor["outputs"] == by_bytes["outputs"]
     assert by_tensor["outputs"][0]["data"] == [plain["probabilities"][str(d)] for d in range(10)]
     assert by_tensor["outputs"][1]["data"] == [plain["digit"]]
@@ -148,6 +148,7 @@ def test_v2_requests_answer_known_digits(runtime, trained_checkpoint, mnist_test
             for path in ("/v2/models/mnist/infer", "/predictions/mnist"):  # the wrapper posts to the second
                 status, answer = infer(runtime, body, path)
                 assert (status, answer["outputs"][1]["data"]) == (200, [offline[i].argmax().item()]), (i, path)
+                assert UUID.fullmatch(answer["id"])  # no id sent: TorchServe's request id
 
 
 @pytest.mark.slow
