@@ -19,14 +19,15 @@ IMAGE      ?= serving/samples/7.png
 NPROC      ?= 2
 SEEDS      ?= 3
 AUTH       ?= on
-# Debian packages the slow tests and benchmarks use (wrk: bench-serve; chromium: the page's browser test); `make system-deps` installs the missing ones.
-APT_PACKAGES ?= wrk chromium
+# Debian packages the slow tests and benchmarks use (wrk: bench-serve; chromium: the page's browser
+# test; iproute2: `ip netns` for the two-node torchrun test); `make system-deps` installs the missing ones.
+APT_PACKAGES ?= wrk chromium iproute2
 export INFERENCE_ADDRESS ?= 127.0.0.1:8080
 export MANAGEMENT_ADDRESS ?= 127.0.0.1:8081
 export METRICS_ADDRESS ?= 127.0.0.1:8082
 
 .PHONY: help setup system-deps data train train-ddp evaluate archive serve predict status token ui stop demo \
-        test test-fast lint bench bench-train bench-serve chaos docker-build docker-run docker-train docker-test clean
+        kserve-bundle test test-fast lint bench bench-train bench-serve chaos docker-build docker-run docker-train docker-test clean
 
 help: ## list the targets
 	@echo "usage: make TARGET [ARGS=...]"
@@ -66,6 +67,9 @@ archive: $(STAMP) ## package the checkpoint as model_store/mnist.mar (MODEL_NAME
 serve: $(STAMP) ## start TorchServe on 127.0.0.1 in the background; returns when workers are READY
 	$(PY) -m serving.cli start --model-name $(MODEL_NAME) --auth $(AUTH) $(ARGS)
 
+kserve-bundle: $(STAMP) ## lay out artifacts/kserve/ (config + model-store) for KServe's TorchServe runtime
+	$(PY) -m serving.kserve --model-store model_store --model-name $(MODEL_NAME) --out artifacts/kserve $(ARGS)
+
 predict: $(STAMP) ## send IMAGE=path to the running server and print the prediction
 	$(PY) -m serving.cli predict $(IMAGE) --model-name $(MODEL_NAME)
 
@@ -103,7 +107,7 @@ test-fast: $(STAMP) ## unit tests only: no training, no server, no Java, no down
 	MNIST_OFFLINE=1 $(PY) -m pytest -m "not slow" $(ARGS)
 
 lint: $(STAMP) ## ruff over the code
-	$(VENV)/bin/ruff check training serving tests
+	$(VENV)/bin/ruff check training serving tests deploy
 
 bench: bench-train bench-serve ## both benchmarks (tables in README; ~8 min on 2 cores)
 

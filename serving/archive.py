@@ -28,6 +28,7 @@ from training.data import sha256_of
 ROOT = Path(__file__).resolve().parent.parent
 HANDLER = ROOT / "serving" / "handler.py"
 PACKED_TRAINING_FILES = ("model.py", "preprocess.py")  # what the handler imports from training/
+PACKED_SERVING_FILES = ("oip.py",)  # and from serving/ (the KServe v2 protocol)
 MODEL_CONFIG = ROOT / "configs" / "model-config.yaml"
 
 
@@ -65,6 +66,10 @@ def _stage(ckpt: dict, variant: str, checkpoint: Path, staging: Path) -> tuple[P
     (extra / "training" / "__init__.py").write_text('"""Model and preprocessing code packed from training/."""\n')
     for name in PACKED_TRAINING_FILES:
         shutil.copy2(ROOT / "training" / name, extra / "training" / name)
+    (extra / "serving").mkdir()
+    (extra / "serving" / "__init__.py").write_text('"""Serving code packed from serving/."""\n')
+    for name in PACKED_SERVING_FILES:
+        shutil.copy2(ROOT / "serving" / name, extra / "serving" / name)
     meta = {
         "model_config": ckpt["model_config"],
         "class_names": ckpt["class_names"],

@@ -26,6 +26,7 @@ _HERE = Path(__file__).resolve().parent
 if (_HERE / "training").is_dir() and str(_HERE) not in sys.path[:1]:
     sys.path.insert(0, str(_HERE))
 
+from serving import oip  # noqa: E402  (Open Inference Protocol v2: KServe)
 from training.model import build_model  # noqa: E402
 from training.preprocess import PreprocessError, from_pixels, normalize, preprocess_bytes, to_mnist  # noqa: E402
 
@@ -142,6 +143,8 @@ class MNISTHandler(BaseHandler):
         self.batch_size = int(properties.get("batch_size") or 1)
         with torch.inference_mode():  # warm-up: first-call allocations happen here, not on a request
             self.model(to_model_input(torch.zeros(self.batch_size, 28, 28, dtype=torch.uint8), self.device))
+        archived = (context.manifest or {}).get("model", {})
+        self.model_id = (archived.get("modelName", "mnist"), archived.get("modelVersion", ""))
         self.context = context
         self.initialized = True
         logger.info("MNIST model loaded on %s (batch size %d)", self.device, self.batch_size)
@@ -152,17 +155,21 @@ class MNISTHandler(BaseHandler):
         digits: list[np.ndarray] = []
         good: list[int] = []
         responses: list[bytes] = [b""] * len(data)
+        v2: dict[int, dict] = {}  # KServe v2 requests of the batch: answered in that protocol (serving/oip.py)
         for i, request in enumerate(data):
             try:
-                digits.append(decode_request(request))
+                if (body := oip.v2_body(request)) is not None:
+                    v2[i] = body
+                digits.append(oip.decode(body) if body is not None else decode_request(request))
                 good.append(i)
             except PreprocessError as err:
                 context.set_response_status(400, "Bad Request", i)
-                responses[i] = error_body(str(err))
+                responses[i] = oip.error_body(str(err)) if i in v2 else error_body(str(err))
             except Exception:  # a decoding bug must fail only its own request, not the batch
                 logger.exception("request %d of the batch could not be decoded", i)
                 context.set_response_status(500, "Internal Server Error", i)
-                responses[i] = error_body("could not decode the request", 500)
+                responses[i] = oip.error_body("could not decode the request") if i in v2 else \
+                    error_body("could not decode the request", 500)
             context.set_response_content_type(i, "application/json")
         decoded = time.perf_counter()
         predicted: list[int] = []
@@ -173,7 +180,8 @@ class MNISTHandler(BaseHandler):
                 predicted = probabilities.argmax(1).tolist()
                 probabilities = probabilities.cpu().tolist()
             for i, probs in zip(good, probabilities, strict=True):
-                responses[i] = prediction_body(probs, self.classes)
+                responses[i] = prediction_body(probs, self.classes) if i not in v2 else \
+                    oip.response_body(v2[i], probs, self.classes, *self.model_id, context.get_request_id(i))
         self._record_metrics(context, decoded - start, time.perf_counter() - decoded,
                              rejected=len(data) - len(good), predicted=predicted)
         return responses

@@ -1,0 +1,135 @@
+"""The KServe bundle: `make kserve-bundle`, `python -m serving.kserve`.
+
+Lays out what KServe's TorchServe runtime reads under an InferenceService's storageUri:
+
+    <out>/config/config.properties   configs/kserve.properties + a model_snapshot for the archive
+    <out>/config/metrics.yaml        the handler's metrics, declared for Prometheus mode
+    <out>/model-store/<name>.mar     the archive (and <name>.mar.* beside it: checksum, signatures)
+
+`start_local` runs TorchServe on such a bundle the way the runtime does, on free loopback ports:
+the live tests and the drain measurement use it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import yaml
+
+from serving.server import ServerError, TorchServe, free_port, verify_checksum
+
+ROOT = Path(__file__).resolve().parent.parent
+TEMPLATE = ROOT / "configs" / "kserve.properties"
+MODEL_CONFIG = ROOT / "configs" / "model-config.yaml"
+METRICS = ROOT / "configs" / "metrics.yaml"
+MOUNT = "/mnt/models"  # where KServe's storage initializer puts the storageUri's content
+SNAPSHOT_KEYS = ("minWorkers", "maxWorkers", "batchSize", "maxBatchDelay", "responseTimeout")
+
+
+class BundleError(RuntimeError):
+    """The bundle cannot be built from what is there."""
+
+
+def read_properties(path: Path) -> dict[str, str]:
+    """key=value lines as TorchServe (java.util.Properties) and KServe's wrapper read them."""
+    pairs = (line.split("=", 1) for line in path.read_text().splitlines()
+             if "=" in line and not line.lstrip().startswith("#"))
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
+def model_snapshot(mar: Path, batch_size: int | None = None) -> dict:
+    """TorchServe's startup snapshot for one archive: which model to load, with what workers and batching."""
+    with zipfile.ZipFile(mar) as z:
+        model = json.loads(z.read("MAR-INF/MANIFEST.json"))["model"]
+    settings = yaml.safe_load(MODEL_CONFIG.read_text())
+    entry = {"defaultVersion": True, "marName": mar.name, **{k: settings[k] for k in SNAPSHOT_KEYS}}
+    if batch_size is not None:  # GPU replicas batch more (configs/model-config.yaml)
+        entry["batchSize"] = batch_size
+    return {"name": "startup.cfg", "modelCount": 1, "models": {model["modelName"]: {model["modelVersion"]: entry}}}
+
+
+def build_bundle(model_store: Path, model_name: str, out: Path, batch_size: int | None = None) -> Path:
+    mar = model_store / f"{model_name}.mar"
+    if not mar.is_file():
+        raise BundleError(f"no archive at {mar}: run `make archive` first")
+    try:
+        verify_checksum(mar)
+    except ServerError as err:
+        raise BundleError(str(err)) from None
+    if out.exists():
+        shutil.rmtree(out)  # a bundle is derived: rebuilt whole, never merged with an older one
+    (out / "config").mkdir(parents=True)
+    (out / "model-store").mkdir()
+    for path in [mar, *sorted(model_store.glob(f"{mar.name}.*"))]:  # checksum, signatures if any
+        shutil.copy2(path, out / "model-store" / path.name)
+    shutil.copy2(METRICS, out / "config" / "metrics.yaml")
+    snapshot = json.dumps(model_snapshot(mar, batch_size), separators=(",", ":"))
+    config = out / "config" / "config.properties"
+    config.write_text(TEMPLATE.read_text() + f"model_snapshot={snapshot}\n")
+    return config
+
+
+def start_local(bundle: Path, run_dir: Path, envelope: str | None = "kservev2", timeout: float = 120) -> TorchServe:
+    """TorchServe on the bundle as KServe's runtime starts it (same arguments, TorchServe's default
+    request decoding, the runtime's TS_SERVICE_ENVELOPE), moved to free loopback ports and run_dir."""
+    props = read_properties(bundle / "config" / "config.properties")
+    model_name = next(iter(json.loads(props["model_snapshot"])["models"]))
+    port = free_port()  # inference and management share one port, as in the bundle
+    tmp = run_dir / "tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    local = {
+        "inference_address": f"http://127.0.0.1:{port}", "management_address": f"http://127.0.0.1:{port}",
+        "metrics_address": f"http://127.0.0.1:{free_port()}",
+        "grpc_inference_port": str(free_port()), "grpc_management_port": str(free_port()),
+        "model_store": str((bundle / "model-store").resolve()),
+        "metrics_config": str((bundle / "config" / "metrics.yaml").resolve()),
+        "vmargs": f"{props['vmargs']} -Djava.io.tmpdir={tmp.resolve()}",
+    }
+    lines = [f"{k}={local[k]}" if (k := line.split("=", 1)[0].strip()) in local and "=" in line else line
+             for line in (bundle / "config" / "config.properties").read_text().splitlines()]
+    config = run_dir / "config.properties"
+    config.write_text("\n".join(lines) + "\n")
+    server = TorchServe(run_dir=run_dir, model_store=bundle / "model-store", model_name=model_name, auth=False,
+                        addresses={"inference": local["inference_address"],
+                                   "management": local["management_address"],
+                                   "metrics": local["metrics_address"]})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TS_")}
+    env.update({"TMPDIR": str(tmp), "LOG_LOCATION": str(run_dir), "METRICS_LOCATION": str(run_dir)})
+    if envelope:
+        env["TS_SERVICE_ENVELOPE"] = envelope
+    torchserve = Path(sys.executable).parent / "torchserve"
+    with (run_dir / "console.log").open("ab") as console:
+        subprocess.run([str(torchserve), "--start", f"--model-store={local['model_store']}", f"--ts-config={config}"],
+                       cwd=run_dir, env=env, stdout=console, stderr=subprocess.STDOUT, start_new_session=True,
+                       check=True, timeout=60)
+    server.wait_until_ready(timeout)
+    return server
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m serving.kserve", description=__doc__.splitlines()[0])
+    parser.add_argument("--model-store", default="model_store", type=Path)
+    parser.add_argument("--model-name", default="mnist")
+    parser.add_argument("--out", default="artifacts/kserve", type=Path)
+    parser.add_argument("--batch-size", type=int, help="override configs/model-config.yaml's batchSize (GPU: 128)")
+    args = parser.parse_args(argv)
+    try:
+        config = build_bundle(args.model_store, args.model_name, args.out, args.batch_size)
+    except BundleError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    for path in sorted(p for p in args.out.rglob("*") if p.is_file()):
+        print(f"{path}  ({path.stat().st_size:,} bytes)")
+    print(f"upload {args.out}/ to your storageUri (it is mounted at {MOUNT}); config: {config}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
