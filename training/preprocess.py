@@ -19,19 +19,23 @@ MNIST_MEAN = 0.1307
 MNIST_STD = 0.3081
 SIZE = 28  # MNIST images are 28×28 ...
 BOX = 20  # ... with the digit scaled to fit a 20×20 box inside them
+# ... and its centre of mass at pixel (14, 14), not at the geometric centre 13.5: the mean over the
+# 60k training digits is (13.996, 14.007) in (row, column). Serving at 13.5 shifted every digit.
+MNIST_CENTRE = 14.0
 INK_THRESHOLD = 0.15  # fraction of the brightest ink; fainter pixels (noise, JPEG ringing) are background
 # Stroke width of the digit once scaled into the 20-px box, in px (2·area / edge pixels, see
-# `box_stroke_width`). MNIST's training digits, drawn large: 1st percentile 1.47, 2nd 1.59, median
-# 2.63 (`python -m training.wild --stroke-widths 2000`). Strokes thinner than THIN_STROKE (a pen line
-# on a big canvas) are redrawn at MNIST's median width; thicker ones are kept: thinning a marker
-# digit whose loops are filled in loses more than it gains (measured on the wild set's thick marker).
-THIN_STROKE = 1.5
+# `box_stroke_width`). MNIST's training digits, drawn large: 1st percentile 1.47, median 2.63
+# (`python -m training.wild --stroke-widths 2000`). Strokes thinner than THIN_STROKE, below MNIST's
+# thinnest 1% (a pen line on a big canvas), are redrawn at MNIST's median width; thicker ones are
+# kept: thinning a marker digit whose loops are filled in lost more than it gained on the wild set.
+THIN_STROKE = 1.2
 STROKE_TARGET = 2.6
 SUPERSAMPLE = 4  # strokes are redrawn at 4× the 20-px box, then area-averaged down: anti-aliased edges
 PAPER_GRID = 64  # the illumination is fitted on the picture shrunk to at most 64 px a side: it is smooth
 UNEVEN_PAPER = 8.0  # grey levels of light falloff across the page above which it is subtracted
 PART_AREA = 0.02  # a separate ink component of at least 2% of the largest one may be part of the digit...
 PART_REACH = 0.25  # ... if it lies within 25% of the digit's size from it (a broken 5's bar, a dotted stroke)
+PART_REACH_PAGE = 0.05  # ... plus 5% of the picture's size (the first dot of a dotted stroke is tiny)
 
 
 def from_pixels(pixels: object) -> np.ndarray:
@@ -74,12 +78,12 @@ def to_mnist(gray: np.ndarray) -> np.ndarray:
     top, bottom, left, right = digit_box(ink_map)
     digit = scale_into_box(ink_map[top:bottom, left:right])
     new_h, new_w = digit.shape
-    # Centre of mass → image centre, clamped so the whole digit stays inside the 28×28 field.
+    # Centre of mass → MNIST's centre, clamped so the whole digit stays inside the 28×28 field.
     total = float(digit.sum())
     cy = float((digit.sum(axis=1) * np.arange(new_h)).sum()) / total
     cx = float((digit.sum(axis=0) * np.arange(new_w)).sum()) / total
-    top = min(max(round(SIZE / 2 - 0.5 - cy), 0), SIZE - new_h)
-    left = min(max(round(SIZE / 2 - 0.5 - cx), 0), SIZE - new_w)
+    top = min(max(round(MNIST_CENTRE - cy), 0), SIZE - new_h)
+    left = min(max(round(MNIST_CENTRE - cx), 0), SIZE - new_w)
     out = np.zeros((SIZE, SIZE), np.float32)
     out[top : top + new_h, left : left + new_w] = digit
     return np.rint(np.clip(out, 0, 255)).astype(np.uint8)
@@ -92,9 +96,14 @@ def ink(gray: np.ndarray) -> np.ndarray:
     decided once the lighting is taken out, by which way the picture strays further from its paper:
     grey paper in a dim photo can be darker than mid-grey, so the paper's brightness alone cannot tell.
     """
-    residual = gray.astype(np.float32) - paper(gray)
+    page = paper(gray)
+    residual = gray.astype(np.float32) - page
     if -float(residual.min()) > float(residual.max()):  # dark ink
         residual = np.negative(residual, out=residual)
+        if isinstance(page, np.ndarray):
+            # Light multiplies: the same pencil is half as dark, in grey levels, where the page gets
+            # half the light. Ink is measured relative to the paper under it, as a fraction.
+            residual *= 255.0 / np.maximum(page, 1.0)
     # Paper grain and sensor noise: subtract the paper's level plus 3σ of its spread, so speckle does
     # not turn into ink once the contrast is stretched. Measured on a frame around the picture, which
     # is taken to be paper (a tight crop may be mostly ink).
@@ -161,10 +170,16 @@ def digit_box(ink_map: np.ndarray) -> tuple[int, int, int, int]:
 
     The largest connected ink component is the digit, or its main part: a broken 5's bar and a dotted
     stroke are separate components, so others are kept too when they are not tiny (PART_AREA of the
-    largest) and lie near what is kept so far (PART_REACH of its size). A speck of dust or a dot in a
-    corner, which would otherwise stretch the crop and shrink the digit, is dropped.
+    largest) and lie near what is kept so far (PART_REACH of its size, plus PART_REACH_PAGE of the
+    picture's). A speck of dust or a dot in a corner, which would otherwise stretch the crop and shrink
+    the digit, is dropped.
     """
-    mask = (ink_map > INK_THRESHOLD * 255).astype(np.uint8)
+    ink_mask = (ink_map > INK_THRESHOLD * 255).astype(np.uint8)
+    # A 1-px anti-aliased line drops under the threshold here and there: bridge gaps of about 1% of
+    # the picture, so one pen stroke is one component and not a trail of dashes.
+    bridge = 2 * (max(ink_mask.shape) // 200) + 1
+    mask = ink_mask if bridge == 1 else cv2.dilate(
+        ink_mask, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (bridge, bridge)))
     count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
     areas = stats[1:, cv2.CC_STAT_AREA]
     main = 1 + int(np.argmax(areas))
@@ -176,7 +191,7 @@ def digit_box(ink_map: np.ndarray) -> tuple[int, int, int, int]:
     grown = True
     while grown:
         grown = False
-        reach = PART_REACH * max(right - left, bottom - top)
+        reach = PART_REACH * max(right - left, bottom - top) + PART_REACH_PAGE * max(ink_map.shape)
         for i in candidates:
             x, y, w, h = (int(v) for v in stats[i, :4])
             gap = max(x - right, left - (x + w), y - bottom, top - (y + h), 0)
@@ -185,7 +200,12 @@ def digit_box(ink_map: np.ndarray) -> tuple[int, int, int, int]:
                 left, top, right, bottom = min(left, x), min(top, y), max(right, x + w), max(bottom, y + h)
     if not kept.all():
         ink_map[~kept[labels]] = 0
-    return top, bottom, left, right
+    if bridge == 1:
+        return top, bottom, left, right
+    # The box of the ink itself, without the bridging margin.
+    cols = np.flatnonzero((ink_map[top:bottom, left:right] > INK_THRESHOLD * 255).any(axis=0))
+    rows = np.flatnonzero((ink_map[top:bottom, left:right] > INK_THRESHOLD * 255).any(axis=1))
+    return top + int(rows[0]), top + int(rows[-1]) + 1, left + int(cols[0]), left + int(cols[-1]) + 1
 
 
 def stroke_width(mask: np.ndarray) -> float:
@@ -224,14 +244,14 @@ def scale_into_box(digit: np.ndarray) -> np.ndarray:
         interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
         digit = cv2.resize(digit, (new_w, new_h), interpolation=interpolation)
     else:
-        digit = redraw(digit, new_w, new_h)
+        digit = redraw(digit)
     # MNIST strokes are saturated: a stroke shrunk to grey (or redrawn) gets its full brightness back.
     peak = float(digit.max())
     return digit * (255.0 / peak) if peak > 0 else digit
 
 
-def redraw(digit: np.ndarray, new_w: int, new_h: int) -> np.ndarray:
-    """Redraw a thin-stroked digit's centre lines with MNIST's median stroke width at new_w×new_h.
+def redraw(digit: np.ndarray) -> np.ndarray:
+    """Redraw a thin-stroked digit's centre lines with MNIST's median stroke width, longer side BOX px.
 
     A 2-px pen line on a 400-px canvas shrinks to a tenth of a pixel (a ghost the model never saw).
     It is thinned to its 1-px skeleton at SUPERSAMPLE× the output size (so that a stroke already
@@ -250,7 +270,10 @@ def redraw(digit: np.ndarray, new_w: int, new_h: int) -> np.ndarray:
     drawn = cv2.dilate(lines, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (brush, brush))).astype(np.float32)
     rows, cols = np.flatnonzero(drawn.any(axis=1)), np.flatnonzero(drawn.any(axis=0))
     drawn = drawn[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1] * 255.0
-    return cv2.resize(drawn, (new_w, new_h), interpolation=cv2.INTER_AREA)
+    # The brush widened the drawing (a "1" is now a stroke wide, not a hairline): scale what was drawn.
+    scale = BOX / max(drawn.shape)
+    size = (max(1, round(drawn.shape[1] * scale)), max(1, round(drawn.shape[0] * scale)))
+    return cv2.resize(drawn, size, interpolation=cv2.INTER_AREA)
 
 
 def skeleton(mask: np.ndarray) -> np.ndarray:

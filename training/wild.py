@@ -4,7 +4,7 @@ Made from MNIST's test split (never trained on), deterministically: digit i of t
 gets the same canvas, colours, noise and encoding (a generator seeded with (seed, t, i)). Each
 transform returns the request the TorchServe handler receives (`{"body": bytes}`), so
 `serving/eval_wild.py` can score them through the handler's own decoding. `--stroke-widths` prints
-the MNIST stroke-width percentiles that training/preprocess.py's STROKE_BAND comes from.
+the MNIST stroke-width percentiles that training/preprocess.py's THIN_STROKE and STROKE_TARGET come from.
 """
 
 from __future__ import annotations
@@ -131,10 +131,11 @@ def shaded_photo(digit, rng) -> Request:
     angle = rng.uniform(0, 2 * np.pi)
     light = rng.uniform(15, 40) * (np.cos(angle) * x + np.sin(angle) * y) * 2  # a lamp to one side
     light -= rng.uniform(10, 30) * (x * x + y * y) * 4  # lens vignetting: darker corners
-    paper = rng.uniform(150, 225) + light
-    pencil = rng.uniform(40, 110)
+    level = rng.uniform(150, 225)
+    paper = level + light
+    darkness = 1 - rng.uniform(40, 110) / level  # pencil reflects 20-70% of the light the paper does
     alpha = upscale(digit, size) / 255.0
-    photo = paper + (pencil - paper) * alpha + rng.normal(0, rng.uniform(3, 10), (size, size))
+    photo = paper * (1 - darkness * alpha) + rng.normal(0, rng.uniform(3, 10), (size, size))
     return {"body": jpeg(np.clip(np.rint(photo), 0, 255).astype(np.uint8), 85)}
 
 
