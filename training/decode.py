@@ -63,15 +63,25 @@ def _read_header(data: bytes) -> tuple[str, int, int, int]:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is lower
             with Image.open(io.BytesIO(data)) as header:
                 fmt, (width, height) = header.format, header.size
-                try:
-                    orientation = int(header.getexif().get(ORIENTATION_TAG, 1))
-                except Exception:  # a broken EXIF block is no reason to refuse the picture
-                    orientation = 1
+                orientation = _orientation(header.info.get("exif"))
     except Image.DecompressionBombError:  # PIL's own limit (~179 MP), checked before ours
         raise PreprocessError(f"image too large: over {MAX_PIXELS:,} pixels") from None
     except Exception:  # PIL raises many types for unknown or broken headers
         raise PreprocessError(f"not an image: expected {ACCEPTED} bytes") from None
     return fmt, width, height, orientation if 1 <= orientation <= 8 else 1
+
+
+def _orientation(exif: bytes | None) -> int:
+    # From the EXIF block the header parse already read: Image.getexif() would decode a PNG's pixels
+    # to look for an eXIf chunk after them, which is what the header check is there to avoid.
+    if not exif:
+        return 1
+    try:
+        parsed = Image.Exif()
+        parsed.load(exif)
+        return int(parsed.get(ORIENTATION_TAG, 1))
+    except Exception:  # a broken EXIF block is no reason to refuse the picture
+        return 1
 
 
 def _decode_opencv(data: bytes) -> np.ndarray | None:
