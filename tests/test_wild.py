@@ -197,3 +197,19 @@ def test_on_paper_mixes_pen_and_paper_by_the_ink():
     ink_map = np.array([[0.0, 127.5, 255.0]])
     assert on_paper(ink_map).tolist() == [[255, 128, 0]]
     assert on_paper(ink_map, paper=200, pen=40).tolist() == [[200, 120, 40]]
+
+
+def test_eval_wild_prints_a_row_per_transform_and_draws_the_failures(mnist_dir, tmp_path, capsys):
+    from serving_fixtures import save_tiny_checkpoint
+
+    from serving.eval_wild import main
+
+    checkpoint = save_tiny_checkpoint(tmp_path / "model.pt")  # untrained: plenty of failures to draw
+    failures = tmp_path / "wild_failures.png"
+    assert main(["--checkpoint", str(checkpoint), "--data-dir", str(mnist_dir), "--dry-run",
+                 "--transforms", "dark on light,data-URL JSON", "--failures", str(failures)]) == 0
+    rows = [line.split(" | ")[0] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert rows == ["| transform", "| clean 28×28 (training's tensors)", "| dark on light", "| data-URL JSON",
+                    "| **all wild**"]
+    assert failures.stat().st_size > 0 and failures.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["--checkpoint", str(checkpoint), "--transforms", "sepia"]) == 1
