@@ -24,7 +24,7 @@ BOX = 20  # ... with the digit scaled to fit a 20×20 box inside them
 MNIST_CENTRE = 14.0
 INK_THRESHOLD = 0.15  # fraction of the brightest ink; fainter pixels (noise, JPEG ringing) are background
 # Stroke width of the digit once scaled into the 20-px box, in px (2·area / edge pixels, see
-# `box_stroke_width`). MNIST's training digits, drawn large: 1st percentile 1.47, median 2.63
+# `box_stroke_width`). MNIST's first 2000 training digits, drawn 224 px: 1st percentile 1.55, median 2.63
 # (`python -m training.wild --stroke-widths 2000`). Strokes thinner than THIN_STROKE, below MNIST's
 # thinnest 1% (a pen line on a big canvas), are redrawn at MNIST's median width; thicker ones are
 # kept: thinning a marker digit whose loops are filled in lost more than it gained on the wild set.
@@ -55,7 +55,7 @@ def to_mnist(gray: np.ndarray) -> np.ndarray:
     """Make any digit picture look like an MNIST digit: 28×28 uint8, bright ink on black.
 
     The MNIST procedure: ink bright on dark, crop to the ink, scale the longer side to 20 px
-    keeping the aspect ratio, paste into 28×28 so the centre of mass sits at the centre.
+    keeping the aspect ratio, paste into 28×28 so the centre of mass sits where MNIST has it, (14, 14).
     A 28×28 input is taken to be MNIST-format already and only has its polarity fixed, so MNIST
     images pass through unchanged (that is what makes training and serving see the same tensor).
     Larger pictures first lose what MNIST never had: uneven lighting and paper grain (`ink`), stray
