@@ -26,7 +26,7 @@ export INFERENCE_ADDRESS ?= 127.0.0.1:8080
 export MANAGEMENT_ADDRESS ?= 127.0.0.1:8081
 export METRICS_ADDRESS ?= 127.0.0.1:8082
 
-.PHONY: help setup system-deps data train train-ddp evaluate archive serve predict status token ui stop demo \
+.PHONY: help setup system-deps data train train-ddp evaluate eval-wild archive serve predict status token ui stop demo \
         kserve-bundle test test-fast lint bench bench-train bench-serve chaos docker-build docker-run docker-train docker-test clean
 
 help: ## list the targets
@@ -60,6 +60,9 @@ train-ddp: $(STAMP) ## train with torchrun on NPROC processes (nccl: one GPU eac
 
 evaluate: $(STAMP) ## re-score a checkpoint on the MNIST test set (CHECKPOINT=...)
 	$(PY) -m training.evaluate --checkpoint $(CHECKPOINT) $(ARGS)
+
+eval-wild: $(STAMP) ## score CHECKPOINT on the wild MNIST test set through the handler's decoding (~10 min)
+	$(PY) -m bench.eval_wild --checkpoint $(CHECKPOINT) $(ARGS)
 
 archive: $(STAMP) ## package the checkpoint as model_store/mnist.mar (MODEL_NAME=, VERSION=, ARGS=--force)
 	$(PY) -m serving.archive --checkpoint $(CHECKPOINT) --model-name $(MODEL_NAME) --version $(VERSION) $(ARGS)

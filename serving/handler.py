@@ -31,6 +31,7 @@ from training.model import build_model  # noqa: E402
 from training.preprocess import PreprocessError, from_pixels, normalize, preprocess_bytes, to_mnist  # noqa: E402
 
 logger = logging.getLogger(__name__)
+MAX_JSON_DEPTH = 32  # far above any valid request (3 levels), far below Python's recursion limit
 
 # Load-time transforms of the eager model, chosen per archive (`make archive ARGS="--variant ..."`).
 VARIANTS = ("eager", "fused", "int8")
@@ -72,7 +73,7 @@ def decode_request(request: dict[str, Any]) -> np.ndarray:
     """One request of a batch → a 28×28 uint8 digit, or PreprocessError saying what is wrong with it.
 
     Accepted: raw image bytes (body), multipart field `data` or `file`, JSON {"data": base64 image}
-    or JSON {"pixels": 28×28 values in 0..255}.
+    or JSON {"pixels": 28×28 values in 0..255}. The base64 may be a data URL, line-wrapped or urlsafe.
     """
     value = next((request[k] for k in ("data", "body", "file") if request.get(k) is not None), None)
     if value is None:  # also what a form-urlencoded body of non-form bytes turns into
@@ -81,17 +82,62 @@ def decode_request(request: dict[str, Any]) -> np.ndarray:
     if isinstance(value, str):
         value = value.encode()
     if isinstance(value, (bytes, bytearray)) and value.lstrip()[:1] in (b"{", b"["):
-        try:
-            value = json.loads(value)
-        except (UnicodeDecodeError, ValueError):
-            raise PreprocessError("malformed JSON body") from None
+        value = _parse_json(bytes(value))
     if isinstance(value, dict):
         return _decode_json(value)
     if isinstance(value, list):
         raise PreprocessError("JSON body must be an object with 'data' or 'pixels'")
     if isinstance(value, (bytes, bytearray)):
+        if value[:5].lower() == b"data:":  # a data URL sent as the body itself
+            return preprocess_bytes(_base64_image(value.decode("ascii", "replace")))
         return preprocess_bytes(bytes(value))
     raise PreprocessError("JSON body must be an object with 'data' or 'pixels'")
+
+
+def _parse_json(raw: bytes) -> Any:
+    # json.loads recurses once per nesting level: `[` × 50,000 (50 KB, well under the size limit)
+    # would raise RecursionError, a 500. Nothing valid here nests deeper than 3 (pixels: rows of
+    # numbers in an object), so anything deeper than MAX_JSON_DEPTH is refused before parsing.
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and _nesting(raw) > MAX_JSON_DEPTH:
+        raise PreprocessError(f"JSON nested too deeply: at most {MAX_JSON_DEPTH} levels")
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise PreprocessError("malformed JSON body") from None
+
+
+def _nesting(raw: bytes) -> int:
+    """Deepest bracket nesting outside JSON strings (counted on the bytes, with numpy: no recursion)."""
+    codes = np.frombuffer(raw, np.uint8)
+    quote = codes == ord('"')
+    # A quote after an odd run of backslashes is escaped: run lengths from the last other byte's index.
+    position = np.arange(len(codes))
+    last_other = np.maximum.accumulate(np.where(codes != ord("\\"), position, -1))
+    run = np.concatenate([[0], position[:-1] - last_other[:-1]])  # backslashes right before each byte
+    escaped = run % 2 == 1
+    in_string = np.cumsum(quote & ~escaped) % 2 == 1
+    step = np.isin(codes, (ord("["), ord("{"))).astype(np.int64) - np.isin(codes, (ord("]"), ord("}")))
+    step[in_string] = 0
+    return int(np.cumsum(step).max(initial=0))
+
+
+def _base64_image(text: str) -> bytes:
+    """Base64 image text → bytes. Takes what clients send: a data URL (`canvas.toDataURL()`), lines
+    wrapped by the `base64` tool or a mail client, the urlsafe alphabet and missing padding."""
+    if text[:5].lower() == "data:":
+        header, comma, text = text.partition(",")
+        if not comma or not header.lower().endswith(";base64"):
+            raise PreprocessError("'data' URL must be base64-encoded: data:image/...;base64,...")
+        if not header[5:].lower().startswith("image/"):
+            raise PreprocessError(f"'data' URL is not an image: {header[5:].split(';')[0] or 'no media type'}")
+    text = "".join(text.split())  # spaces and line breaks anywhere
+    if "-" in text or "_" in text:  # the urlsafe alphabet (RFC 4648 §5)
+        text = text.replace("-", "+").replace("_", "/")
+    text += "=" * (-len(text) % 4)
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise PreprocessError("'data' is not valid base64") from None
 
 
 def _decode_json(body: dict[str, Any]) -> np.ndarray:
@@ -100,11 +146,7 @@ def _decode_json(body: dict[str, Any]) -> np.ndarray:
     if "data" in body:
         if not isinstance(body["data"], str):
             raise PreprocessError("'data' must be a base64-encoded image string")
-        try:
-            raw = base64.b64decode(body["data"], validate=True)
-        except (binascii.Error, ValueError):
-            raise PreprocessError("'data' is not valid base64") from None
-        return preprocess_bytes(raw)
+        return preprocess_bytes(_base64_image(body["data"]))
     raise PreprocessError("JSON body must have 'data' (base64 image) or 'pixels' (28x28 array of 0..255)")
 
 

@@ -254,6 +254,23 @@ def test_bad_requests_in_a_batch_fail_only_themselves(tiny_worker, tiny_archive,
     assert predicted == {d: digits.count(d) for d in digits}
 
 
+def test_wild_input_forms_and_their_refusals_share_a_batch(tiny_worker, mnist_test_images):
+    png = encode_png(mnist_test_images[0][0])
+    text = base64.b64encode(png).decode()
+    batch = [
+        as_json({"data": "data:image/png;base64," + text}),  # canvas.toDataURL()
+        raw(b"[" * 50_000, "application/json"),  # 50 KB: json.loads alone would raise RecursionError
+        as_json({"data": "\n".join(text[i : i + 76] for i in range(0, len(text), 76))}),  # `base64` output
+        as_json({"data": "data:text/html;base64," + text}),
+    ]
+    answers = tiny_worker.handle(batch)
+    assert [status for status, _ in answers] == [200, 400, 200, 400]
+    assert answers[0] == answers[2] == tiny_worker.handle([raw(png)])[0]
+    assert answers[1][1] == {"code": 400, "type": "InvalidInput",
+                             "message": "JSON nested too deeply: at most 32 levels"}
+    assert answers[3][1]["message"] == "'data' URL is not an image: text/html"
+
+
 # --- with a trained model -------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

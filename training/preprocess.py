@@ -1,82 +1,41 @@
 """Image bytes → MNIST-style 28×28 digit → normalised tensor. Shared verbatim by training and serving.
 
 Training reads MNIST, which is already in the format `to_mnist` produces, and calls `normalize`;
-the TorchServe handler calls `load_image` → `to_mnist` → `normalize`. This file is packed into the
-`.mar`, so it imports nothing from the rest of the repository.
+the TorchServe handler calls `load_image` (training/decode.py) → `to_mnist` → `normalize`. This
+file and decode.py are packed into the `.mar`, so they import nothing else from the repository.
 """
 
 from __future__ import annotations
 
-import io
-import warnings
+import itertools
 
 import cv2
 import numpy as np
 import torch
-from PIL import Image
+
+from training.decode import MAX_PIXELS, MIN_SIDE, PreprocessError, load_image  # noqa: F401  (re-exported)
 
 MNIST_MEAN = 0.1307
 MNIST_STD = 0.3081
 SIZE = 28  # MNIST images are 28×28 ...
 BOX = 20  # ... with the digit scaled to fit a 20×20 box inside them
-MAX_PIXELS = 16_000_000  # ~16 MP: above this an image is refused before it is decoded
-MIN_SIDE = 8
-FORMATS = {"PNG", "JPEG", "BMP", "WEBP"}
+# ... and its centre of mass at pixel (14, 14), not at the geometric centre 13.5: the mean over the
+# 60k training digits is (13.996, 14.007) in (row, column). Serving at 13.5 shifted every digit.
+MNIST_CENTRE = 14.0
 INK_THRESHOLD = 0.15  # fraction of the brightest ink; fainter pixels (noise, JPEG ringing) are background
-
-# One decode thread per call: the server runs several workers and batches, not threads per image.
-cv2.setNumThreads(1)
-
-
-class PreprocessError(ValueError):
-    """The input cannot be turned into a digit image; the message says why, for the client."""
-
-
-def load_image(data: bytes) -> np.ndarray:
-    """Decode PNG/JPEG/BMP/WebP bytes to a 2-D uint8 grayscale array (alpha composited on white)."""
-    if not data:
-        raise PreprocessError("empty input: expected image bytes")
-    # Read the header first (PIL parses it without decoding pixels), so a decompression bomb,
-    # a small file that claims gigapixels, is refused before any memory is spent on it.
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is lower
-            with Image.open(io.BytesIO(data)) as header:
-                fmt, (width, height) = header.format, header.size
-    except Image.DecompressionBombError:  # PIL's own limit (~179 MP), checked before ours
-        raise PreprocessError(f"image too large: over {MAX_PIXELS:,} pixels") from None
-    except Exception:  # PIL raises many types for unknown or broken headers
-        raise PreprocessError("not an image: expected PNG, JPEG, BMP or WebP bytes") from None
-    if fmt not in FORMATS:
-        raise PreprocessError(f"unsupported image format {fmt}: expected PNG, JPEG, BMP or WebP")
-    if width * height > MAX_PIXELS:
-        raise PreprocessError(f"image too large: {width}x{height} pixels (limit {MAX_PIXELS:,} pixels)")
-    if min(width, height) < MIN_SIDE:
-        raise PreprocessError(f"image too small: {width}x{height} pixels (at least {MIN_SIDE} per side)")
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    if image is None or image.shape[:2] != (height, width):
-        raise PreprocessError(f"could not decode the {fmt} image: truncated or corrupt")
-    return _to_gray(image)
-
-
-def _to_gray(image: np.ndarray) -> np.ndarray:
-    if image.dtype == np.uint16:
-        image = (image >> 8).astype(np.uint8)
-    elif image.dtype != np.uint8:
-        raise PreprocessError(f"unsupported pixel type {image.dtype}")
-    if image.ndim == 2:
-        return image
-    channels = image.shape[2]
-    if channels == 1:
-        return image[:, :, 0]
-    if channels == 3:
-        return cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
-    if channels == 4:
-        gray = cv2.cvtColor(image[:, :, :3], cv2.COLOR_BGR2GRAY).astype(np.float32)
-        alpha = image[:, :, 3].astype(np.float32) / 255.0
-        # Transparent pixels become white paper, as they look in a browser.
-        return np.rint(gray * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
-    raise PreprocessError(f"unsupported number of channels: {channels}")
+# Stroke width of the digit once scaled into the 20-px box, in px (2·area / edge pixels, see
+# `box_stroke_width`). MNIST's first 2000 training digits, drawn 224 px: 1st percentile 1.55, median 2.63
+# (`python -m training.wild --stroke-widths 2000`). Strokes thinner than THIN_STROKE, below MNIST's
+# thinnest 1% (a pen line on a big canvas), are redrawn at MNIST's median width; thicker ones are
+# kept: thinning a marker digit whose loops are filled in lost more than it gained on the wild set.
+THIN_STROKE = 1.2
+STROKE_TARGET = 2.6
+SUPERSAMPLE = 4  # strokes are redrawn at 4× the 20-px box, then area-averaged down: anti-aliased edges
+PAPER_GRID = 64  # the illumination is fitted on the picture shrunk to at most 64 px a side: it is smooth
+UNEVEN_PAPER = 8.0  # grey levels of light falloff across the page above which it is subtracted
+PART_AREA = 0.02  # a separate ink component of at least 2% of the largest one may be part of the digit...
+PART_REACH = 0.25  # ... if it lies within 25% of the digit's size from it (a broken 5's bar, a dotted stroke)
+PART_REACH_PAGE = 0.05  # ... plus 5% of the picture's size (the first dot of a dotted stroke is tiny)
 
 
 def from_pixels(pixels: object) -> np.ndarray:
@@ -96,50 +55,246 @@ def to_mnist(gray: np.ndarray) -> np.ndarray:
     """Make any digit picture look like an MNIST digit: 28×28 uint8, bright ink on black.
 
     The MNIST procedure: ink bright on dark, crop to the ink, scale the longer side to 20 px
-    keeping the aspect ratio, paste into 28×28 so the centre of mass sits at the centre.
+    keeping the aspect ratio, paste into 28×28 so the centre of mass sits where MNIST has it, (14, 14).
     A 28×28 input is taken to be MNIST-format already and only has its polarity fixed, so MNIST
     images pass through unchanged (that is what makes training and serving see the same tensor).
+    Larger pictures first lose what MNIST never had: uneven lighting and paper grain (`ink`), stray
+    marks away from the digit (`digit_box`), strokes far thinner than a 20-px MNIST digit's and the
+    faint grey a thin stroke becomes when shrunk (`scale_into_box`).
     """
     if gray.ndim != 2 or gray.dtype != np.uint8:
         raise PreprocessError(f"expected a 2-D uint8 image, got {gray.dtype} {gray.shape}")
     if gray.size == 0:
         raise PreprocessError("empty image: no pixels")
-    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
-    background = int(np.median(border))
-    if background > 127:  # dark ink on light paper: MNIST is the other way round
-        gray = 255 - gray
-        background = 255 - background
     if gray.shape == (SIZE, SIZE):
+        border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+        if np.median(border) > 127:  # dark ink on light paper: MNIST is the other way round
+            gray = 255 - gray
         if gray.max() == 0:
             raise PreprocessError("no digit found: the image is blank")
         return np.ascontiguousarray(gray)
 
-    ink = gray.astype(np.float32) - background
-    np.clip(ink, 0, None, out=ink)
-    peak = float(ink.max())
-    if peak < 16:  # no stroke stands out from the paper
-        raise PreprocessError("no digit found: the image has no contrast")
-    ink *= 255.0 / peak
-    rows = np.flatnonzero((ink > INK_THRESHOLD * 255).any(axis=1))
-    cols = np.flatnonzero((ink > INK_THRESHOLD * 255).any(axis=0))
-    digit = ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-
-    height, width = digit.shape
-    scale = BOX / max(height, width)
-    new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
-    interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
-    digit = cv2.resize(digit, (new_w, new_h), interpolation=interpolation)
-
-    # Centre of mass → image centre, clamped so the whole digit stays inside the 28×28 field.
+    ink_map = ink(gray)
+    top, bottom, left, right = digit_box(ink_map)
+    digit = scale_into_box(ink_map[top:bottom, left:right])
+    new_h, new_w = digit.shape
+    # Centre of mass → MNIST's centre, clamped so the whole digit stays inside the 28×28 field.
     total = float(digit.sum())
     cy = float((digit.sum(axis=1) * np.arange(new_h)).sum()) / total
     cx = float((digit.sum(axis=0) * np.arange(new_w)).sum()) / total
-    top = min(max(round(SIZE / 2 - 0.5 - cy), 0), SIZE - new_h)
-    left = min(max(round(SIZE / 2 - 0.5 - cx), 0), SIZE - new_w)
+    top = min(max(round(MNIST_CENTRE - cy), 0), SIZE - new_h)
+    left = min(max(round(MNIST_CENTRE - cx), 0), SIZE - new_w)
     out = np.zeros((SIZE, SIZE), np.float32)
     out[top : top + new_h, left : left + new_w] = digit
     return np.rint(np.clip(out, 0, 255)).astype(np.uint8)
 
+
+def ink(gray: np.ndarray) -> np.ndarray:
+    """Any picture → float32 ink in 0..255 on black: paper, its lighting and its grain removed.
+
+    Dark ink on light paper is turned round, as MNIST is light on dark. Which side the ink is on is
+    decided once the lighting is taken out, by which way the picture strays further from its paper:
+    grey paper in a dim photo can be darker than mid-grey, so the paper's brightness alone cannot tell.
+    """
+    page = paper(gray)
+    residual = gray.astype(np.float32) - page
+    if -float(residual.min()) > float(residual.max()):  # dark ink
+        residual = np.negative(residual, out=residual)
+        if isinstance(page, np.ndarray):
+            # Light multiplies: the same pencil is half as dark, in grey levels, where the page gets
+            # half the light. Ink is measured relative to the paper under it, as a fraction.
+            residual *= 255.0 / np.maximum(page, 1.0)
+    # Paper grain and sensor noise: subtract the paper's level plus 3σ of its spread, so speckle does
+    # not turn into ink once the contrast is stretched. Measured on a frame around the picture, which
+    # is taken to be paper (a tight crop may be mostly ink).
+    frame = max(1, min(gray.shape) // 32)
+    edge = np.concatenate([residual[:frame].ravel(), residual[-frame:].ravel(),
+                           residual[:, :frame].ravel(), residual[:, -frame:].ravel()])
+    level = float(np.median(edge))
+    noise = 1.4826 * float(np.median(np.abs(edge - level)))  # the MAD as a robust standard deviation
+    residual -= level + 3 * noise
+    np.clip(residual, 0, None, out=residual)
+    peak = float(residual.max())
+    if peak < 16:  # no stroke stands out from the paper
+        raise PreprocessError("no digit found: the image has no contrast")
+    residual *= 255.0 / peak
+    return residual
+
+
+def paper(gray: np.ndarray) -> np.ndarray | float:
+    """The paper's brightness under the picture's lighting: the border's level, or a smooth surface.
+
+    A phone photo of paper is darker in one corner than another: a single background level would
+    either leave shadow as ink or erase faint pencil. A quadratic surface is fitted to the paper
+    pixels on the picture shrunk to PAPER_GRID px, where it is cheap: first to the outer frame (paper,
+    as MNIST's framing assumes; a quadratic is fully determined by a rectangle's edges), then to
+    every pixel within 2.5σ of that surface, which leaves the ink out, dark or light. Smooth by
+    construction, it cannot eat a thick stroke the way a large-kernel blur or morphological opening
+    can. An evenly lit picture gets the border's median, as a scan or a canvas drawing always did.
+    """
+    height, width = gray.shape
+    background = float(np.median(np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])))
+    f = min(1.0, PAPER_GRID / max(height, width))
+    small = cv2.resize(gray, (max(1, round(width * f)), max(1, round(height * f))), interpolation=cv2.INTER_AREA)
+    sh, sw = small.shape
+    y, x = np.mgrid[0:sh, 0:sw]
+    terms = _quadratic_terms((x.ravel() + 0.5) / sw * 2 - 1, (y.ravel() + 0.5) / sh * 2 - 1)
+    values = small.ravel().astype(np.float64)
+    keep = ((x == 0) | (y == 0) | (x == sw - 1) | (y == sh - 1)).ravel()
+    for _ in range(4):
+        if keep.sum() < 4 * terms.shape[1]:  # too few paper pixels to fit a surface to
+            return background
+        fit = terms[keep]
+        try:  # the normal equations: 6×6, and far faster than lstsq's SVD on a busy machine
+            coef = np.linalg.solve(fit.T @ fit, fit.T @ values[keep])
+        except np.linalg.LinAlgError:  # a picture one pixel high or wide has no surface to fit
+            return background
+        residual = values - terms @ coef
+        spread = 1.4826 * float(np.median(np.abs(residual[keep]))) + 1.0
+        keep = np.abs(residual) < 2.5 * spread
+    fitted = terms @ coef
+    if fitted.max() - fitted.min() < UNEVEN_PAPER:  # evenly lit: the border's level, as scanned digits get
+        return background
+    xs = ((np.arange(width) + 0.5) / width * 2 - 1).astype(np.float32)[None, :]
+    ys = ((np.arange(height) + 0.5) / height * 2 - 1).astype(np.float32)[:, None]
+    c = coef.astype(np.float32)
+    return c[0] + c[1] * xs + c[2] * ys + c[3] * xs * xs + c[4] * xs * ys + c[5] * ys * ys
+
+
+def _quadratic_terms(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    return np.stack([np.ones_like(x), x, y, x * x, x * y, y * y], axis=-1)
+
+
+def digit_box(ink_map: np.ndarray) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) of the digit's ink; stray marks away from it are erased from `ink_map`.
+
+    The largest connected ink component is the digit, or its main part: a broken 5's bar and a dotted
+    stroke are separate components, so others are kept too when they are not tiny (PART_AREA of the
+    largest) and lie near what is kept so far (PART_REACH of its size, plus PART_REACH_PAGE of the
+    picture's). A speck of dust or a dot in a corner, which would otherwise stretch the crop and shrink
+    the digit, is dropped.
+    """
+    ink_mask = (ink_map > INK_THRESHOLD * 255).astype(np.uint8)
+    # A 1-px anti-aliased line drops under the threshold here and there: bridge gaps of about 1% of
+    # the picture, so one pen stroke is one component and not a trail of dashes.
+    bridge = 2 * (max(ink_mask.shape) // 200) + 1
+    mask = ink_mask if bridge == 1 else cv2.dilate(
+        ink_mask, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (bridge, bridge)))
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    areas = stats[1:, cv2.CC_STAT_AREA]
+    main = 1 + int(np.argmax(areas))
+    x, y, w, h = (int(v) for v in stats[main, :4])
+    left, top, right, bottom = x, y, x + w, y + h
+    kept = np.zeros(count, bool)
+    kept[[0, main]] = True
+    candidates = [i for i in range(1, count) if i != main and areas[i - 1] >= PART_AREA * areas.max()]
+    grown = True
+    while grown:
+        grown = False
+        reach = PART_REACH * max(right - left, bottom - top) + PART_REACH_PAGE * max(ink_map.shape)
+        for i in candidates:
+            x, y, w, h = (int(v) for v in stats[i, :4])
+            gap = max(x - right, left - (x + w), y - bottom, top - (y + h), 0)
+            if not kept[i] and gap <= reach:
+                kept[i], grown = True, True
+                left, top, right, bottom = min(left, x), min(top, y), max(right, x + w), max(bottom, y + h)
+    if not kept.all():
+        ink_map[~kept[labels]] = 0
+    if bridge == 1:
+        return top, bottom, left, right
+    # The box of the ink itself, without the bridging margin.
+    cols = np.flatnonzero((ink_map[top:bottom, left:right] > INK_THRESHOLD * 255).any(axis=0))
+    rows = np.flatnonzero((ink_map[top:bottom, left:right] > INK_THRESHOLD * 255).any(axis=1))
+    return top + int(rows[0]), top + int(rows[-1]) + 1, left + int(cols[0]), left + int(cols[-1]) + 1
+
+
+def stroke_width(mask: np.ndarray) -> float:
+    """Mean stroke width of a binary drawing in px: 2·area / edge pixels (a w×L stroke has 2L edge pixels).
+
+    Reads 2 for any stroke up to 2 px wide: thinner ones are all far below MNIST's width anyway.
+    """
+    area = int(np.count_nonzero(mask))
+    if area == 0:
+        return 0.0
+    inner = cv2.erode(mask.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3)),
+                      borderType=cv2.BORDER_CONSTANT, borderValue=0)
+    return 2.0 * area / max(1, area - int(np.count_nonzero(inner)))
+
+
+def box_stroke_width(digit: np.ndarray) -> float:
+    """Stroke width the cropped digit will have once its longer side is BOX px (half-maximum outline).
+
+    Measured on the digit area-averaged to SUPERSAMPLE× the box: the noise and ragged edges of a photo
+    would otherwise count as edge pixels and make every stroke look thin.
+    """
+    scale = min(1.0, BOX * SUPERSAMPLE / max(digit.shape))
+    size = (max(1, round(digit.shape[1] * scale)), max(1, round(digit.shape[0] * scale)))
+    small = cv2.resize(digit, size, interpolation=cv2.INTER_AREA)
+    # Half of a typical stroke-core brightness, not of the maximum, which a noisy photo inflates.
+    core = small[small >= INK_THRESHOLD * float(small.max())]
+    return stroke_width(small >= 0.5 * float(np.percentile(core, 90))) * BOX / max(small.shape)
+
+
+def scale_into_box(digit: np.ndarray) -> np.ndarray:
+    """Cropped float ink → float32 digit with its longer side BOX px, strokes MNIST-wide and saturated."""
+    height, width = digit.shape
+    scale = BOX / max(height, width)
+    new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
+    if box_stroke_width(digit) >= THIN_STROKE:
+        interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+        digit = cv2.resize(digit, (new_w, new_h), interpolation=interpolation)
+    else:
+        digit = redraw(digit)
+    # MNIST strokes are saturated: a stroke shrunk to grey (or redrawn) gets its full brightness back.
+    peak = float(digit.max())
+    return digit * (255.0 / peak) if peak > 0 else digit
+
+
+def redraw(digit: np.ndarray) -> np.ndarray:
+    """Redraw a thin-stroked digit's centre lines with MNIST's median stroke width, longer side BOX px.
+
+    A 2-px pen line on a 400-px canvas shrinks to a tenth of a pixel (a ghost the model never saw).
+    It is thinned to its 1-px skeleton at SUPERSAMPLE× the output size (so that a stroke already
+    1 px there is unchanged), thickened with a round brush to STROKE_TARGET, then area-averaged
+    down, which gives the anti-aliased edges MNIST has.
+    """
+    k = SUPERSAMPLE
+    brush = 2 * round((STROKE_TARGET * k - 1) / 2) + 1  # odd, so the brush is centred on the line
+    inner = max(1, BOX * k - brush + 1)  # the skeleton's extent: the brush adds the rest
+    scale = inner / max(digit.shape)
+    size = (max(1, round(digit.shape[1] * scale)), max(1, round(digit.shape[0] * scale)))
+    big = cv2.resize(digit, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+    # A shrunk thin line is faint grey: a quarter of the brightest ink still counts as the line.
+    lines = skeleton(big >= 0.25 * float(big.max()))
+    lines = np.pad(lines.astype(np.uint8), brush // 2 + 1)
+    drawn = cv2.dilate(lines, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (brush, brush))).astype(np.float32)
+    rows, cols = np.flatnonzero(drawn.any(axis=1)), np.flatnonzero(drawn.any(axis=0))
+    drawn = drawn[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1] * 255.0
+    # The brush widened the drawing (a "1" is now a stroke wide, not a hairline): scale what was drawn.
+    scale = BOX / max(drawn.shape)
+    size = (max(1, round(drawn.shape[1] * scale)), max(1, round(drawn.shape[0] * scale)))
+    return cv2.resize(drawn, size, interpolation=cv2.INTER_AREA)
+
+
+def skeleton(mask: np.ndarray) -> np.ndarray:
+    """Zhang-Suen thinning: a binary drawing → its 1-px-wide centre lines, connectivity kept."""
+    image = np.pad(mask.astype(bool), 1)
+    while True:
+        changed = False
+        for first in (True, False):
+            p = image
+            n, ne, e, se = p[:-2, 1:-1], p[:-2, 2:], p[1:-1, 2:], p[2:, 2:]
+            s, sw, w, nw = p[2:, 1:-1], p[2:, :-2], p[1:-1, :-2], p[:-2, :-2]
+            ring = (n, ne, e, se, s, sw, w, nw, n)
+            neighbours = sum(v.astype(np.uint8) for v in ring[:8])
+            transitions = sum((~a & b).astype(np.uint8) for a, b in itertools.pairwise(ring))
+            keep_corner = ~(n & e & s) & ~(e & s & w) if first else ~(n & e & w) & ~(n & s & w)
+            remove = p[1:-1, 1:-1] & (neighbours >= 2) & (neighbours <= 6) & (transitions == 1) & keep_corner
+            if remove.any():
+                image[1:-1, 1:-1] &= ~remove
+                changed = True
+        if not changed:
+            return image[1:-1, 1:-1]
 
 def normalize(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 images (28×28 or N×28×28, array or tensor) → float32 (N, 1, 28, 28) with MNIST mean/std."""
