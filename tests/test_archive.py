@@ -23,8 +23,9 @@ from serving_fixtures import ROOT, TINY_MODEL, save_tiny_checkpoint  # noqa: E40
 
 EXPECTED_FILES = {
     "handler.py", "weights.pt", "model.json", "index_to_name.json", "model-config.yaml",
-    "training/__init__.py", "training/model.py", "training/preprocess.py", "MAR-INF/MANIFEST.json",
-}
+    "training/__init__.py", "training/model.py", "training/preprocess.py", "training/ood.py", "training/explain.py",
+    "MAR-INF/MANIFEST.json",
+}  # the tiny checkpoint predates calibration: no ood.pt (the trained one's archive adds it)
 
 
 def read_member(mar: Path, name: str) -> bytes:
@@ -43,7 +44,8 @@ def test_archive_holds_exactly_what_the_server_needs(tiny_archive):
         "modelName": "mnist", "modelVersion": "1.0", "handler": "handler.py", "serializedFile": "weights.pt"}
     # The served code is the repository's code at archive time, byte for byte.
     for packed, source in [("handler.py", "serving/handler.py"), ("training/model.py", "training/model.py"),
-                           ("training/preprocess.py", "training/preprocess.py"),
+                           ("training/preprocess.py", "training/preprocess.py"), ("training/ood.py", "training/ood.py"),
+                           ("training/explain.py", "training/explain.py"),
                            ("model-config.yaml", "configs/model-config.yaml")]:
         assert read_member(archive.path, packed) == (ROOT / source).read_bytes(), packed
     meta = json.loads(read_member(archive.path, "model.json"))
@@ -51,6 +53,7 @@ def test_archive_holds_exactly_what_the_server_needs(tiny_archive):
     assert meta["class_names"] == [str(d) for d in range(10)]
     assert meta["variant"] == DEFAULT_VARIANT
     assert meta["metrics"]["test_accuracy"] == 0.5
+    assert meta["temperature"] == 1.0 and "ood" not in meta  # a checkpoint from before temperature scaling
     assert meta["checkpoint"] == {"file": "model.pt", "sha256": hashlib.sha256(checkpoint.read_bytes()).hexdigest()}
     assert json.loads(read_member(archive.path, "index_to_name.json")) == {str(d): str(d) for d in range(10)}
     assert yaml.safe_load(read_member(archive.path, "model-config.yaml"))["batchSize"] == 32

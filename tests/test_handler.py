@@ -131,7 +131,7 @@ batch = [{"requestId": str(i).encode(), "parameters": [{"name": "body", "content
 context.request_processor, data, context.request_ids = Service.retrieve_data_for_inference(batch)
 metrics.request_ids = context.request_ids
 bodies = worker.handle(data, context)
-modules = ("handler", "training", "training.model", "training.preprocess")
+modules = ("handler", "training", "training.model", "training.preprocess", "training.ood", "training.explain")
 print(json.dumps({"files": {m: sys.modules[m].__file__ for m in modules},
                   "status": [context.get_response_status(i)[0] for i in range(len(bodies))],
                   "bodies": [json.loads(b) for b in bodies]}))
