@@ -33,7 +33,7 @@ if (_HERE / "training").is_dir() and str(_HERE) not in sys.path[:1]:
 
 from training.explain import IG_STEPS, integrated_gradients  # noqa: E402
 from training.model import build_model  # noqa: E402
-from training.ood import is_digit, ood_score, penultimate_and_logits  # noqa: E402
+from training.ood import features_and_logits, is_digit, ood_score  # noqa: E402
 from training.preprocess import PreprocessError, from_pixels, normalize, preprocess_bytes, to_mnist  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -201,7 +201,7 @@ class MNISTHandler(BaseHandler):
         if digits:
             x = to_model_input(np.stack(digits), self.device)  # outside inference_mode: IG needs its gradients
             with torch.inference_mode():
-                features, logits = penultimate_and_logits(self.model, x)
+                features, logits = features_and_logits(self.model, x)
                 probabilities = torch.softmax(logits.float() / self.temperature, dim=1)
                 digit_like = (is_digit(self.detector, ood_score(self.detector, features, logits))
                               if self.detector is not None else torch.ones(len(digits), dtype=torch.bool))

@@ -11,8 +11,9 @@ a pixel to, so the explanation and its test agree on what "absent" means. A blur
 baseline would credit only edges and leave thick strokes unexplained.
 
 The second method, plain saliency (|∂logit/∂pixel|), is here for the deletion comparison. This file
-is packed into the `.mar` (the handler's /explanations branch); it imports only torch and captum
-at the top, and the evaluation's imports stay inside the functions that need them.
+is packed into the `.mar` (the handler's /explanations branch); it imports only torch and the
+packed preprocessing at the top (Captum on first use), and the evaluation's imports stay inside
+the functions that need them.
 """
 
 from __future__ import annotations
@@ -23,13 +24,16 @@ from pathlib import Path
 
 import torch
 
-MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # as training/preprocess.py; a black pixel normalises to −mean/std
+from training.preprocess import normalize
+
 IG_STEPS = 32  # Riemann steps; the completeness gap at 32 is in README (Trust)
 DELETION_K = (5, 10, 20, 50, 100, 200)
 
 
 def black_baseline(x: torch.Tensor) -> torch.Tensor:
-    return torch.full_like(x, -MNIST_MEAN / MNIST_STD)
+    """A black image, normalised exactly as a black input pixel is (so input − baseline is exactly 0 there)."""
+    black = normalize(torch.zeros(1, 28, 28, dtype=torch.uint8))
+    return black.to(x.device).expand_as(x).clone()
 
 
 def integrated_gradients(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor,
@@ -65,8 +69,6 @@ def deletion_curves(model: torch.nn.Module, images: torch.Tensor, labels: torch.
     Rankings: IG and saliency (most positive first), random pixels, and random ink pixels (those
     not already black: the random ranking mostly "removes" background that is already gone).
     """
-    from training.preprocess import normalize
-
     model.eval()
     x = normalize(images)
     n = len(images)
@@ -139,7 +141,7 @@ def plot_explanation(digit: torch.Tensor, attributions: torch.Tensor, predicted:
 def explain_image(checkpoint: Path, image: Path) -> Path:
     """Preprocess the image as the server does, explain the predicted digit, write `<image>.explain.png`."""
     from training.checkpoint import load_checkpoint, model_from_checkpoint
-    from training.preprocess import normalize, preprocess_bytes
+    from training.preprocess import preprocess_bytes
 
     ckpt = load_checkpoint(checkpoint)
     model = model_from_checkpoint(ckpt)

@@ -26,10 +26,10 @@ from training.ood import (
     DEFAULT_METHOD,
     METHODS,
     auroc,
+    features_and_logits,
     fit_detector,
     is_digit,
     ood_score,
-    penultimate_and_logits,
     set_threshold,
 )
 from training.preprocess import PreprocessError, normalize, to_mnist
@@ -37,7 +37,7 @@ from training.preprocess import PreprocessError, normalize, to_mnist
 
 @torch.no_grad()
 def outputs(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
-    """(penultimate features, logits) for uint8 (N, 28, 28) images on the model's device, returned on the CPU."""
+    """(detector features, logits) for uint8 (N, 28, 28) images on the model's device, returned on the CPU."""
     model.eval()
     weight = next(p for p in model.parameters() if p.dim() == 4)
     channels_last = weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
@@ -46,7 +46,7 @@ def outputs(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 1000
         x = normalize(images[start : start + batch_size]).to(weight.device)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        f, z = penultimate_and_logits(model, x)
+        f, z = features_and_logits(model, x)
         feats.append(f.float().cpu())
         logits.append(z.float().cpu())
     return torch.cat(feats), torch.cat(logits)
@@ -65,7 +65,7 @@ def fit_trust(model: torch.nn.Module, train: tuple, val: tuple, test: tuple, out
     test_f, test_z = outputs(model, test[0])
     test_y = test[1].cpu()
     temperature = fit_temperature(val_z, val_y)
-    detector = fit_detector(method, train_f, train[1].cpu(), temperature)
+    detector = fit_detector(method, train_f, train[1].cpu(), temperature, width=model.classifier[-1].in_features)
     set_threshold(detector, ood_score(detector, val_f, val_z))
     before, after = torch.softmax(test_z, 1), calibrated_softmax(test_z, temperature)
     if out_dir is not None:
@@ -109,7 +109,8 @@ def evaluate_ood(model: torch.nn.Module, splits: dict[str, tuple], temperature: 
     ood_outputs = {name: outputs(model, images) if len(images) else None for name, (images, _) in sets.items()}
     rows = []
     for method in METHODS:
-        detector = fit_detector(method, train_f, splits["train"][1], temperature)
+        detector = fit_detector(method, train_f, splits["train"][1], temperature,
+                                width=model.classifier[-1].in_features)
         set_threshold(detector, ood_score(detector, val_f, val_z))
         mnist = ood_score(detector, test_f, test_z)
         row = {"method": method, "mnist_test_rejected": 1 - float(is_digit(detector, mnist).double().mean())}
