@@ -26,7 +26,7 @@ export INFERENCE_ADDRESS ?= 127.0.0.1:8080
 export MANAGEMENT_ADDRESS ?= 127.0.0.1:8081
 export METRICS_ADDRESS ?= 127.0.0.1:8082
 
-.PHONY: help setup system-deps data train train-ddp evaluate calibrate trust-eval explain explain-eval \
+.PHONY: help setup system-deps data train train-ddp evaluate calibrate trust-eval explain explain-eval latency \
         archive serve predict status token stop demo \
         test test-fast lint bench bench-train bench-serve chaos docker-build docker-run docker-train docker-test clean
 
@@ -70,6 +70,9 @@ trust-eval: $(STAMP) ## "not a digit" table: AUROC vs Fashion-MNIST, noise, text
 
 explain: $(STAMP) ## write IMAGE.explain.png: the 28×28 input, its Integrated Gradients map and an overlay
 	$(PY) -m training.explain --checkpoint $(CHECKPOINT) --image $(IMAGE) $(ARGS)
+
+latency: $(STAMP) ## one request at a time: /predictions vs /explanations on a fresh server (~2 min)
+	$(PY) -m serving.latency --checkpoint $(CHECKPOINT) $(ARGS)
 
 explain-eval: $(STAMP) ## deletion test of the explanations on 1,000 test digits (artifacts/deletion_curves.png)
 	$(PY) -m training.explain --checkpoint $(CHECKPOINT) --eval $(ARGS)

@@ -126,14 +126,14 @@ def evaluate_ood(model: torch.nn.Module, splits: dict[str, tuple], temperature: 
 
 def _print_table(rows: list[dict[str, Any]]) -> None:
     names = [k for k in rows[0] if isinstance(rows[0][k], dict)]
-    print(f"{'method':<12} {'MNIST test rejected':>20}  " + "  ".join(f"{n:>30}" for n in names))
-    print(f"{'':<12} {'':>20}  " + "  ".join(f"{'AUROC / rejected':>30}" for _ in names))
+    print(f"{'method':<16} {'MNIST test rejected':>20}  " + "  ".join(f"{n:>30}" for n in names))
+    print(f"{'':<16} {'':>20}  " + "  ".join(f"{'AUROC / rejected':>30}" for _ in names))
     for row in rows:
         cells = []
         for n in names:
             a = row[n]["auroc"]
             cells.append(f"{'—' if a is None else f'{a:.4f}':>20} / {row[n]['rejected']:>7.2%}")
-        print(f"{row['method']:<12} {row['mnist_test_rejected']:>20.2%}  " + "  ".join(cells))
+        print(f"{row['method']:<16} {row['mnist_test_rejected']:>20.2%}  " + "  ".join(cells))
 
 
 def main(argv: list[str] | None = None) -> int:
