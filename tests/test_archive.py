@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import zipfile
 from pathlib import Path
@@ -57,6 +58,17 @@ def test_archive_holds_exactly_what_the_server_needs(tiny_archive):
     assert meta["checkpoint"] == {"file": "model.pt", "sha256": hashlib.sha256(checkpoint.read_bytes()).hexdigest()}
     assert json.loads(read_member(archive.path, "index_to_name.json")) == {str(d): str(d) for d in range(10)}
     assert yaml.safe_load(read_member(archive.path, "model-config.yaml"))["batchSize"] == 32
+
+
+@pytest.mark.slow
+def test_the_trained_archive_carries_the_temperature_and_the_detector(trained_archive, trained_checkpoint):
+    ckpt = load_checkpoint(trained_checkpoint)
+    meta = json.loads(read_member(trained_archive.path, "model.json"))
+    assert meta["temperature"] == ckpt["temperature"]
+    assert meta["ood"] == {k: v for k, v in ckpt["ood"].items() if not isinstance(v, torch.Tensor)}
+    tensors = torch.load(io.BytesIO(read_member(trained_archive.path, "ood.pt")), weights_only=True)
+    assert set(tensors) == {"whitening", "white_means"}
+    assert all(torch.equal(tensors[k], ckpt["ood"][k]) for k in tensors)
 
 
 def test_weights_are_a_plain_state_dict_that_rebuilds_the_model(tiny_archive, tmp_path):

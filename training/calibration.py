@@ -95,6 +95,9 @@ def plot_reliability(before: torch.Tensor, after: torch.Tensor, labels: torch.Te
         ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
         ax.plot([c for c, n in zip(conf, count, strict=True) if n], [a for a, n in zip(acc, count, strict=True) if n],
                 "ro", ms=4, label="(mean confidence, accuracy)")
+        for centre, n in zip(centres, count, strict=True):  # sparse bins are noisy: show how many they hold
+            if n:
+                ax.text(centre, 0.02, str(n), ha="center", va="bottom", fontsize=6, rotation=90)
         ece = expected_calibration_error(probs, labels)
         ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", title=f"{name}: ECE {ece:.2%}")
         ax.grid(alpha=0.3)
