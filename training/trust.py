@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ckpt = load_checkpoint(args.checkpoint)
         saved = ckpt.get("train_config") or {}
-        cfg = apply(TrainConfig(), {k: saved[k] for k in ("seed", "val_size") if k in saved})
+        cfg = apply(TrainConfig(), {k: saved[k] for k in ("seed", "val_size", "train_limit") if k in saved})
         import os
 
         data_dir = args.data_dir or os.environ.get("MNIST_DIR") or cfg.data_dir
