@@ -207,12 +207,20 @@ class MNISTHandler(BaseHandler):
                               if self.detector is not None else torch.ones(len(digits), dtype=torch.bool))
                 predicted = probabilities.argmax(1).tolist()
             inferred = time.perf_counter()
-            maps = self._explain(context, good, x, predicted)
+            try:
+                maps = self._explain(context, good, x, predicted)
+            except Exception:  # an explainer bug must fail only the explanations, not the batch's predictions
+                logger.exception("Integrated Gradients failed for this batch")
+                maps = {j: None for j, i in enumerate(good) if wants_explanation(context, i)}
             explain_s = time.perf_counter() - inferred if maps else 0.0
             not_digit = int((~digit_like).sum())
             for j, (i, probs, ok) in enumerate(zip(good, probabilities.cpu().tolist(), digit_like.tolist(),
                                                    strict=True)):
-                responses[i] = prediction_body(probs, self.classes, ok, maps.get(j))
+                if j in maps and maps[j] is None:
+                    context.set_response_status(500, "Internal Server Error", i)
+                    responses[i] = error_body("could not explain the request", 500)
+                else:
+                    responses[i] = prediction_body(probs, self.classes, ok, maps.get(j))
         inference_s = time.perf_counter() - decoded - explain_s
         self._record_metrics(context, decoded - start, inference_s, rejected=len(data) - len(good),
                              predicted=predicted, not_digit=not_digit, explain_s=explain_s)
