@@ -20,14 +20,16 @@ NPROC      ?= 2
 SEEDS      ?= 3
 AUTH       ?= on
 # Debian packages the slow tests and benchmarks use (wrk: bench-serve; chromium: the page's browser
-# test; iproute2: `ip netns` for the two-node torchrun test); `make system-deps` installs the missing ones.
-APT_PACKAGES ?= wrk chromium iproute2
+# test; iproute2: `ip netns` for the two-node torchrun test; dataset-fashion-mnist: the "not a digit"
+# test set of training/ood_data.py); `make system-deps` installs the missing ones.
+APT_PACKAGES ?= wrk chromium iproute2 dataset-fashion-mnist
 export INFERENCE_ADDRESS ?= 127.0.0.1:8080
 export MANAGEMENT_ADDRESS ?= 127.0.0.1:8081
 export METRICS_ADDRESS ?= 127.0.0.1:8082
 
-.PHONY: help setup system-deps data train train-ddp evaluate eval-wild archive serve predict status token ui stop demo \
-        kserve-bundle test test-fast lint bench bench-train bench-serve chaos docker-build docker-run docker-train docker-test clean
+.PHONY: help setup system-deps data train train-ddp evaluate eval-wild calibrate trust-eval explain explain-eval \
+        latency archive serve predict status token ui stop demo kserve-bundle test test-fast lint bench \
+        bench-train bench-serve chaos docker-build docker-run docker-train docker-test clean
 
 help: ## list the targets
 	@echo "usage: make TARGET [ARGS=...]"
@@ -63,6 +65,20 @@ evaluate: $(STAMP) ## re-score a checkpoint on the MNIST test set (CHECKPOINT=..
 
 eval-wild: $(STAMP) ## score CHECKPOINT on the wild MNIST test set through the handler's decoding (~10 min)
 	$(PY) -m bench.eval_wild --checkpoint $(CHECKPOINT) $(ARGS)
+calibrate: $(STAMP) ## fit temperature + "not a digit" threshold into an existing CHECKPOINT (train does it too)
+	$(PY) -m training.trust --checkpoint $(CHECKPOINT) $(ARGS)
+
+trust-eval: $(STAMP) ## "not a digit" table: AUROC vs Fashion-MNIST, noise, texture, text for every OOD score
+	$(PY) -m training.trust --checkpoint $(CHECKPOINT) --eval $(ARGS)
+
+explain: $(STAMP) ## write IMAGE.explain.png: the 28×28 input, its Integrated Gradients map and an overlay
+	$(PY) -m training.explain --checkpoint $(CHECKPOINT) --image $(IMAGE) $(ARGS)
+
+latency: $(STAMP) ## one request at a time: /predictions vs /explanations on a fresh server (~2 min)
+	$(PY) -m bench.latency --checkpoint $(CHECKPOINT) $(ARGS)
+
+explain-eval: $(STAMP) ## deletion test of the explanations on 1,000 test digits (artifacts/deletion_curves.png)
+	$(PY) -m training.explain --checkpoint $(CHECKPOINT) --eval $(ARGS)
 
 archive: $(STAMP) ## package the checkpoint as model_store/mnist.mar (MODEL_NAME=, VERSION=, ARGS=--force)
 	$(PY) -m serving.archive --checkpoint $(CHECKPOINT) --model-name $(MODEL_NAME) --version $(VERSION) $(ARGS)

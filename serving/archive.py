@@ -27,7 +27,8 @@ from training.data import sha256_of
 
 ROOT = Path(__file__).resolve().parent.parent
 HANDLER = ROOT / "serving" / "handler.py"
-PACKED_TRAINING_FILES = ("model.py", "preprocess.py", "decode.py")  # what the handler imports from training/
+# What the handler imports from training/: the model, decoding and preprocessing, the OOD score and the explainer.
+PACKED_TRAINING_FILES = ("model.py", "preprocess.py", "decode.py", "ood.py", "explain.py")
 PACKED_SERVING_FILES = ("oip.py",)  # and from serving/ (the KServe v2 protocol)
 MODEL_CONFIG = ROOT / "configs" / "model-config.yaml"
 
@@ -75,10 +76,19 @@ def _stage(ckpt: dict, variant: str, checkpoint: Path, staging: Path) -> tuple[P
         "class_names": ckpt["class_names"],
         "normalization": ckpt["normalization"],
         "variant": variant,
-        "metrics": {k: ckpt.get("metrics", {}).get(k) for k in ("test_accuracy", "val_accuracy", "epochs")},
+        # Calibrated confidence: the handler divides the logits by it. 1.0 for checkpoints trained
+        # before temperature scaling existed (`python -m training.trust` fits one afterwards).
+        "temperature": float(ckpt.get("temperature", 1.0)),
+        "metrics": {k: ckpt.get("metrics", {}).get(k) for k in ("test_accuracy", "val_accuracy", "epochs",
+                                                                "test_ece_before", "test_ece_after",
+                                                                "ood_test_false_rejection")},
         "provenance": ckpt.get("provenance", {}),
         "checkpoint": {"file": checkpoint.name, "sha256": sha256_of(checkpoint)},
     }
+    if ckpt.get("ood"):  # the "not a digit" detector: its tensors in ood.pt, its settings in model.json
+        detector = ckpt["ood"]
+        torch.save({k: v for k, v in detector.items() if isinstance(v, torch.Tensor)}, extra / "ood.pt")
+        meta["ood"] = {k: v for k, v in detector.items() if not isinstance(v, torch.Tensor)}
     (extra / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
     (extra / "index_to_name.json").write_text(json.dumps(dict(enumerate(ckpt["class_names"]))) + "\n")
     return weights, extra

@@ -1,7 +1,12 @@
 """TorchServe handler: request → 28×28 digit → batched CNN → JSON, with per-request 400s for bad input.
 
-The model class and the preprocessing are the training code itself (`training/model.py` and
-`training/preprocess.py`), packed into the `.mar` beside this file.
+Both /predictions and /explanations reach `handle`: the frontend marks an explanation request with
+the header `explain: True`, and those requests alone also get an Integrated Gradients map. Every
+answer carries a calibrated confidence (logits / the archive's temperature) and `is_digit`, the
+"not a digit" verdict of the archive's OOD detector.
+
+The model class, the preprocessing, the OOD score and the explainer are the training code itself
+(`training/{model,preprocess,ood,explain}.py`), packed into the `.mar` beside this file.
 """
 
 from __future__ import annotations
@@ -27,7 +32,9 @@ if (_HERE / "training").is_dir() and str(_HERE) not in sys.path[:1]:
     sys.path.insert(0, str(_HERE))
 
 from serving import oip  # noqa: E402  (Open Inference Protocol v2: KServe)
+from training.explain import IG_STEPS, integrated_gradients  # noqa: E402
 from training.model import build_model  # noqa: E402
+from training.ood import features_and_logits, is_digit, ood_score  # noqa: E402
 from training.preprocess import PreprocessError, from_pixels, normalize, preprocess_bytes, to_mnist  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -156,13 +163,26 @@ def error_body(message: str, code: int = 400) -> bytes:
     return json.dumps({"code": code, "type": kind, "message": message}).encode()
 
 
-def prediction_body(probabilities: list[float], classes: list[str]) -> bytes:
+def prediction_body(probabilities: list[float], classes: list[str], digit_like: bool = True,
+                    attributions: list[list[float]] | None = None) -> bytes:
+    """The answer: `digit` stays for clients that read only that; `is_digit` says whether to trust it at all."""
     best = max(range(len(probabilities)), key=probabilities.__getitem__)
-    return json.dumps({
+    body: dict[str, Any] = {
         "digit": int(classes[best]),
         "confidence": round(probabilities[best], 6),
         "probabilities": {c: round(p, 6) for c, p in zip(classes, probabilities, strict=True)},
-    }).encode()
+        "is_digit": bool(digit_like),
+    }
+    if attributions is not None:
+        body["explanation"] = {"method": "integrated_gradients", "baseline": "black", "steps": IG_STEPS,
+                               "target": int(classes[best]), "attributions": attributions}
+    return json.dumps(body).encode()
+
+
+def wants_explanation(context, index: int) -> bool:
+    """The frontend sets `explain: True` on /explanations requests (ts BaseHandler._is_explain reads it
+    for request 0 only; here each request of a mixed batch is asked on its own)."""
+    return context.get_request_header(index, "explain") == "True"
 
 
 class MNISTHandler(BaseHandler):
@@ -180,13 +200,29 @@ class MNISTHandler(BaseHandler):
         state_dict = torch.load(model_dir / serialized, map_location="cpu", weights_only=True)
         model = build_model(meta["model_config"])
         model.load_state_dict(state_dict)
-        self.model = serving_model(model, meta.get("variant", DEFAULT_VARIANT), self.device)
+        variant = meta.get("variant", DEFAULT_VARIANT)
+        # int8's quantised linear layers have no backward: explanations then use the float model.
+        float_model = build_model(meta["model_config"]) if variant == "int8" else None
+        if float_model is not None:
+            float_model.load_state_dict(state_dict)
+        self.model = serving_model(model, variant, self.device)
+        self.explainer = self.model if float_model is None else serving_model(float_model, "eager", self.device)
+        self.temperature = float(meta.get("temperature", 1.0))
+        self.detector = None
+        if "ood" in meta and (model_dir / "ood.pt").is_file():
+            tensors = torch.load(model_dir / "ood.pt", map_location=self.device, weights_only=True)
+            self.detector = {**meta["ood"], **tensors}
+        else:
+            logger.warning("archive has no OOD detector: every answer says is_digit true")
         self.classes = meta["class_names"]
         self.batch_size = int(properties.get("batch_size") or 1)
         with torch.inference_mode():  # warm-up: first-call allocations happen here, not on a request
             self.model(to_model_input(torch.zeros(self.batch_size, 28, 28, dtype=torch.uint8), self.device))
         archived = (context.manifest or {}).get("model", {})
         self.model_id = (archived.get("modelName", "mnist"), archived.get("modelVersion", ""))
+        # ... and the explainer's first call (Captum's import, autograd's set-up) here too.
+        integrated_gradients(self.explainer, to_model_input(torch.zeros(1, 28, 28, dtype=torch.uint8), self.device),
+                             torch.zeros(1, dtype=torch.long, device=self.device))
         self.context = context
         self.initialized = True
         logger.info("MNIST model loaded on %s (batch size %d)", self.device, self.batch_size)
@@ -215,28 +251,63 @@ class MNISTHandler(BaseHandler):
             context.set_response_content_type(i, "application/json")
         decoded = time.perf_counter()
         predicted: list[int] = []
+        not_digit = 0
+        explain_s = 0.0
         if digits:
+            x = to_model_input(np.stack(digits), self.device)  # outside inference_mode: IG needs its gradients
             with torch.inference_mode():
-                x = to_model_input(np.stack(digits), self.device)
-                probabilities = torch.softmax(self.model(x).float(), dim=1)
+                features, logits = features_and_logits(self.model, x)
+                probabilities = torch.softmax(logits.float() / self.temperature, dim=1)
+                digit_like = (is_digit(self.detector, ood_score(self.detector, features, logits))
+                              if self.detector is not None else torch.ones(len(digits), dtype=torch.bool))
                 predicted = probabilities.argmax(1).tolist()
-                probabilities = probabilities.cpu().tolist()
-            for i, probs in zip(good, probabilities, strict=True):
-                responses[i] = prediction_body(probs, self.classes) if i not in v2 else \
-                    oip.response_body(v2[i], probs, self.classes, *self.model_id, context.get_request_id(i))
-        self._record_metrics(context, decoded - start, time.perf_counter() - decoded,
-                             rejected=len(data) - len(good), predicted=predicted)
+            inferred = time.perf_counter()
+            try:
+                maps = self._explain(context, good, x, predicted)
+            except Exception:  # an explainer bug must fail only the explanations, not the batch's predictions
+                logger.exception("Integrated Gradients failed for this batch")
+                maps = {j: None for j, i in enumerate(good) if wants_explanation(context, i)}
+            explain_s = time.perf_counter() - inferred if maps else 0.0
+            not_digit = int((~digit_like).sum())
+            for j, (i, probs, ok) in enumerate(zip(good, probabilities.cpu().tolist(), digit_like.tolist(),
+                                                   strict=True)):
+                if j in maps and maps[j] is None:
+                    context.set_response_status(500, "Internal Server Error", i)
+                    responses[i] = error_body("could not explain the request", 500)
+                elif i in v2:
+                    responses[i] = oip.response_body(v2[i], probs, self.classes, *self.model_id,
+                                                     context.get_request_id(i))
+                else:
+                    responses[i] = prediction_body(probs, self.classes, ok, maps.get(j))
+        inference_s = time.perf_counter() - decoded - explain_s
+        self._record_metrics(context, decoded - start, inference_s, rejected=len(data) - len(good),
+                             predicted=predicted, not_digit=not_digit, explain_s=explain_s)
         return responses
 
+    def _explain(self, context, good: list[int], x: torch.Tensor, predicted: list[int]) -> dict[int, list]:
+        """Integrated Gradients maps for the /explanations requests among the batch's good ones, by position."""
+        wanted = [j for j, i in enumerate(good) if wants_explanation(context, i)]
+        if not wanted:
+            return {}
+        index = torch.tensor(wanted, device=x.device)
+        target = torch.tensor([predicted[j] for j in wanted], device=x.device)
+        with torch.enable_grad():
+            maps = integrated_gradients(self.explainer, x[index], target)
+        return {j: [[round(v, 6) for v in row] for row in m] for j, m in zip(wanted, maps.cpu().tolist(), strict=True)}
+
     def _record_metrics(self, context, preprocess_s: float, inference_s: float, rejected: int,
-                        predicted: list[int]) -> None:
+                        predicted: list[int], not_digit: int, explain_s: float) -> None:
         # Per batch, not per request: each metric is a log line the frontend has to parse.
         metrics = context.metrics
         metrics.add_time("MNISTPreprocessTime", preprocess_s * 1000, None, "ms")
         if predicted:
             metrics.add_time("MNISTInferenceTime", inference_s * 1000, None, "ms")
+        if explain_s:
+            metrics.add_time("MNISTExplainTime", explain_s * 1000, None, "ms")
         if rejected:
             metrics.add_counter("MNISTRejectedRequests", rejected)
+        if not_digit:
+            metrics.add_counter("MNISTNotADigit", not_digit)
         for digit in sorted(set(predicted)):
             metrics.add_counter("MNISTPredictions", predicted.count(digit), None,
                                 [Dimension("Digit", self.classes[digit])])

@@ -59,10 +59,11 @@ def unpack(mar: Path, dest: Path) -> Path:
 
 
 def offline_probabilities(checkpoint: Path, images: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """The training path: checkpoint → model, uint8 28×28 digits → normalize → softmax."""
-    model = model_from_checkpoint(load_checkpoint(checkpoint))
+    """The training path: checkpoint → model, uint8 28×28 digits → normalize → softmax(logits / temperature)."""
+    ckpt = load_checkpoint(checkpoint)
+    model = model_from_checkpoint(ckpt)
     with torch.inference_mode():
-        return torch.softmax(model(normalize(images)), dim=1)
+        return torch.softmax(model(normalize(images)) / ckpt.get("temperature", 1.0), dim=1)
 
 
 @pytest.fixture(scope="session")

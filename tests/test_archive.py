@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import zipfile
@@ -25,8 +26,8 @@ from serving_fixtures import ROOT, TINY_MODEL, save_tiny_checkpoint  # noqa: E40
 EXPECTED_FILES = {
     "handler.py", "weights.pt", "model.json", "index_to_name.json", "model-config.yaml",
     "training/__init__.py", "training/model.py", "training/preprocess.py", "training/decode.py",
-    "MAR-INF/MANIFEST.json", "serving/__init__.py", "serving/oip.py",
-}
+    "training/ood.py", "training/explain.py", "MAR-INF/MANIFEST.json", "serving/__init__.py", "serving/oip.py",
+}  # the tiny checkpoint predates calibration: no ood.pt (the trained one's archive adds it)
 
 
 def read_member(mar: Path, name: str) -> bytes:
@@ -46,7 +47,8 @@ def test_archive_holds_exactly_what_the_server_needs(tiny_archive):
     # The served code is the repository's code at archive time, byte for byte.
     for packed, source in [("handler.py", "serving/handler.py"), ("training/model.py", "training/model.py"),
                            ("training/preprocess.py", "training/preprocess.py"), ("serving/oip.py", "serving/oip.py"),
-                           ("training/decode.py", "training/decode.py"),
+                           ("training/decode.py", "training/decode.py"), ("training/ood.py", "training/ood.py"),
+                           ("training/explain.py", "training/explain.py"),
                            ("model-config.yaml", "configs/model-config.yaml")]:
         assert read_member(archive.path, packed) == (ROOT / source).read_bytes(), packed
     meta = json.loads(read_member(archive.path, "model.json"))
@@ -54,9 +56,21 @@ def test_archive_holds_exactly_what_the_server_needs(tiny_archive):
     assert meta["class_names"] == [str(d) for d in range(10)]
     assert meta["variant"] == DEFAULT_VARIANT
     assert meta["metrics"]["test_accuracy"] == 0.5
+    assert meta["temperature"] == 1.0 and "ood" not in meta  # a checkpoint from before temperature scaling
     assert meta["checkpoint"] == {"file": "model.pt", "sha256": hashlib.sha256(checkpoint.read_bytes()).hexdigest()}
     assert json.loads(read_member(archive.path, "index_to_name.json")) == {str(d): str(d) for d in range(10)}
     assert yaml.safe_load(read_member(archive.path, "model-config.yaml"))["batchSize"] == 32
+
+
+@pytest.mark.slow
+def test_the_trained_archive_carries_the_temperature_and_the_detector(trained_archive, trained_checkpoint):
+    ckpt = load_checkpoint(trained_checkpoint)
+    meta = json.loads(read_member(trained_archive.path, "model.json"))
+    assert meta["temperature"] == ckpt["temperature"]
+    assert meta["ood"] == {k: v for k, v in ckpt["ood"].items() if not isinstance(v, torch.Tensor)}
+    tensors = torch.load(io.BytesIO(read_member(trained_archive.path, "ood.pt")), weights_only=True)
+    assert set(tensors) == {"whitening", "white_means"}
+    assert all(torch.equal(tensors[k], ckpt["ood"][k]) for k in tensors)
 
 
 def test_weights_are_a_plain_state_dict_that_rebuilds_the_model(tiny_archive, tmp_path):

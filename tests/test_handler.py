@@ -58,8 +58,11 @@ class InProcessWorker:
         self.handler = MNISTHandler()
         self.handler.initialize(self.context)
 
-    def handle(self, requests: list[Request]) -> list[tuple[int, dict]]:
-        batch = [{"requestId": f"req-{i}".encode(), "parameters": params} for i, params in enumerate(requests)]
+    def handle(self, requests: list[Request], explain: frozenset[int] = frozenset()) -> list[tuple[int, dict]]:
+        """`explain`: positions sent to /explanations (the frontend marks them with the header explain: True)."""
+        batch = [{"requestId": f"req-{i}".encode(), "parameters": params,
+                  "headers": [{"name": b"explain", "value": b"True"}] if i in explain else []}
+                 for i, params in enumerate(requests)]
         processors, data, ids = Service.retrieve_data_for_inference(batch)
         self.context.request_processor, self.context.request_ids = processors, ids
         self.metrics.request_ids = ids
@@ -131,7 +134,7 @@ batch = [{"requestId": str(i).encode(), "parameters": [{"name": "body", "content
 context.request_processor, data, context.request_ids = Service.retrieve_data_for_inference(batch)
 metrics.request_ids = context.request_ids
 bodies = worker.handle(data, context)
-modules = ("handler", "training", "training.model", "training.preprocess")
+modules = ("handler", "training", "training.model", "training.preprocess", "training.ood", "training.explain")
 print(json.dumps({"files": {m: sys.modules[m].__file__ for m in modules},
                   "status": [context.get_response_status(i)[0] for i in range(len(bodies))],
                   "bodies": [json.loads(b) for b in bodies]}))
@@ -161,6 +164,28 @@ def test_packed_handler_runs_from_the_archive_alone(tiny_archive, mnist_test_ima
     expected = offline_probabilities(checkpoint, images[:3])
     for body, probabilities in zip(out["bodies"][:3], expected, strict=True):
         assert_same_answer(body, probabilities)
+
+
+def test_explanations_are_per_request_and_a_failing_explainer_fails_only_them(tiny_archive, mnist_test_images,
+                                                                             tmp_path):
+    worker = InProcessWorker(unpack(tiny_archive[1].path, tmp_path / "model"))
+    png = encode_png(mnist_test_images[0][0])
+    answers = worker.handle([raw(png), raw(png), raw(b"")], explain=frozenset({0, 2}))
+    assert [status for status, _ in answers] == [200, 200, 400]
+    explained, predicted = answers[0][1], answers[1][1]
+    assert np.asarray(explained.pop("explanation")["attributions"]).shape == (28, 28)
+    assert explained == predicted and "explanation" not in predicted
+    assert predicted["is_digit"] is True  # the tiny checkpoint predates the detector: nothing is rejected
+
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            raise RuntimeError("explainer bug")
+
+    worker.handler.explainer = Broken()
+    answers = worker.handle([raw(png), raw(png)], explain=frozenset({0}))
+    assert answers[0] == (500, {"code": 500, "type": "InternalServerException",
+                                "message": "could not explain the request"})
+    assert answers[1] == (200, predicted)
 
 
 # --- decoding: every accepted form, and train/serve parity ----------------------------------------

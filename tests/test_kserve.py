@@ -177,6 +177,6 @@ def test_v2_and_json_requests_batch_together(runtime, mnist_test_images):
 def test_bad_v2_input_gets_the_v2_error_shape(runtime):
     status, answer = infer(runtime, {"inputs": [{"name": "input-0", "shape": [1], "datatype": "BYTES",
                                                  "data": ["bm90IGFuIGltYWdl"]}]})
-    assert (status, answer) == (400, {"error": "not an image: expected PNG, JPEG, BMP or WebP bytes"})
+    assert (status, answer) == (400, {"error": "not an image: expected PNG, JPEG, BMP, WebP or HEIC bytes"})
     status, answer = infer(runtime, {"inputs": []})
     assert (status, answer) == (400, {"error": "'inputs' must hold exactly one tensor (one digit per request)"})

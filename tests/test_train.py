@@ -93,6 +93,23 @@ def test_the_run_writes_checkpoints_metrics_history_and_plots(trained):
 
 
 @pytest.mark.slow
+def test_the_run_calibrates_and_fits_the_not_a_digit_detector(trained):
+    cfg, metrics = trained
+    out = Path(cfg.out_dir)
+    ckpt = load_checkpoint(out / "model.pt")
+    written = json.loads((out / "metrics.json").read_text())
+    # Label smoothing leaves the raw softmax under-confident: the fitted temperature sharpens it.
+    assert 0 < ckpt["temperature"] < 1
+    assert written["temperature"] == round(ckpt["temperature"], 6) == metrics["temperature"]
+    assert written["test_ece_after"] < written["test_ece_before"]
+    detector = ckpt["ood"]
+    assert (detector["method"], detector["false_rejection_target"]) == ("mahalanobis_all", 0.005)
+    assert detector["whitening"].shape == (32 + 64 + 128, 32 + 64 + 128)
+    assert written["ood_method"] == "mahalanobis_all" and 0 <= written["ood_test_false_rejection"] < 0.05
+    assert is_png(out / "reliability.png")
+
+
+@pytest.mark.slow
 def test_re_evaluating_the_checkpoint_reproduces_the_recorded_accuracy(trained):
     cfg, metrics = trained
     model = model_from_checkpoint(load_checkpoint(Path(cfg.out_dir) / "model.pt"))

@@ -302,7 +302,7 @@ def test_page_draws_uploads_and_explains_errors_and_never_leaks_the_token(
     upload(page, "notes.txt", "text/plain", b"seven, I think")
     result = shown(page)
     assert result["error"] and result["digit"] is None
-    assert result["message"] == "Could not read a digit: not an image: expected PNG, JPEG, BMP or WebP bytes"
+    assert result["message"] == "Could not read a digit: not an image: expected PNG, JPEG, BMP, WebP or HEIC bytes"
     draw(page, SEVEN)  # still works after the error
     assert shown(page)["digit"] == "7"
 
@@ -344,7 +344,7 @@ def test_backend_answers_with_the_digit_the_model_saw(torchserve):
         # asking there, and the page shows no heatmap.
         assert page.backend.explanations is True and "heatmap" not in answer
         status, answer = post(page.url, b"seven")
-        assert (status, answer) == (400, {"error": "not an image: expected PNG, JPEG, BMP or WebP bytes",
+        assert (status, answer) == (400, {"error": "not an image: expected PNG, JPEG, BMP, WebP or HEIC bytes",
                                           "kind": "input"})
     finally:
         page.shutdown()

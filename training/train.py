@@ -38,6 +38,7 @@ from training.distributed import (
 from training.evaluate import confusion, plot_confusion, plot_curves, summarize
 from training.model import ModelConfig, Net
 from training.preprocess import MNIST_MEAN, MNIST_STD, normalize
+from training.trust import fit_trust
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "train.yaml"
 
@@ -405,7 +406,7 @@ def fit(cfg: TrainConfig, resume: bool = False, dry_run: bool = False, quiet: bo
         test = score(model, data.test_x, data.test_y, dd)
         metrics = _metrics(cfg, dd, device, state, test, sets)
         if dd.is_main:
-            _write_outputs(out, model, cfg, metrics, state, opt, sched, force, say)
+            metrics = _write_outputs(out, model, cfg, metrics, state, opt, sched, force, say, data)
         return metrics
     finally:
         cleanup(dd)
@@ -437,8 +438,13 @@ def _peak_memory_mb(device: torch.device) -> dict[str, float | None]:
 
 
 def _write_outputs(out: Path, model: Net, cfg: TrainConfig, metrics: dict, state: dict, opt, sched,
-                   force: bool, log) -> None:
+                   force: bool, log, data: Splits) -> dict[str, Any]:
+    # Temperature and "not a digit" threshold: fitted on the validation split, for the chosen epoch.
+    trust, trust_metrics = fit_trust(model, (data.train_x, data.train_y), (data.val_x, data.val_y),
+                                     (data.test_x, data.test_y), out)
+    metrics = {**metrics, **trust_metrics}
     ckpt = make_checkpoint(model, cfglib.to_dict(cfg), {k: v for k, v in metrics.items() if k != "confusion_matrix"})
+    ckpt.update(trust)
     metrics = {**metrics, "provenance": ckpt["provenance"], "config": ckpt["train_config"]}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     (out / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in state["history"]))
@@ -450,7 +456,11 @@ def _write_outputs(out: Path, model: Net, cfg: TrainConfig, metrics: dict, state
         f"val {metrics['val_accuracy']:.2%}) in {metrics['train_seconds']:.1f}s of training, "
         f"{metrics['images_per_second']:,.0f} img/s on {metrics['device']}")
     log(publish(ckpt, out, force=force))
+    log(f"calibration: temperature {trust['temperature']:.3f}, test ECE {metrics['test_ece_before']:.2%} → "
+        f"{metrics['test_ece_after']:.2%}; not-a-digit threshold rejects {metrics['ood_test_false_rejection']:.2%} "
+        "of test digits")
     log(f"metrics, history and plots in {out}/")
+    return metrics
 
 
 def main(argv: list[str] | None = None) -> int:
