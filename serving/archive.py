@@ -3,7 +3,9 @@
 The `.mar` holds the weights (a plain state_dict), the handler, the model and preprocessing code
 from `training/` (so the server needs nothing of this repository), `model.json` (model config,
 class names, metrics, provenance), `index_to_name.json` and the per-model TorchServe config.
-A `<name>.mar.sha256` file beside it lets `make serve` refuse an archive that was changed.
+A `<name>.mar.sha256` file beside it records the digest (`sha256sum -c` checks a copy without this
+code or a key), and `<name>.mar.sig` signs it (serving/signing.py): the server loads only archives
+signed by a key it trusts.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 import torch
 
 from serving.handler import DEFAULT_VARIANT, VARIANTS
+from serving.signing import SignatureError, sign_archive, signature_path
 from training.checkpoint import CheckpointError, load_checkpoint
 from training.data import sha256_of
 
@@ -42,6 +45,7 @@ class Archive:
     size: int
     test_accuracy: float | None
     replaced: Path | None
+    signer: str | None = None
 
 
 def _checksum_file(mar: Path) -> Path:
@@ -109,13 +113,17 @@ def build_archive(checkpoint: Path, model_store: Path, name: str, version: str, 
             os.replace(target, replaced)
             if _checksum_file(target).exists():
                 os.replace(_checksum_file(target), _checksum_file(replaced))
+            if signature_path(target).exists():  # the signature covers the bytes, not the name
+                os.replace(signature_path(target), signature_path(replaced))
         # Copy beside the target, then rename: the store never holds a half-written archive.
         partial = model_store / f".{name}.mar.partial"
         shutil.copyfile(built, partial)
         os.replace(partial, target)
     digest = sha256_of(target)
     _checksum_file(target).write_text(f"{digest}  {target.name}\n")
-    return Archive(target, digest, target.stat().st_size, ckpt.get("metrics", {}).get("test_accuracy"), replaced)
+    signer = sign_archive(target).signer
+    return Archive(target, digest, target.stat().st_size, ckpt.get("metrics", {}).get("test_accuracy"), replaced,
+                   signer)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,13 +139,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         archive = build_archive(args.checkpoint, args.model_store, args.model_name, args.version,
                                 args.variant, args.force)
-    except (CheckpointError, ArchiveError) as err:
+    except (CheckpointError, ArchiveError, SignatureError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     accuracy = "n/a" if archive.test_accuracy is None else f"{archive.test_accuracy:.2%}"
     print(f"archive        {archive.path}  (version {args.version}, variant {args.variant})")
     print(f"size           {archive.size / 1e6:.2f} MB")
     print(f"sha256         {archive.sha256}")
+    print(f"signed by      key {archive.signer} ({signature_path(archive.path).name})")
     print(f"test accuracy  {accuracy} (recorded in {args.checkpoint})")
     if archive.replaced:
         print(f"previous version kept as {archive.replaced}")
