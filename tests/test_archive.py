@@ -145,6 +145,7 @@ def test_cli_reports_the_archive_and_fails_in_one_line(tmp_path, capsys):
         f"archive        {mar}  (version 1.0, variant {DEFAULT_VARIANT})",
         f"size           {mar.stat().st_size / 1e6:.2f} MB",
         f"sha256         {digest}",
+        f"signed by      key {verify_archive(mar).signer} (digits.mar.sig)",
         f"test accuracy  98.76% (recorded in {checkpoint})",
     ]
     assert err == ""
