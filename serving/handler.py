@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 from ts.metrics.dimension import Dimension
+from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
 # Serve the code the archive was built with, even where another `training` is importable.
@@ -36,6 +37,8 @@ VARIANTS = ("eager", "fused", "int8")
 # fused (batch norm folded into the convs) is the fastest at equal test accuracy: README, Benchmarks.
 # The one default: serving/archive.py writes it into model.json, and an archive without one gets it too.
 DEFAULT_VARIANT = "fused"
+# Answers below this top-class probability count as low confidence (configs/alerts.yml watches their share).
+LOW_CONFIDENCE = 0.9
 
 
 def optimize(model: torch.nn.Module, variant: str) -> torch.nn.Module:
@@ -142,6 +145,10 @@ class MNISTHandler(BaseHandler):
         self.batch_size = int(properties.get("batch_size") or 1)
         with torch.inference_mode():  # warm-up: first-call allocations happen here, not on a request
             self.model(to_model_input(torch.zeros(self.batch_size, 28, 28, dtype=torch.uint8), self.device))
+        # Every answer names the version that computed it (header X-Model-Version), so answers during a
+        # rollout can be attributed; the metrics carry it too.
+        self.version = str((context.manifest or {}).get("model", {}).get("modelVersion", ""))
+        context.metrics.add_counter("mnist_worker_loads_total", 1, None, [Dimension("ModelVersion", self.version)])
         self.context = context
         self.initialized = True
         logger.info("MNIST model loaded on %s (batch size %d)", self.device, self.batch_size)
@@ -164,22 +171,25 @@ class MNISTHandler(BaseHandler):
                 context.set_response_status(500, "Internal Server Error", i)
                 responses[i] = error_body("could not decode the request", 500)
             context.set_response_content_type(i, "application/json")
+            context.set_response_header(i, "X-Model-Version", self.version)
         decoded = time.perf_counter()
         predicted: list[int] = []
+        low_confidence = 0
         if digits:
             with torch.inference_mode():
                 x = to_model_input(np.stack(digits), self.device)
                 probabilities = torch.softmax(self.model(x).float(), dim=1)
                 predicted = probabilities.argmax(1).tolist()
+                low_confidence = int((probabilities.max(1).values < LOW_CONFIDENCE).sum())
                 probabilities = probabilities.cpu().tolist()
             for i, probs in zip(good, probabilities, strict=True):
                 responses[i] = prediction_body(probs, self.classes)
         self._record_metrics(context, decoded - start, time.perf_counter() - decoded,
-                             rejected=len(data) - len(good), predicted=predicted)
+                             rejected=len(data) - len(good), predicted=predicted, low_confidence=low_confidence)
         return responses
 
     def _record_metrics(self, context, preprocess_s: float, inference_s: float, rejected: int,
-                        predicted: list[int]) -> None:
+                        predicted: list[int], low_confidence: int = 0) -> None:
         # Per batch, not per request: each metric is a log line the frontend has to parse.
         metrics = context.metrics
         metrics.add_time("MNISTPreprocessTime", preprocess_s * 1000, None, "ms")
@@ -187,6 +197,12 @@ class MNISTHandler(BaseHandler):
             metrics.add_time("MNISTInferenceTime", inference_s * 1000, None, "ms")
         if rejected:
             metrics.add_counter("MNISTRejectedRequests", rejected)
+        version = [Dimension("ModelVersion", self.version)]
+        # The whole batch's time in the worker (decode + model), a histogram so Prometheus can take its p99.
+        metrics.add_metric("mnist_handle_seconds", preprocess_s + inference_s, "s", None, list(version),
+                           MetricTypes.HISTOGRAM)
+        if low_confidence:
+            metrics.add_counter("mnist_low_confidence_predictions_total", low_confidence, None, list(version))
         for digit in sorted(set(predicted)):
             metrics.add_counter("MNISTPredictions", predicted.count(digit), None,
-                                [Dimension("Digit", self.classes[digit])])
+                                [Dimension("Digit", self.classes[digit]), *version])
