@@ -19,13 +19,19 @@ IMAGE      ?= serving/samples/7.png
 NPROC      ?= 2
 SEEDS      ?= 3
 AUTH       ?= on
+MODEL_API  ?= off
+# `make compare A=1.0 B=2.0 LIMIT=1000`: two registered versions on the MNIST test set.
+A          ?= 1.0
+B          ?= 2.0
+LIMIT      ?=
 # Debian packages the slow tests and benchmarks use; `make system-deps` installs the missing ones.
-APT_PACKAGES ?= wrk
+APT_PACKAGES ?= wrk prometheus
 export INFERENCE_ADDRESS ?= 127.0.0.1:8080
 export MANAGEMENT_ADDRESS ?= 127.0.0.1:8081
 export METRICS_ADDRESS ?= 127.0.0.1:8082
 
 .PHONY: help setup system-deps data train train-ddp evaluate archive serve predict status token stop demo \
+        keygen deploy promote rollback versions undeploy compare monitor rollout-check \
         test test-fast lint bench bench-train bench-serve chaos docker-build docker-run docker-train docker-test clean
 
 help: ## list the targets
@@ -60,11 +66,38 @@ train-ddp: $(STAMP) ## train with torchrun on NPROC processes (DDP: gloo on CPU,
 evaluate: $(STAMP) ## re-score a checkpoint on the MNIST test set (CHECKPOINT=...)
 	$(PY) -m training.evaluate --checkpoint $(CHECKPOINT) $(ARGS)
 
-archive: $(STAMP) ## package the checkpoint as model_store/mnist.mar (MODEL_NAME=, VERSION=, ARGS=--force)
+keygen: $(STAMP) ## create the archive signing key in ~/.config/mnist-serve (ARGS=--rotate replaces it)
+	$(PY) -m serving.signing keygen $(ARGS)
+
+archive: $(STAMP) ## package and sign the checkpoint as model_store/mnist.mar (MODEL_NAME=, VERSION=, ARGS=--force)
 	$(PY) -m serving.archive --checkpoint $(CHECKPOINT) --model-name $(MODEL_NAME) --version $(VERSION) $(ARGS)
 
-serve: $(STAMP) ## start TorchServe on 127.0.0.1 in the background; returns when workers are READY
-	$(PY) -m serving.cli start --model-name $(MODEL_NAME) --auth $(AUTH) $(ARGS)
+serve: $(STAMP) ## start TorchServe on 127.0.0.1 in the background (MODEL_API=on lets `make deploy` register)
+	$(PY) -m serving.cli start --model-name $(MODEL_NAME) --auth $(AUTH) --model-api $(MODEL_API) $(ARGS)
+
+deploy: $(STAMP) ## register the signed archive of VERSION from model_store beside the default version
+	$(PY) -m serving.lifecycle --model-name $(MODEL_NAME) deploy $(VERSION)
+
+promote: $(STAMP) ## make the registered VERSION the default (`make rollback` undoes it)
+	$(PY) -m serving.lifecycle --model-name $(MODEL_NAME) promote $(VERSION)
+
+rollback: $(STAMP) ## make the version before the last promote the default again
+	$(PY) -m serving.lifecycle --model-name $(MODEL_NAME) rollback
+
+versions: $(STAMP) ## registered versions: default, answers, low-confidence share, batch time, signer
+	$(PY) -m serving.lifecycle --model-name $(MODEL_NAME) versions
+
+undeploy: $(STAMP) ## unregister VERSION (not the default)
+	$(PY) -m serving.lifecycle --model-name $(MODEL_NAME) undeploy $(VERSION)
+
+compare: $(STAMP) ## versions A= and B= on the MNIST test set over HTTP (LIMIT=): accuracy, agreement
+	$(PY) -m serving.compare $(A) $(B) --model-name $(MODEL_NAME) $(if $(LIMIT),--limit $(LIMIT)) $(ARGS)
+
+monitor: $(STAMP) ## Prometheus on 127.0.0.1:9090 scraping the running server, configs/alerts.yml (Ctrl-C stops)
+	$(PY) -m serving.monitor $(ARGS)
+
+rollout-check: $(STAMP) ## deploy, promote, roll back under c=32 load on its own server: errors, p99 per step
+	$(PY) -m bench.rollout --checkpoint $(CHECKPOINT) $(ARGS)
 
 predict: $(STAMP) ## send IMAGE=path to the running server and print the prediction
 	$(PY) -m serving.cli predict $(IMAGE) --model-name $(MODEL_NAME)
@@ -97,8 +130,10 @@ test: $(STAMP) ## the whole test suite, slow ones included (training, torchrun, 
 test-fast: $(STAMP) ## unit tests only (no training, no server)
 	$(PY) -m pytest -m "not slow" $(ARGS)
 
-lint: $(STAMP) ## ruff over the code
-	$(VENV)/bin/ruff check training serving tests
+lint: $(STAMP) ## ruff over the code; promtool over the Prometheus config and rules
+	$(VENV)/bin/ruff check training serving tests bench
+	promtool check config configs/prometheus.yml
+	promtool check rules configs/alerts.yml
 
 bench: bench-train bench-serve ## both benchmarks (tables in README; ~8 min on 2 cores)
 
