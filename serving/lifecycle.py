@@ -22,7 +22,7 @@ from pathlib import Path
 from serving.client import ROOT, ServerClient
 from serving.errors import ServerError
 from serving.server import verify_checksum
-from serving.signing import SignatureError, read_signature, verify_archive
+from serving.signing import SignatureError, verify_archive
 
 HISTORY = "lifecycle.json"  # in the run dir: the defaults before each promote, for rollback
 
@@ -160,8 +160,8 @@ def metric_sum(samples: dict, name: str, **labels: str) -> float:
 
 def versions_table(client: ServerClient, store: Path) -> list[str]:
     """One line per registered version: default or not, answers, low-confidence share, mean worker time per
-    batch, workers, signer. Counted by the handler per version (`/predictions/mnist` requests are counted by
-    TorchServe under `model_version="default"`, whichever version answered them)."""
+    batch, workers, and who signed the store's archive of that version. Answers are counted by the handler
+    per version (TorchServe counts `/predictions/mnist` under `model_version="default"`, whoever answered)."""
     default, samples = default_version(client), scrape(client)
     lines = [f"{'version':<9} {'default':<8} {'answers':>8} {'low conf':>9} {'batch ms':>9} {'workers':<12} "
              f"{'signer':<17} archive"]
@@ -171,10 +171,13 @@ def versions_table(client: ServerClient, store: Path) -> list[str]:
         low = metric_sum(samples, "mnist_low_confidence_predictions_total", ModelVersion=v)
         batches = metric_sum(samples, "mnist_handle_seconds_count", ModelVersion=v)
         seconds = metric_sum(samples, "mnist_handle_seconds_sum", ModelVersion=v)
-        try:
-            signer = read_signature(store / url)["signer"] if url else "?"
+        try:  # the store's archive of that version: make archive may have renamed the file it was loaded from
+            mar = find_archive(store, client.model_name, v)
+            signer, url = verify_archive(mar).signer, mar.name
         except SignatureError:
-            signer = "unsigned"
+            signer = "BAD SIGNATURE"
+        except ServerError:
+            signer = "no archive"
         workers = ",".join(w["status"] for w in model.get("workers", [])) or "none"
         share = f"{low / answers:.1%}" if answers else "-"
         mean = f"{seconds / batches * 1000:.2f}" if batches else "-"
