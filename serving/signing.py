@@ -8,7 +8,8 @@ the repository and the model store:
     <key dir>/trusted/<fp>.pub       the public keys the server trusts (any number: rotation)
 
 The key dir is $MNIST_SERVE_KEY_DIR, else $XDG_CONFIG_HOME/mnist-serve, else ~/.config/mnist-serve.
-A server on another machine only needs the `trusted/` folder ($MNIST_SERVE_TRUSTED_DIR points at it).
+A server that did not sign (another machine, a container) needs only public keys: $MNIST_SERVE_TRUSTED_DIR
+names a folder of `.pub` files trusted in addition to `<key dir>/trusted/` (mount it read-only).
 `<name>.mar.sig` is a small JSON file: the signer's key fingerprint, the archive's SHA-256 and the
 base64 signature over the archive's bytes.
 """
@@ -53,7 +54,13 @@ def key_dir() -> Path:
 
 
 def trusted_dir() -> Path:
-    return Path(os.environ.get("MNIST_SERVE_TRUSTED_DIR") or key_dir() / TRUSTED)
+    """Where `keygen` trusts its own keys and `untrust` removes them."""
+    return key_dir() / TRUSTED
+
+
+def trusted_dirs() -> list[Path]:
+    extra = os.environ.get("MNIST_SERVE_TRUSTED_DIR")
+    return [trusted_dir(), *([Path(extra)] if extra else [])]
 
 
 def fingerprint(public: Ed25519PublicKey) -> str:
@@ -75,9 +82,10 @@ def trust(public: Ed25519PublicKey, directory: Path | None = None) -> Path:
 
 
 def trusted_keys(directory: Path | None = None) -> dict[str, Ed25519PublicKey]:
-    directory = directory or trusted_dir()
+    """The public keys in `directory`, or by default in every trusted folder, by fingerprint."""
     keys = {}
-    for path in sorted(directory.glob("*.pub")) if directory.is_dir() else []:
+    folders = [directory] if directory else trusted_dirs()
+    for path in [p for d in folders if d.is_dir() for p in sorted(d.glob("*.pub"))]:
         key = serialization.load_pem_public_key(path.read_bytes())
         if isinstance(key, Ed25519PublicKey):
             keys[fingerprint(key)] = key  # named by its content, whatever the file is called
@@ -165,7 +173,7 @@ def verify_archive(mar: Path, trusted: dict[str, Ed25519PublicKey] | None = None
     signer = str(sig.get("signer"))
     if signer not in trusted:
         raise SignatureError(f"{mar} is signed by key {signer}, which this server does not trust "
-                             f"(trusted: {', '.join(trusted) or f'none in {trusted_dir()}'})")
+                             f"(trusted: {', '.join(trusted) or 'none in ' + ', '.join(map(str, trusted_dirs()))})")
     data = mar.read_bytes()
     try:
         trusted[signer].verify(sig["raw"], data)
@@ -218,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
             current = fingerprint(_load_private(path).public_key()) if path.exists() else None
             print(f"signing key  {current or 'none yet (created by the first `make archive`)'}  {path}")
             for fp in trusted_keys():
-                print(f"trusted      {fp}  {trusted_dir() / (fp + '.pub')}")
+                print(f"trusted      {fp}")
     except (SignatureError, OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -123,3 +123,15 @@ def test_a_private_key_readable_by_others_is_not_used(tmp_path):
     (keys / "signing-key.pem").chmod(0o644)
     with pytest.raises(SignatureError, match="is readable by others"):
         signing.signing_key(keys)
+
+
+def test_a_server_that_did_not_sign_trusts_a_mounted_folder_of_public_keys(store, tmp_path, monkeypatch):
+    mar = store / "mnist.mar"
+    other_dir = tmp_path / "host-keys"
+    other, _ = keygen(other_dir)
+    sign_archive(mar, other_dir)
+    with pytest.raises(SignatureError, match="which this server does not trust"):
+        verify_archive(mar)
+    monkeypatch.setenv("MNIST_SERVE_TRUSTED_DIR", str(other_dir / "trusted"))  # e.g. mounted read-only
+    assert verify_archive(mar).signer == fingerprint(other.public_key())
+    assert fingerprint(signing.signing_key().public_key()) in trusted_keys()  # in addition to its own
