@@ -16,6 +16,7 @@ import argparse
 import json
 import re
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -77,13 +78,31 @@ def _call(client: ServerClient, method: str, path: str, timeout: float = 120) ->
     return answer
 
 
-def deploy(client: ServerClient, store: Path, version: str, workers: int = 1) -> str:
+def deploy(client: ServerClient, store: Path, version: str, workers: int = 1, timeout: float = 180) -> str:
     mar, signer = checked_archive(store, client.model_name, version)
     version = manifest_version(mar) or version
+    # Asynchronous, then polled: a synchronous registration holds one of the frontend's netty threads
+    # until the new worker has loaded, and the inference connections served by that thread stall as
+    # long (measured: requests to the serving version timed out during a 20-s deploy).
     _call(client, "POST", f"/models?url={mar.name}&model_name={client.model_name}&initial_workers={workers}"
-                          "&synchronous=true")
+                          "&synchronous=false")
+    wait_until_ready(client, version, timeout)
     return f"deployed {client.model_name} {version} from {mar.name} (signed by {signer}) beside the default; " \
            f"try {client.url('inference', f'/predictions/{client.model_name}/{version}')}"
+
+
+def wait_until_ready(client: ServerClient, version: str, timeout: float) -> None:
+    deadline, states = time.monotonic() + timeout, []
+    while time.monotonic() < deadline:
+        status, body = client.request("management", f"/models/{client.model_name}/{version}", timeout=10)
+        if status == 200:
+            states = [w["status"] for w in json.loads(body)[0].get("workers", [])]
+            if states and all(s == "READY" for s in states):
+                return
+        time.sleep(0.5)
+    raise ServerError(f"{client.model_name} {version} registered but its workers are not ready after "
+                      f"{timeout:.0f}s ({states or 'no workers'}); see {client.run_dir}/model_log.log, then "
+                      f"`make undeploy VERSION={version}`")
 
 
 def registered(client: ServerClient) -> list[dict]:
