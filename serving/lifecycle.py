@@ -73,7 +73,7 @@ def _call(client: ServerClient, method: str, path: str, timeout: float = 120) ->
     if status == 405 and method == "POST":
         raise ServerError("this server's model API is closed (the secure default): restart it with "
                           "`make serve MODEL_API=on` to register versions at run time")
-    if status != 200:
+    if status not in (200, 202):  # 202: an asynchronous registration was accepted
         raise ServerError(f"{method} {path} answered {status}: {answer.get('message', answer)}")
     return answer
 
