@@ -126,13 +126,24 @@ def set_default(client: ServerClient, version: str) -> None:
     _call(client, "PUT", f"/models/{client.model_name}/{version}/set-default", timeout=10)
 
 
+def _server_start(client: ServerClient) -> str:
+    """Which run of the server this is (its frontend's pid file): a restarted server has a new history."""
+    try:
+        return (client.run_dir / "tmp" / ".model_server.pid").read_text().strip()  # see TorchServe.pid_file
+    except OSError:
+        return ""
+
+
 def _history(client: ServerClient) -> list[str]:
     path = client.run_dir / HISTORY
-    return json.loads(path.read_text()) if path.exists() else []
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    # Promotes recorded for an earlier run of the server mean nothing to this one (it loads one version).
+    return saved.get("defaults", []) if saved.get("server_start") == _server_start(client) else []
 
 
 def _save_history(client: ServerClient, history: list[str]) -> None:
-    (client.run_dir / HISTORY).write_text(json.dumps(history) + "\n")
+    record = {"server_start": _server_start(client), "defaults": history}
+    (client.run_dir / HISTORY).write_text(json.dumps(record) + "\n")
 
 
 def promote(client: ServerClient, version: str) -> str:

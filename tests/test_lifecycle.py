@@ -20,6 +20,7 @@ import torch
 from bench.rollout import digits, run_steps
 from serving import lifecycle
 from serving.archive import build_archive
+from serving.client import ServerClient
 from serving.compare import compare, report
 from serving.handler import serving_model, to_model_input
 from serving.server import ServerError, TorchServe
@@ -146,3 +147,13 @@ def test_rollout_under_load_drops_no_request(server, mnist_dir):
     assert "2.0" in steps[3].versions  # promote: the new default answers
     assert set(steps[5].versions) == {"1.0"}  # after the rollback and undeploy: 1.0 alone
     assert registered(server) == ["1.0"]
+
+
+def test_promotes_of_an_earlier_run_of_the_server_are_forgotten(tmp_path):
+    client = ServerClient(run_dir=tmp_path)
+    (tmp_path / "tmp").mkdir()
+    (tmp_path / "tmp" / ".model_server.pid").write_text("4242\n")
+    lifecycle._save_history(client, ["1.0"])
+    assert lifecycle._history(client) == ["1.0"]
+    (tmp_path / "tmp" / ".model_server.pid").write_text("4343\n")  # restarted: it serves one version again
+    assert lifecycle._history(client) == []
