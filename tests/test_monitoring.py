@@ -7,6 +7,7 @@ it is missing, saying so.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -169,3 +170,11 @@ def test_monitor_config_points_at_the_server_and_the_rules(tmp_path):
     assert config["scrape_configs"][0]["static_configs"][0]["targets"] == ["127.0.0.1:18082"]
     assert config["rule_files"] == [str(tmp_path / "alerts.yml")]
     assert Path(config["rule_files"][0]).read_text() == ALERTS_YML.read_text()
+
+
+def test_dashboard_plots_only_recorded_series():
+    dashboard = json.loads((ROOT / "configs" / "grafana" / "mnist-dashboard.json").read_text())
+    recorded = {r["record"] for r in rules() if "record" in r}
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {name for e in exprs for name in re.findall(r"[a-z_]+:[a-z0-9_]+:[a-z0-9_]+", e)}
+    assert exprs and used and used <= recorded, used - recorded
