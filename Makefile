@@ -19,17 +19,24 @@ IMAGE      ?= serving/samples/7.png
 NPROC      ?= 2
 SEEDS      ?= 3
 AUTH       ?= on
+MODEL_API  ?= off
+# `make compare A=1.0 B=2.0 LIMIT=1000`: two registered versions on the MNIST test set.
+A          ?= 1.0
+B          ?= 2.0
+LIMIT      ?=
 # Debian packages the slow tests and benchmarks use (wrk: bench-serve; chromium: the page's browser
 # test; iproute2: `ip netns` for the two-node torchrun test; dataset-fashion-mnist: the "not a digit"
-# test set of training/ood_data.py); `make system-deps` installs the missing ones.
-APT_PACKAGES ?= wrk chromium iproute2 dataset-fashion-mnist
+# test set of training/ood_data.py; prometheus: `make monitor` and its test); `make system-deps`
+# installs the missing ones.
+APT_PACKAGES ?= wrk chromium iproute2 dataset-fashion-mnist prometheus
 export INFERENCE_ADDRESS ?= 127.0.0.1:8080
 export MANAGEMENT_ADDRESS ?= 127.0.0.1:8081
 export METRICS_ADDRESS ?= 127.0.0.1:8082
 
 .PHONY: help setup system-deps data train train-ddp evaluate eval-wild calibrate trust-eval explain explain-eval \
-        latency archive serve predict status token ui stop demo kserve-bundle test test-fast lint bench \
-        bench-train bench-serve chaos docker-build docker-run docker-train docker-test clean
+        latency keygen archive serve predict status token ui stop demo kserve-bundle deploy promote rollback \
+        versions undeploy compare monitor rollout-check test test-fast lint bench bench-train bench-serve chaos \
+        docker-build docker-run docker-train docker-test clean
 
 help: ## list the targets
 	@echo "usage: make TARGET [ARGS=...]"
@@ -65,6 +72,7 @@ evaluate: $(STAMP) ## re-score a checkpoint on the MNIST test set (CHECKPOINT=..
 
 eval-wild: $(STAMP) ## score CHECKPOINT on the wild MNIST test set through the handler's decoding (~10 min)
 	$(PY) -m bench.eval_wild --checkpoint $(CHECKPOINT) $(ARGS)
+
 calibrate: $(STAMP) ## fit temperature + "not a digit" threshold into an existing CHECKPOINT (train does it too)
 	$(PY) -m training.trust --checkpoint $(CHECKPOINT) $(ARGS)
 
@@ -80,11 +88,38 @@ latency: $(STAMP) ## one request at a time: /predictions vs /explanations on a f
 explain-eval: $(STAMP) ## deletion test of the explanations on 1,000 test digits (artifacts/deletion_curves.png)
 	$(PY) -m training.explain --checkpoint $(CHECKPOINT) --eval $(ARGS)
 
-archive: $(STAMP) ## package the checkpoint as model_store/mnist.mar (MODEL_NAME=, VERSION=, ARGS=--force)
+keygen: $(STAMP) ## create the archive signing key in ~/.config/mnist-serve (ARGS=--rotate replaces it)
+	$(PY) -m serving.signing keygen $(ARGS)
+
+archive: $(STAMP) ## package and sign the checkpoint as model_store/mnist.mar (MODEL_NAME=, VERSION=, ARGS=--force)
 	$(PY) -m serving.archive --checkpoint $(CHECKPOINT) --model-name $(MODEL_NAME) --version $(VERSION) $(ARGS)
 
-serve: $(STAMP) ## start TorchServe on 127.0.0.1 in the background; returns when workers are READY
-	$(PY) -m serving.cli start --model-name $(MODEL_NAME) --auth $(AUTH) $(ARGS)
+serve: $(STAMP) ## start TorchServe on 127.0.0.1 in the background (MODEL_API=on lets `make deploy` register)
+	$(PY) -m serving.cli start --model-name $(MODEL_NAME) --auth $(AUTH) --model-api $(MODEL_API) $(ARGS)
+
+deploy: $(STAMP) ## register the signed archive of VERSION from model_store beside the default version
+	$(PY) -m serving.lifecycle --model-name $(MODEL_NAME) deploy $(VERSION)
+
+promote: $(STAMP) ## make the registered VERSION the default (`make rollback` undoes it)
+	$(PY) -m serving.lifecycle --model-name $(MODEL_NAME) promote $(VERSION)
+
+rollback: $(STAMP) ## make the version before the last promote the default again
+	$(PY) -m serving.lifecycle --model-name $(MODEL_NAME) rollback
+
+versions: $(STAMP) ## registered versions: default, answers, low-confidence share, batch time, signer
+	$(PY) -m serving.lifecycle --model-name $(MODEL_NAME) versions
+
+undeploy: $(STAMP) ## unregister VERSION (not the default)
+	$(PY) -m serving.lifecycle --model-name $(MODEL_NAME) undeploy $(VERSION)
+
+compare: $(STAMP) ## versions A= and B= on the MNIST test set over HTTP (LIMIT=): accuracy, agreement
+	$(PY) -m serving.compare $(A) $(B) --model-name $(MODEL_NAME) $(if $(LIMIT),--limit $(LIMIT)) $(ARGS)
+
+monitor: $(STAMP) ## Prometheus on 127.0.0.1:9090 scraping the running server, configs/alerts.yml (Ctrl-C stops)
+	$(PY) -m serving.monitor $(ARGS)
+
+rollout-check: $(STAMP) ## deploy, promote, roll back under c=32 load on its own server: errors, p99 per step
+	$(PY) -m bench.rollout --checkpoint $(CHECKPOINT) $(ARGS)
 
 kserve-bundle: $(STAMP) ## lay out artifacts/kserve/ (config + model-store) for KServe's TorchServe runtime
 	$(PY) -m serving.kserve --model-store model_store --model-name $(MODEL_NAME) --out artifacts/kserve $(ARGS)
@@ -125,8 +160,10 @@ test: $(STAMP) ## the whole test suite, slow ones included (training, torchrun, 
 test-fast: $(STAMP) ## unit tests only: no training, no server, no Java, no download (MNIST tests skip without data)
 	MNIST_OFFLINE=1 $(PY) -m pytest -m "not slow" $(ARGS)
 
-lint: $(STAMP) ## ruff over the code
-	$(VENV)/bin/ruff check training serving tests deploy
+lint: $(STAMP) ## ruff over the code; promtool over the Prometheus config and rules
+	$(VENV)/bin/ruff check training serving tests bench deploy
+	promtool check config configs/prometheus.yml
+	promtool check rules configs/alerts.yml
 
 bench: bench-train bench-serve ## both benchmarks (tables in README; ~8 min on 2 cores)
 

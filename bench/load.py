@@ -111,6 +111,7 @@ class Record:
     status: int | str  # HTTP status, or the exception a client saw instead of an answer
     detail: str  # start of the body (or exception message) when not 200
     wrong: bool
+    version: str = ""  # the X-Model-Version header: which model version answered
 
     @property
     def end(self) -> float:
@@ -164,14 +165,15 @@ class Load:
                 conn.request("POST", self.path, self.pngs[i], self.headers)
                 response = conn.getresponse()
                 status, body = response.status, response.read()
+                version = response.getheader("X-Model-Version", "")
             except (OSError, http.client.HTTPException) as err:
-                status, body = type(err).__name__, str(err).encode()
+                status, body, version = type(err).__name__, str(err).encode(), ""
                 conn.close()
                 conn = None
             seconds = time.monotonic() - start
             detail = "" if status == 200 else " ".join(body[:160].decode(errors="replace").split())
             wrong = status == 200 and digit_of(body) != self.expected[i]
-            self.records.append(Record(start - self.t0, seconds, status, detail, wrong))
+            self.records.append(Record(start - self.t0, seconds, status, detail, wrong, version))
             if isinstance(status, str):
                 time.sleep(0.05)  # no server to talk to: retry, but don't spin
 

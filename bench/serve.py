@@ -25,6 +25,7 @@ from bench.load import WRK_SCRIPT, Sampler, run_wrk, write_digits
 from bench.report import plot_serving, serving_table
 from serving.archive import build_archive
 from serving.server import TorchServe
+from serving.signing import sign_archive
 from training.checkpoint import load_checkpoint, model_from_checkpoint
 from training.data import load_split, sha256_of
 from training.preprocess import normalize
@@ -63,6 +64,7 @@ def baseline_archive(checkpoint: Path, store: Path, work: Path) -> None:
                    check=True, env={**os.environ, "TMPDIR": str(work)})
     mar = store / "baseline.mar"
     (store / "baseline.mar.sha256").write_text(f"{sha256_of(mar)}  baseline.mar\n")
+    sign_archive(mar)  # the project's server loads only signed archives, the baseline's too
 
 
 def bench_setup(label: str, server: TorchServe, script_path: Path, digits: list[Path], expected: list[int],

@@ -105,7 +105,9 @@ ADDRESSES=(--env "INFERENCE_ADDRESS=127.0.0.1:$PORT" --env "MANAGEMENT_ADDRESS=1
 
 start_server() {
     # The store is read-only: serving must not need to write to it. Logs and tokens land in $work/logs.
-    local mounts=(-v "$work/model_store:/app/model_store:ro" -v "$work/logs:/app/logs")
+    # The archive is signed on the host with a key of its own ($work/keys): the container trusts its public key.
+    local mounts=(-v "$work/model_store:/app/model_store:ro" -v "$work/logs:/app/logs"
+                  -v "$work/keys/trusted:/app/trusted:ro" --env MNIST_SERVE_TRUSTED_DIR=/app/trusted)
     mkdir -m 0777 "$work/logs"
     if [[ $ENGINE == docker ]]; then
         ctr=$(docker run -d --init "${mounts[@]}" -p "127.0.0.1:$PORT:8080" -p "127.0.0.1:$((PORT + 1)):8081" \
@@ -199,7 +201,8 @@ if [[ ! -f $checkpoint ]]; then  # a fresh clone: one epoch is enough to read a 
     "$PY" -m training.train --epochs 1 --out-dir "$work/artifacts" --quiet
     checkpoint=$work/artifacts/model.pt
 fi
-"$PY" -m serving.archive --checkpoint "$checkpoint" --model-store "$work/model_store" --model-name mnist
+MNIST_SERVE_KEY_DIR=$work/keys "$PY" -m serving.archive --checkpoint "$checkpoint" --model-store "$work/model_store" \
+    --model-name mnist
 start_server
 for _ in $(seq 60); do
     server_running || die "the server exited before its workers were ready"

@@ -3,7 +3,9 @@
 The `.mar` holds the weights (a plain state_dict), the handler, the model and preprocessing code
 from `training/` (so the server needs nothing of this repository), `model.json` (model config,
 class names, metrics, provenance), `index_to_name.json` and the per-model TorchServe config.
-A `<name>.mar.sha256` file beside it lets `make serve` refuse an archive that was changed.
+A `<name>.mar.sha256` file beside it records the digest (`sha256sum -c` checks a copy without this
+code or a key), and `<name>.mar.sig` signs it (serving/signing.py): the server loads only archives
+signed by a key it trusts.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 import torch
 
 from serving.handler import DEFAULT_VARIANT, VARIANTS
+from serving.signing import SignatureError, sign_archive, signature_path
 from training.checkpoint import CheckpointError, load_checkpoint
 from training.data import sha256_of
 
@@ -44,6 +47,7 @@ class Archive:
     size: int
     test_accuracy: float | None
     replaced: Path | None
+    signer: str | None = None
 
 
 def _checksum_file(mar: Path) -> Path:
@@ -128,8 +132,9 @@ def _install(built: Path, target: Path, keep_as: Path | None) -> str:
 
     Every step renames a complete file into place, so `target` is a whole archive at every instant and
     a kept version is complete before the old archive is replaced. Two files cannot change in one
-    rename: between the archive's rename and its checksum's, the two disagree (and stay so if that last
-    step fails); `make serve` refuses such a pair rather than serve an archive it cannot vouch for.
+    rename: between the archive's rename and its checksum's (and its signature's, written next by
+    `build_archive`), they disagree, and stay so if a last step fails; `make serve` refuses such a set
+    rather than serve an archive it cannot vouch for.
     """
     digest = sha256_of(built)
     if keep_as is not None:
@@ -140,6 +145,10 @@ def _install(built: Path, target: Path, keep_as: Path | None) -> str:
             _replace_with(_checksum_file(keep_as), lambda tmp: tmp.write_text(f"{old}  {keep_as.name}\n"))
         else:  # a --force overwrite must not leave another archive's digest beside it
             _checksum_file(keep_as).unlink(missing_ok=True)
+        if signature_path(target).exists():  # the signature covers the bytes, not the name
+            _replace_with(signature_path(keep_as), lambda tmp: _link_or_copy(signature_path(target), tmp))
+        else:
+            signature_path(keep_as).unlink(missing_ok=True)
     _replace_with(target, lambda tmp: shutil.copyfile(built, tmp))
     _replace_with(_checksum_file(target), lambda tmp: tmp.write_text(f"{digest}  {target.name}\n"))
     return digest
@@ -170,7 +179,9 @@ def build_archive(checkpoint: Path, model_store: Path, name: str, version: str, 
         if result.returncode != 0:
             raise ArchiveError(f"torch-model-archiver failed: {result.stderr.strip()[-500:]}")
         digest = _install(export / f"{name}.mar", target, keep_as)
-    return Archive(target, digest, target.stat().st_size, ckpt.get("metrics", {}).get("test_accuracy"), keep_as)
+    signer = sign_archive(target).signer
+    return Archive(target, digest, target.stat().st_size, ckpt.get("metrics", {}).get("test_accuracy"), keep_as,
+                   signer)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -186,13 +197,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         archive = build_archive(args.checkpoint, args.model_store, args.model_name, args.version,
                                 args.variant, args.force)
-    except (CheckpointError, ArchiveError) as err:
+    except (CheckpointError, ArchiveError, SignatureError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     accuracy = "n/a" if archive.test_accuracy is None else f"{archive.test_accuracy:.2%}"
     print(f"archive        {archive.path}  (version {args.version}, variant {args.variant})")
     print(f"size           {archive.size / 1e6:.2f} MB")
     print(f"sha256         {archive.sha256}")
+    print(f"signed by      key {archive.signer} ({signature_path(archive.path).name})")
     print(f"test accuracy  {accuracy} (recorded in {args.checkpoint})")
     if archive.replaced:
         print(f"previous version kept as {archive.replaced}")

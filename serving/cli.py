@@ -67,6 +67,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     sub = parser.add_subparsers(dest="command", required=True)
     start = sub.add_parser("start", help="start TorchServe and wait until the model's workers are READY")
     start.add_argument("--auth", choices=("on", "off"), default="on")
+    start.add_argument("--model-api", choices=("on", "off"), default="off",
+                       help="allow `make deploy` to register versions from the model store (URLs stay refused)")
     start.add_argument("--foreground", action="store_true", help="stay attached; stop on SIGTERM/SIGINT")
     predict = sub.add_parser("predict", help="send an image to the running server")
     predict.add_argument("image", type=Path)
@@ -87,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command != "start":  # the token file says whether the running server uses auth
             auth = (Path(os.environ.get("SERVE_DIR", ROOT / "logs")) / "key_file.json").exists()
         server = TorchServe(model_store=args.model_store, model_name=args.model_name, auth=auth)
+        if getattr(args, "model_api", "off") == "on":
+            server.extra_properties["enable_model_api"] = "true"  # allowed_urls still limits it to the store
         if args.command == "start":
             return _start(server, args.foreground)
         if args.command == "stop":

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 from ts.metrics.dimension import Dimension
+from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
 # Serve the code the archive was built with, even where another `training` is importable.
@@ -45,6 +46,10 @@ VARIANTS = ("eager", "fused", "int8")
 # fused (batch norm folded into the convs) is the fastest at equal test accuracy: README, Benchmarks.
 # The one default: serving/archive.py writes it into model.json, and an archive without one gets it too.
 DEFAULT_VARIANT = "fused"
+# Answers below this top-class probability count as low confidence (configs/alerts.yml watches their share).
+# Training uses label smoothing 0.1, so even sure answers sit near 0.9: 0.5 (the digit less likely than all
+# others together) flags 0.9% of the MNIST test digits for the default model.
+LOW_CONFIDENCE = 0.5
 
 
 def optimize(model: torch.nn.Module, variant: str) -> torch.nn.Module:
@@ -220,6 +225,10 @@ class MNISTHandler(BaseHandler):
             self.model(to_model_input(torch.zeros(self.batch_size, 28, 28, dtype=torch.uint8), self.device))
         archived = (context.manifest or {}).get("model", {})
         self.model_id = (archived.get("modelName", "mnist"), archived.get("modelVersion", ""))
+        # Every answer names the version that computed it (header X-Model-Version), so answers during a
+        # rollout can be attributed; the metrics carry it too.
+        self.version = str(archived.get("modelVersion", ""))
+        context.metrics.add_counter("mnist_worker_loads_total", 1, None, [Dimension("ModelVersion", self.version)])
         # ... and the explainer's first call (Captum's import, autograd's set-up) here too.
         integrated_gradients(self.explainer, to_model_input(torch.zeros(1, 28, 28, dtype=torch.uint8), self.device),
                              torch.zeros(1, dtype=torch.long, device=self.device))
@@ -249,9 +258,11 @@ class MNISTHandler(BaseHandler):
                 responses[i] = oip.error_body("could not decode the request") if i in v2 else \
                     error_body("could not decode the request", 500)
             context.set_response_content_type(i, "application/json")
+            context.set_response_header(i, "X-Model-Version", self.version)
         decoded = time.perf_counter()
         predicted: list[int] = []
         not_digit = 0
+        low_confidence = 0
         explain_s = 0.0
         if digits:
             x = to_model_input(np.stack(digits), self.device)  # outside inference_mode: IG needs its gradients
@@ -261,6 +272,7 @@ class MNISTHandler(BaseHandler):
                 digit_like = (is_digit(self.detector, ood_score(self.detector, features, logits))
                               if self.detector is not None else torch.ones(len(digits), dtype=torch.bool))
                 predicted = probabilities.argmax(1).tolist()
+            low_confidence = int((probabilities.max(1).values < LOW_CONFIDENCE).sum())
             inferred = time.perf_counter()
             try:
                 maps = self._explain(context, good, x, predicted)
@@ -281,7 +293,8 @@ class MNISTHandler(BaseHandler):
                     responses[i] = prediction_body(probs, self.classes, ok, maps.get(j))
         inference_s = time.perf_counter() - decoded - explain_s
         self._record_metrics(context, decoded - start, inference_s, rejected=len(data) - len(good),
-                             predicted=predicted, not_digit=not_digit, explain_s=explain_s)
+                             predicted=predicted, not_digit=not_digit, explain_s=explain_s,
+                             low_confidence=low_confidence)
         return responses
 
     def _explain(self, context, good: list[int], x: torch.Tensor, predicted: list[int]) -> dict[int, list]:
@@ -296,7 +309,8 @@ class MNISTHandler(BaseHandler):
         return {j: [[round(v, 6) for v in row] for row in m] for j, m in zip(wanted, maps.cpu().tolist(), strict=True)}
 
     def _record_metrics(self, context, preprocess_s: float, inference_s: float, rejected: int,
-                        predicted: list[int], not_digit: int, explain_s: float) -> None:
+                        predicted: list[int], not_digit: int = 0, explain_s: float = 0.0,
+                        low_confidence: int = 0) -> None:
         # Per batch, not per request: each metric is a log line the frontend has to parse.
         metrics = context.metrics
         metrics.add_time("MNISTPreprocessTime", preprocess_s * 1000, None, "ms")
@@ -306,8 +320,14 @@ class MNISTHandler(BaseHandler):
             metrics.add_time("MNISTExplainTime", explain_s * 1000, None, "ms")
         if rejected:
             metrics.add_counter("MNISTRejectedRequests", rejected)
-        if not_digit:
-            metrics.add_counter("MNISTNotADigit", not_digit)
+        version = [Dimension("ModelVersion", self.version)]
+        # The whole batch's time in the worker (decode + model), a histogram so Prometheus can take its p99.
+        metrics.add_metric("mnist_handle_seconds", preprocess_s + inference_s, "s", None, list(version),
+                           MetricTypes.HISTOGRAM)
+        if low_confidence:
+            metrics.add_counter("mnist_low_confidence_predictions_total", low_confidence, None, list(version))
+        if not_digit:  # answered, but the OOD score says it is not a digit (configs/alerts.yml)
+            metrics.add_counter("mnist_not_a_digit_total", not_digit, None, list(version))
         for digit in sorted(set(predicted)):
             metrics.add_counter("MNISTPredictions", predicted.count(digit), None,
-                                [Dimension("Digit", self.classes[digit])])
+                                [Dimension("Digit", self.classes[digit]), *version])

@@ -23,6 +23,7 @@ from serving.client import ROOT, ServerClient
 from serving.errors import ServerError
 from serving.java import check_java
 from serving.ports import DEFAULT_ADDRESSES, DEFAULT_GRPC_PORTS, free_port, host_port, port_is_free
+from serving.signing import verify_archive
 from training.data import sha256_of
 
 __all__ = ["ServerError", "TorchServe", "free_port", "port_is_free", "verify_checksum"]
@@ -85,6 +86,7 @@ class TorchServe(ServerClient):
         if not mar.is_file():
             raise ServerError(f"no archive at {mar}: run `make archive` first")
         verify_checksum(mar)
+        verify_archive(mar)  # the checksum catches corruption; only the signature catches tampering
         if (pid := self.running_pid()) is not None:
             raise ServerError(f"TorchServe is already running from {self.run_dir} (pid {pid}): `make stop` first")
         for kind, url in self.addresses.items():

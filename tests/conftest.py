@@ -1,4 +1,4 @@
-"""Fixtures shared by the training tests: the real MNIST files, fetched once per session if missing."""
+"""Fixtures for every test: the real MNIST files (fetched once per session if missing), a throwaway signing key."""
 
 from __future__ import annotations
 
@@ -11,6 +11,19 @@ import torch
 from training.data import ensure_mnist, load_split, missing_files
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def signing_key_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Archives built by tests are signed with a throwaway key, never the user's (~/.config/mnist-serve).
+
+    Set in the environment, so servers and CLIs started by tests (subprocesses) use it too.
+    """
+    path = tmp_path_factory.mktemp("keys") / "mnist-serve"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MNIST_SERVE_KEY_DIR", str(path))
+        mp.delenv("MNIST_SERVE_TRUSTED_DIR", raising=False)
+        yield path
 
 
 @pytest.fixture(scope="session")

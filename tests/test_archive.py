@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from serving.archive import DEFAULT_VARIANT, ArchiveError, archive_version, build_archive, main
+from serving.signing import verify_archive
 from training.checkpoint import CheckpointError, load_checkpoint
 from training.model import build_model
 
@@ -105,7 +106,7 @@ def test_same_version_is_refused_unless_forced(tmp_path):
     forced = build_archive(other, store, "mnist", "1.0", force=True)
     assert forced.path == first.path and forced.sha256 != first.sha256 and forced.replaced is None
     assert (store / "mnist.mar.sha256").read_text() == f"{forced.sha256}  mnist.mar\n"
-    assert sorted(p.name for p in store.iterdir()) == ["mnist.mar", "mnist.mar.sha256"]
+    assert sorted(p.name for p in store.iterdir()) == ["mnist.mar", "mnist.mar.sha256", "mnist.mar.sig"]
 
 
 def test_new_version_keeps_the_old_one_beside_it(tmp_path):
@@ -115,7 +116,8 @@ def test_new_version_keeps_the_old_one_beside_it(tmp_path):
     kept = store / "mnist-1.0.mar"
     assert new.replaced == kept
     assert sorted(p.name for p in store.iterdir()) == [
-        "mnist-1.0.mar", "mnist-1.0.mar.sha256", "mnist.mar", "mnist.mar.sha256"]
+        "mnist-1.0.mar", "mnist-1.0.mar.sha256", "mnist-1.0.mar.sig", "mnist.mar", "mnist.mar.sha256", "mnist.mar.sig"]
+    assert verify_archive(kept).sha256 == old.sha256  # the kept version's signature moved with it
     assert hashlib.sha256(kept.read_bytes()).hexdigest() == old.sha256
     assert (store / "mnist-1.0.mar.sha256").read_text().split()[0] == old.sha256
     assert (archive_version(kept), archive_version(new.path)) == ("1.0", "2.0")
@@ -160,6 +162,7 @@ def test_cli_reports_the_archive_and_fails_in_one_line(tmp_path, capsys):
         f"archive        {mar}  (version 1.0, variant {DEFAULT_VARIANT})",
         f"size           {mar.stat().st_size / 1e6:.2f} MB",
         f"sha256         {digest}",
+        f"signed by      key {verify_archive(mar).signer} (digits.mar.sig)",
         f"test accuracy  98.76% (recorded in {checkpoint})",
     ]
     assert err == ""

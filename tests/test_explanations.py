@@ -139,7 +139,7 @@ def test_a_mixed_batch_of_explanations_fails_only_the_bad_ones(server, trained_c
 def _not_a_digit_count(server: TorchServe) -> float:
     status, raw = server.request("metrics", "/metrics")
     assert status == 200
-    found = re.search(r'^MNISTNotADigit\{[^}]*ModelName="mnist"[^}]*\} (\S+)$', raw.decode(), re.MULTILINE)
+    found = re.search(r'^mnist_not_a_digit_total\{[^}]*ModelName="mnist"[^}]*\} (\S+)$', raw.decode(), re.MULTILINE)
     return float(found[1]) if found else 0.0
 
 

@@ -21,7 +21,7 @@ from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 from ts.service import Service
 
 from serving.archive import build_archive
-from serving.handler import DEFAULT_VARIANT, MNISTHandler, decode_request
+from serving.handler import DEFAULT_VARIANT, LOW_CONFIDENCE, MNISTHandler, decode_request
 from training.preprocess import PreprocessError, normalize
 
 # Shared fixtures (tiny_archive, trained_archive, trained_checkpoint) load as a plugin, so each
@@ -70,6 +70,7 @@ class InProcessWorker:
         assert len(bodies) == len(requests)
         for i in range(len(requests)):
             assert self.context.get_response_content_type(i) == "application/json"
+            assert self.context.get_response_headers(i)["X-Model-Version"] == "1.0"  # every answer, errors too
         return [(self.context.get_response_status(i)[0], json.loads(b)) for i, b in enumerate(bodies)]
 
     def digits(self, pngs: list[bytes]) -> list[int]:
@@ -272,11 +273,15 @@ def test_bad_requests_in_a_batch_fail_only_themselves(tiny_worker, tiny_archive,
                for line in lines), lines
     predicted = {}
     for line in lines:
-        if match := re.match(r"\[METRICS\]MNISTPredictions\.Count:(\d+)\|#Digit:(\d),ModelName:mnist,Level:Model\|",
-                             line):
+        if match := re.match(r"\[METRICS\]MNISTPredictions\.Count:(\d+)\|#Digit:(\d),ModelVersion:1\.0,"
+                             r"ModelName:mnist,Level:Model\|", line):
             predicted[match[2]] = predicted.get(match[2], 0) + int(match[1])
     digits = [str(answers[0][1]["digit"]), str(answers[3][1]["digit"])]
     assert predicted == {d: digits.count(d) for d in digits}
+    low = [r.getMessage() for r in caplog.records if "mnist_low_confidence_predictions_total" in r.getMessage()]
+    expected_low = sum(max(a[1]["probabilities"].values()) < LOW_CONFIDENCE for a in (answers[0], answers[3]))
+    assert [line.split("|")[0] for line in low] == (
+        [f"[METRICS]mnist_low_confidence_predictions_total.Count:{expected_low}"] if expected_low else [])
 
 
 def test_wild_input_forms_and_their_refusals_share_a_batch(tiny_worker, mnist_test_images):
