@@ -45,7 +45,7 @@ class _Sender:
 
     def __init__(self, client: ServerClient):
         url = urlsplit(client.url("inference"))
-        self.host, self.port, self.client = url.hostname, url.port, client
+        self.host, self.port, self.client = url.hostname or "127.0.0.1", url.port, client
         self.headers = {"Content-Type": "image/png"}
         if key := client.token("inference"):
             self.headers["Authorization"] = f"Bearer {key}"

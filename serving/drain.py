@@ -35,7 +35,9 @@ def addresses(config: Path) -> tuple[str, str]:
     """(management URL, metrics URL) from a TorchServe config.properties; 0.0.0.0 is reached on loopback."""
     props = dict(line.split("=", 1) for line in config.read_text().splitlines()
                  if "=" in line and not line.lstrip().startswith("#"))
-    return tuple(props[k].strip().replace("0.0.0.0", "127.0.0.1") for k in ("management_address", "metrics_address"))
+    management, metrics = (props[k].strip().replace("0.0.0.0", "127.0.0.1")
+                           for k in ("management_address", "metrics_address"))
+    return management, metrics
 
 
 def _get(url: str, timeout: float = 2) -> bytes:

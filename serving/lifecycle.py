@@ -19,6 +19,7 @@ import sys
 import time
 import zipfile
 from pathlib import Path
+from typing import Any
 
 from serving.client import ROOT, ServerClient
 from serving.errors import ServerError
@@ -64,7 +65,7 @@ def checked_archive(store: Path, name: str, version: str) -> tuple[Path, str]:
     return mar, verify_archive(mar).signer
 
 
-def _call(client: ServerClient, method: str, path: str, timeout: float = 120) -> dict:
+def _call(client: ServerClient, method: str, path: str, timeout: float = 120) -> Any:
     status, body = client.request("management", path, method=method, timeout=timeout)
     try:
         answer = json.loads(body)

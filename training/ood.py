@@ -23,7 +23,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
+
+from training.model import Net
 
 METHODS = ("msp", "energy", "mahalanobis", "mahalanobis_all")
 DEFAULT_METHOD = "mahalanobis_all"  # best AUROC against Fashion-MNIST and text: README, Trust
@@ -31,7 +32,7 @@ DEFAULT_METHOD = "mahalanobis_all"  # best AUROC against Fashion-MNIST and text:
 FALSE_REJECTION = 0.005
 
 
-def features_and_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def features_and_logits(model: Net, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward pass of `training.model.Net` that also returns what the detector reads:
     [channel means of conv block 1, of conv block 2, the input of the last linear layer]."""
     pooled = []

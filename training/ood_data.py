@@ -70,7 +70,7 @@ def texture_images(n: int, seed: int = 0, size: int = 112) -> np.ndarray:
     out = []
     for _ in range(n):
         base = rng.normal(0, 1, (size, size)).astype(np.float32)
-        base = cv2.GaussianBlur(base, (0, 0), sigmaX=float(rng.uniform(1.5, 4)))
+        base = np.asarray(cv2.GaussianBlur(base, (0, 0), sigmaX=float(rng.uniform(1.5, 4))), np.float32)
         ramp = np.linspace(0, float(rng.uniform(0.5, 2)), size, dtype=np.float32)
         image = base / (base.std() + 1e-6) + ramp[None, :] * rng.choice([-1, 1])
         image = (image - image.min()) / (np.ptp(image) + 1e-6) * 255

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from training.calibration import calibrated_softmax, expected_calibration_error, fit_temperature, plot_reliability
+from training.model import Net
 from training.ood import (
     DEFAULT_METHOD,
     METHODS,
@@ -36,7 +37,7 @@ from training.preprocess import PreprocessError, normalize, to_mnist
 
 
 @torch.no_grad()
-def outputs(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+def outputs(model: Net, images: torch.Tensor, batch_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
     """(detector features, logits) for uint8 (N, 28, 28) images on the model's device, returned on the CPU."""
     model.eval()
     weight = next(p for p in model.parameters() if p.dim() == 4)
@@ -52,7 +53,7 @@ def outputs(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 1000
     return torch.cat(feats), torch.cat(logits)
 
 
-def fit_trust(model: torch.nn.Module, train: tuple, val: tuple, test: tuple, out_dir: Path | None = None,
+def fit_trust(model: Net, train: tuple, val: tuple, test: tuple, out_dir: Path | None = None,
               method: str = DEFAULT_METHOD) -> tuple[dict[str, Any], dict[str, Any]]:
     """(checkpoint fields, metrics) from (images, labels) splits; writes reliability.png to out_dir.
 
@@ -95,7 +96,7 @@ def served(images: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, int]:
     return torch.from_numpy(np.stack(kept)) if kept else torch.zeros(0, 28, 28, dtype=torch.uint8), refused
 
 
-def evaluate_ood(model: torch.nn.Module, splits: dict[str, tuple], temperature: float) -> list[dict[str, Any]]:
+def evaluate_ood(model: Net, splits: dict[str, tuple], temperature: float) -> list[dict[str, Any]]:
     """For every method: AUROC of MNIST test against each OOD set and the rates at its validation threshold."""
     from training.ood_data import load_fashion, synthetic_sets
 
@@ -164,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
             _print_table(rows)
             print(json.dumps(rows, indent=1))
             return 0
-        fields, metrics = fit_trust(model, *splits.values(), out_dir=args.checkpoint.parent)
+        fields, metrics = fit_trust(model, splits["train"], splits["val"], splits["test"],
+                                    out_dir=args.checkpoint.parent)
     except (CheckpointError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
