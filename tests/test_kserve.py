@@ -43,8 +43,9 @@ def test_bundle_is_what_the_runtime_reads(tiny_archive, tmp_path):
     _, archive = tiny_archive
     config = build_bundle(archive.path.parent, "mnist", tmp_path / "kserve")
     files = sorted(str(p.relative_to(tmp_path / "kserve")) for p in (tmp_path / "kserve").rglob("*") if p.is_file())
+    # The signature travels with the archive (`make archive` signs): verify it before upload, KServe won't.
     assert files == ["config/config.properties", "config/metrics.yaml", "model-store/mnist.mar",
-                     "model-store/mnist.mar.sha256"]
+                     "model-store/mnist.mar.sha256", "model-store/mnist.mar.sig"]
     props = read_properties(config)
     # The runtime passes --model-store=/mnt/models/model-store; the wrapper reads model_store too.
     assert props["model_store"] == "/mnt/models/model-store"
