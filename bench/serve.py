@@ -27,7 +27,7 @@ from serving.archive import build_archive
 from serving.server import TorchServe
 from training.checkpoint import load_checkpoint, model_from_checkpoint
 from training.data import load_split, sha256_of
-from training.preprocess import normalize
+from training.tensors import normalize
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -27,7 +27,8 @@ if (_HERE / "training").is_dir() and str(_HERE) not in sys.path[:1]:
     sys.path.insert(0, str(_HERE))
 
 from training.model import build_model  # noqa: E402
-from training.preprocess import PreprocessError, from_pixels, normalize, preprocess_bytes, to_mnist  # noqa: E402
+from training.preprocess import PreprocessError, from_pixels, preprocess_bytes, to_mnist  # noqa: E402
+from training.tensors import normalize  # noqa: E402
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,8 @@ from ts.service import Service
 
 from serving.archive import build_archive
 from serving.handler import DEFAULT_VARIANT, MNISTHandler, decode_request
-from training.preprocess import PreprocessError, normalize
+from training.preprocess import PreprocessError
+from training.tensors import normalize
 
 # Shared fixtures (tiny_archive, trained_archive, trained_checkpoint) load as a plugin, so each
 # exists once per session; helpers are imported by name, after registering for assert rewriting.

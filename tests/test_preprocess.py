@@ -22,10 +22,10 @@ from training.preprocess import (
     PreprocessError,
     from_pixels,
     load_image,
-    normalize,
     preprocess_bytes,
     to_mnist,
 )
+from training.tensors import normalize
 
 CENTRE = 13.5  # centre of a 28-pixel axis, in pixel coordinates
 

@@ -27,7 +27,8 @@ from training.data import DataError, load_split
 from training.distributed import Dist, cleanup, setup_distributed, sync_buffers
 from training.evaluate import confusion, plot_confusion, plot_curves, summarize
 from training.model import ModelConfig, Net
-from training.preprocess import MNIST_MEAN, MNIST_STD, normalize
+from training.preprocess import MNIST_MEAN, MNIST_STD
+from training.tensors import normalize
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "train.yaml"
 
