@@ -38,16 +38,27 @@ def torch_runner(path: Path) -> Runner:
 
     with zipfile.ZipFile(path) as z:
         compiled = any(name.endswith((".so", ".wrapper.cpp")) or "/data/aotinductor/" in name for name in z.namelist())
+    static = 0
     if compiled:
         from torch._inductor import aoti_load_package
 
         module = aoti_load_package(str(path))
+        static = int(module.get_metadata().get("static_batch", 0))  # set by training.export.compile_aoti
     else:
         module = torch.export.load(str(path)).module()
 
     def run(x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, np.float32)
+        if static:  # compiled for one batch size: run in chunks of it, the last one zero-padded
+            return np.concatenate([run_fixed(x[i : i + static]) for i in range(0, len(x), static)])
         with torch.inference_mode():
-            return module(torch.from_numpy(np.ascontiguousarray(x, np.float32))).float().numpy()
+            return module(torch.from_numpy(x)).float().numpy()
+
+    def run_fixed(chunk: np.ndarray) -> np.ndarray:
+        padded = np.zeros((static, *chunk.shape[1:]), np.float32)
+        padded[: len(chunk)] = chunk
+        with torch.inference_mode():
+            return module(torch.from_numpy(padded)).float().numpy()[: len(chunk)]
 
     return run
 
