@@ -26,7 +26,8 @@ export MANAGEMENT_ADDRESS ?= 127.0.0.1:8081
 export METRICS_ADDRESS ?= 127.0.0.1:8082
 
 .PHONY: help setup system-deps data train train-ddp evaluate archive serve predict status token stop demo \
-        test test-fast lint bench bench-train bench-serve chaos docker-build docker-run docker-train docker-test clean
+        test test-fast lint bench bench-train bench-serve chaos docker-build docker-run docker-train docker-test clean \
+        export distill bench-compress bench-hybrid edge-install
 
 help: ## list the targets
 	@echo "usage: make TARGET [ARGS=...]"
@@ -91,6 +92,22 @@ demo: $(STAMP) ## the whole path: data → train → archive → serve → curl 
 	      -H "Content-Type: application/octet-stream" --data-binary @$(IMAGE) \
 	      http://$(INFERENCE_ADDRESS)/predictions/$(MODEL_NAME); echo
 
+export: $(STAMP) ## export CHECKPOINT to artifacts/export/: ONNX, torch.export, AOTInductor, int8 (+ parity lines)
+	$(PY) -m training.export --checkpoint $(CHECKPOINT) $(ARGS)
+
+distill: $(STAMP) ## train a 5x smaller student from CHECKPOINT (SEEDS=3, with and without the teacher); export it
+	$(PY) -m training.distill --teacher $(CHECKPOINT) --seeds $(SEEDS) $(ARGS)
+	$(PY) -m training.export --checkpoint artifacts/student.pt --out artifacts/export/student --formats onnx
+
+bench-compress: $(STAMP) ## the compression table: size, accuracy, 1-thread latency/throughput, memory per format
+	$(PY) -m bench.compress $(ARGS)
+
+bench-hybrid: $(STAMP) ## edge-first, server-when-unsure on the MNIST test set, against a live TorchServe
+	$(PY) -m bench.hybrid --checkpoint $(CHECKPOINT) $(ARGS)
+
+edge-install: ## install the torch-free edge client (edge/) into the active Python: `mnist-edge predict IMAGE`
+	$(PYTHON_SYS) -m pip install ./edge
+
 test: $(STAMP) ## the whole test suite, slow ones included (training, torchrun, a real TorchServe)
 	$(PY) -m pytest $(ARGS)
 
@@ -98,7 +115,7 @@ test-fast: $(STAMP) ## unit tests only (no training, no server)
 	$(PY) -m pytest -m "not slow" $(ARGS)
 
 lint: $(STAMP) ## ruff over the code
-	$(VENV)/bin/ruff check training serving tests
+	$(VENV)/bin/ruff check training serving tests bench edge
 
 bench: bench-train bench-serve ## both benchmarks (tables in README; ~8 min on 2 cores)
 

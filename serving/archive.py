@@ -21,13 +21,14 @@ from pathlib import Path
 
 import torch
 
-from serving.handler import DEFAULT_VARIANT, VARIANTS
+from serving.handler import DEFAULT_VARIANT, ONNX_FILES, VARIANTS
 from training.checkpoint import CheckpointError, load_checkpoint
 from training.data import sha256_of
 
 ROOT = Path(__file__).resolve().parent.parent
 HANDLER = ROOT / "serving" / "handler.py"
-PACKED_TRAINING_FILES = ("model.py", "preprocess.py", "tensors.py")  # what the handler imports from training/
+# What the handler imports from training/.
+PACKED_TRAINING_FILES = ("model.py", "preprocess.py", "tensors.py", "formats.py")
 MODEL_CONFIG = ROOT / "configs" / "model-config.yaml"
 
 
@@ -74,9 +75,26 @@ def _stage(ckpt: dict, variant: str, checkpoint: Path, staging: Path) -> tuple[P
         "provenance": ckpt.get("provenance", {}),
         "checkpoint": {"file": checkpoint.name, "sha256": sha256_of(checkpoint)},
     }
+    if variant in ONNX_FILES:
+        _export_variant(checkpoint, variant, extra)
     (extra / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
     (extra / "index_to_name.json").write_text(json.dumps(dict(enumerate(ckpt["class_names"]))) + "\n")
     return weights, extra
+
+
+def _export_variant(checkpoint: Path, variant: str, extra: Path) -> None:
+    """The ONNX file the handler runs for `variant`; int8 is calibrated on MNIST training images."""
+    from training.data import DataError
+    from training.export import ExportError, calibration_images, export_all
+
+    try:
+        calibration = calibration_images(None, 512) if variant == "int8" else None
+        formats = ("int8-onnx",) if variant == "int8" else ("onnx",)
+        export_all(checkpoint, extra, formats, calibration, log=lambda _: None)
+    except (DataError, ExportError) as err:
+        raise ArchiveError(f"variant {variant}: {err}") from None
+    if variant == "int8":
+        (extra / ONNX_FILES["onnx"]).unlink()  # the fp32 model it was quantised from: not served
 
 
 def build_archive(checkpoint: Path, model_store: Path, name: str, version: str, variant: str = DEFAULT_VARIANT,

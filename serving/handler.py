@@ -26,6 +26,7 @@ _HERE = Path(__file__).resolve().parent
 if (_HERE / "training").is_dir() and str(_HERE) not in sys.path[:1]:
     sys.path.insert(0, str(_HERE))
 
+from training.formats import load_runner  # noqa: E402
 from training.model import build_model  # noqa: E402
 from training.preprocess import PreprocessError, from_pixels, preprocess_bytes, to_mnist  # noqa: E402
 from training.tensors import normalize  # noqa: E402
@@ -33,7 +34,11 @@ from training.tensors import normalize  # noqa: E402
 logger = logging.getLogger(__name__)
 
 # Load-time transforms of the eager model, chosen per archive (`make archive ARGS="--variant ..."`).
-VARIANTS = ("eager", "fused", "int8")
+# onnx and int8 run a file the archive carries (training/export.py) with ONNX Runtime: int8 is static
+# int8 of every conv and linear. int8-legacy is torch's deprecated dynamic quantisation of the
+# linears only, kept as a labelled row for comparison (README, Compression and edge).
+VARIANTS = ("eager", "fused", "onnx", "int8", "int8-legacy")
+ONNX_FILES = {"onnx": "model.onnx", "int8": "model_int8.onnx"}
 # fused (batch norm folded into the convs) is the fastest at equal test accuracy: README, Benchmarks.
 # The one default: serving/archive.py writes it into model.json, and an archive without one gets it too.
 DEFAULT_VARIANT = "fused"
@@ -46,7 +51,7 @@ def optimize(model: torch.nn.Module, variant: str) -> torch.nn.Module:
             if isinstance(block[1], torch.nn.BatchNorm2d):
                 block[0] = torch.nn.utils.fusion.fuse_conv_bn_eval(block[0], block[1])
                 block[1] = torch.nn.Identity()
-    elif variant == "int8":  # dynamic int8 quantisation of the fully connected layers
+    elif variant == "int8-legacy":  # deprecated in torch 2.14: dynamic int8 of the fully connected layers only
         model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
     elif variant != "eager":
         raise ValueError(f"unknown model variant {variant!r}")
@@ -61,6 +66,12 @@ def serving_model(model: torch.nn.Module, variant: str, device: torch.device | s
     their offline answers are computed exactly the way the server computes them.
     """
     return optimize(model.eval(), variant).to(device, memory_format=torch.channels_last)
+
+
+def onnx_model(path: Path, threads: int):
+    """An exported model run by ONNX Runtime, called like the torch module: tensor batch in, logits out."""
+    run = load_runner(path, threads)
+    return lambda x: torch.from_numpy(run(x.cpu().contiguous().numpy()))
 
 
 def to_model_input(digits: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -138,7 +149,11 @@ class MNISTHandler(BaseHandler):
         state_dict = torch.load(model_dir / serialized, map_location="cpu", weights_only=True)
         model = build_model(meta["model_config"])
         model.load_state_dict(state_dict)
-        self.model = serving_model(model, meta.get("variant", DEFAULT_VARIANT), self.device)
+        variant = meta.get("variant", DEFAULT_VARIANT)
+        if variant in ONNX_FILES:
+            self.model = onnx_model(model_dir / ONNX_FILES[variant], torch.get_num_threads())
+        else:
+            self.model = serving_model(model, variant, self.device)
         self.classes = meta["class_names"]
         self.batch_size = int(properties.get("batch_size") or 1)
         with torch.inference_mode():  # warm-up: first-call allocations happen here, not on a request
