@@ -97,3 +97,36 @@ def test_edge_installs_in_a_fresh_venv_without_torch_and_reads_a_seven(trained_c
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["digit"] == 7
+
+
+@pytest.fixture(scope="module")
+def live_server(trained_archive, tmp_path_factory):
+    from serving.server import TorchServe
+
+    ts = TorchServe.on_free_ports(tmp_path_factory.mktemp("edge-serve"), trained_archive.path.parent,
+                                  model_name="mnist", auth=True)
+    try:
+        ts.start(timeout=180)
+        yield ts
+    finally:
+        ts.stop()
+
+
+@pytest.mark.slow
+def test_hybrid_asks_the_server_below_the_threshold_and_answers_locally_above(live_server, trained_checkpoint,
+                                                                              tmp_path):
+    model = onnx_of(trained_checkpoint, tmp_path / "model.onnx")
+    url, token = live_server.url("inference"), live_server.token("inference")
+    common = ("predict", str(SAMPLE_7), "--model", str(model), "--server", url, "--token", token)
+    local = json.loads(run_edge(*common, "--threshold", "0").stdout)
+    status, served = live_server.predict(SAMPLE_7.read_bytes())
+    assert status == 200
+    remote = run_edge(*common, "--threshold", "1")  # nothing is that sure: always asks
+    assert remote.returncode == 0, remote.stderr
+    body = json.loads(remote.stdout)
+    assert (local["source"], body["source"]) == ("edge", "server")
+    assert body["digit"] == served["digit"] == local["digit"] == 7
+    assert body["probabilities"] == served["probabilities"]
+    assert body["edge"] == {"digit": local["digit"], "confidence": local["confidence"]}
+    refused = json.loads(run_edge(*common[:-1], "wrong-token", "--threshold", "1").stdout)
+    assert refused["source"] == "edge (server failed)" and "401" in refused["server_error"]
