@@ -71,3 +71,16 @@ def test_int8_onnx_of_a_trained_model_keeps_its_answers(trained_checkpoint, tmp_
         pt2e = quantize_pt2e(model, x[:256])
         result = parity(lambda a: pt2e(torch.from_numpy(a)).numpy(), reference, x, y)
     assert result.agreement >= 0.99
+
+
+@pytest.mark.slow
+def test_aoti_packages_fp32_and_int8_agree_with_eager_at_any_batch_size(trained_checkpoint, tmp_path, test_slice):
+    """AOTInductor compiles C++ (gcc): minutes on a busy 2-core box. int8 is compiled for a batch of 32."""
+    x, y = test_slice
+    written = export_all(trained_checkpoint, tmp_path, ("aoti", "int8"), calibration=x[:256], log=lambda _: None)
+    reference = predict_all(load_runner(trained_checkpoint), x)
+    assert parity(load_runner(written["aoti"]), reference, x, y).agreement == 1.0
+    int8 = load_runner(written["int8"])
+    assert parity(int8, reference, x, y).agreement >= 0.99
+    assert [int8(x[:n]).shape for n in (1, 7, 40)] == [(1, 10), (7, 10), (40, 10)]  # padded, chunked
+    assert np.array_equal(int8(x[:7]), int8(x[:32])[:7])
