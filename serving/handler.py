@@ -27,7 +27,7 @@ if (_HERE / "training").is_dir() and str(_HERE) not in sys.path[:1]:
     sys.path.insert(0, str(_HERE))
 
 from training.formats import load_runner  # noqa: E402
-from training.model import build_model  # noqa: E402
+from training.model import build_model, fuse_batch_norm  # noqa: E402
 from training.preprocess import PreprocessError, from_pixels, preprocess_bytes, to_mnist  # noqa: E402
 from training.tensors import normalize  # noqa: E402
 
@@ -47,10 +47,7 @@ DEFAULT_VARIANT = "fused"
 def optimize(model: torch.nn.Module, variant: str) -> torch.nn.Module:
     """Apply the archive's load-time variant to the eval-mode model (see serving/archive.py)."""
     if variant == "fused":  # fold each batch norm into the conv before it: one op fewer per block
-        for block in model.features:
-            if isinstance(block[1], torch.nn.BatchNorm2d):
-                block[0] = torch.nn.utils.fusion.fuse_conv_bn_eval(block[0], block[1])
-                block[1] = torch.nn.Identity()
+        model = fuse_batch_norm(model)
     elif variant == "int8-legacy":  # deprecated in torch 2.14: dynamic int8 of the fully connected layers only
         model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
     elif variant != "eager":
