@@ -23,7 +23,8 @@ from serving_fixtures import ROOT, TINY_MODEL, save_tiny_checkpoint  # noqa: E40
 
 EXPECTED_FILES = {
     "handler.py", "weights.pt", "model.json", "index_to_name.json", "model-config.yaml",
-    "training/__init__.py", "training/model.py", "training/preprocess.py", "MAR-INF/MANIFEST.json",
+    "training/__init__.py", "training/model.py", "training/preprocess.py", "training/tensors.py",
+    "training/formats.py", "MAR-INF/MANIFEST.json",
 }
 
 
@@ -44,6 +45,8 @@ def test_archive_holds_exactly_what_the_server_needs(tiny_archive):
     # The served code is the repository's code at archive time, byte for byte.
     for packed, source in [("handler.py", "serving/handler.py"), ("training/model.py", "training/model.py"),
                            ("training/preprocess.py", "training/preprocess.py"),
+                           ("training/tensors.py", "training/tensors.py"),
+                           ("training/formats.py", "training/formats.py"),
                            ("model-config.yaml", "configs/model-config.yaml")]:
         assert read_member(archive.path, packed) == (ROOT / source).read_bytes(), packed
     meta = json.loads(read_member(archive.path, "model.json"))
