@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "edge"))  # the edge client from the source tree, as pip would install it
 from mnist_edge.cli import EdgeModel, ask_server  # noqa: E402
 
-THRESHOLDS = (0.5, 0.9, 0.99, 0.999)
+# The trained model uses label smoothing 0.1, so its top probability rarely passes ~0.92 (README).
+THRESHOLDS = (0.5, 0.7, 0.8, 0.9)
 
 
 def hybrid_table(confidence: np.ndarray, local: np.ndarray, server: dict[int, int], labels: np.ndarray,
