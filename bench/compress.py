@@ -30,7 +30,7 @@ ROWS = {  # name: (file, how it runs)
     "onnx": ("artifacts/export/model.onnx", "file"),
     "pt2 (torch.export)": ("artifacts/export/model.pt2", "file"),
     "aoti": ("artifacts/export/model_aoti.pt2", "file"),
-    "int8 (PT2E, AOTI, batch 32)": ("artifacts/export/model_int8.pt2", "file"),
+    "int8 (PT2E + AOTI)": ("artifacts/export/model_int8.pt2", "file"),
     "int8 onnx": ("artifacts/export/model_int8.onnx", "file"),
     "student (eager)": ("artifacts/student.pt", "eager"),
     "student onnx": ("artifacts/export/student/model.onnx", "file"),
@@ -138,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         x = normalize_array(images.numpy())
         np.savez(data, x=x, y=labels.numpy(), one=x[:1])
         for name in args.rows.split(","):
+            if name not in ROWS:
+                parser.error(f"unknown row {name!r}: choose from {', '.join(ROWS)}")
             file, how = ROWS[name]
             if not (ROOT / file).is_file():
                 print(f"skipped {name}: no {file} (make export / make distill)", file=sys.stderr)
@@ -149,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"failed {name}: {child.stderr.strip()[-400:]}", file=sys.stderr)
                 continue
             results[name] = json.loads(child.stdout.strip().splitlines()[-1])
-            print(f"measured {name}", file=sys.stderr)
+            print(f"measured {name}: {results[name]}", file=sys.stderr, flush=True)
     print(f"CPU: {cpu_name()}; one thread per model; {args.repeats} single-image calls per row")
     print(table(results))
     args.out.parent.mkdir(parents=True, exist_ok=True)
