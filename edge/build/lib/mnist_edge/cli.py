@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=os.environ.get("MNIST_EDGE_MODEL", DEFAULT_MODEL),
                    help=f"ONNX model (default: $MNIST_EDGE_MODEL or {DEFAULT_MODEL})")
     p.add_argument("--server", default=None, help="TorchServe inference URL, e.g. http://127.0.0.1:8080")
-    p.add_argument("--threshold", type=float, default=0.9, help="answer locally at or above this confidence")
+    p.add_argument("--threshold", type=float, default=0.8, help="answer locally at or above this confidence")
     p.add_argument("--token", default=os.environ.get("MNIST_EDGE_TOKEN"),
                    help="inference token for --server (default: $MNIST_EDGE_TOKEN)")
     p.add_argument("--model-name", default="mnist")
