@@ -36,7 +36,7 @@ export METRICS_ADDRESS ?= 127.0.0.1:8082
 .PHONY: help setup system-deps data train train-ddp evaluate eval-wild calibrate trust-eval explain explain-eval \
         latency keygen archive serve predict status token ui stop demo kserve-bundle deploy promote rollback \
         versions undeploy compare monitor rollout-check test test-fast lint bench bench-train bench-serve chaos \
-        docker-build docker-run docker-train docker-test clean
+        export distill bench-compress bench-hybrid edge-install docker-build docker-run docker-train docker-test clean
 
 help: ## list the targets
 	@echo "usage: make TARGET [ARGS=...]"
@@ -154,6 +154,22 @@ demo: $(STAMP) ## the whole path: data → train → archive → serve → curl 
 	      -H "Content-Type: application/octet-stream" --data-binary @$(IMAGE) \
 	      http://$(INFERENCE_ADDRESS)/predictions/$(MODEL_NAME); echo
 
+export: $(STAMP) ## export CHECKPOINT to artifacts/export/: ONNX, torch.export, AOTInductor, int8 (+ parity lines)
+	$(PY) -m training.export --checkpoint $(CHECKPOINT) $(ARGS)
+
+distill: $(STAMP) ## train a 5x smaller student from CHECKPOINT (SEEDS=3, with and without the teacher); export it
+	$(PY) -m training.distill --teacher $(CHECKPOINT) --seeds $(SEEDS) $(ARGS)
+	$(PY) -m training.export --checkpoint artifacts/student.pt --out artifacts/export/student --formats onnx
+
+bench-compress: $(STAMP) ## the compression table: size, accuracy, 1-thread latency/throughput, memory per format
+	$(PY) -m bench.compress $(ARGS)
+
+bench-hybrid: $(STAMP) ## edge-first, server-when-unsure on the MNIST test set, against a live TorchServe
+	$(PY) -m bench.hybrid --checkpoint $(CHECKPOINT) $(ARGS)
+
+edge-install: ## install the torch-free edge client (edge/) into the active Python: `mnist-edge predict IMAGE`
+	$(PYTHON_SYS) -m pip install ./edge
+
 test: $(STAMP) ## the whole test suite, slow ones included (training, torchrun, a real TorchServe)
 	$(PY) -m pytest $(ARGS)
 
@@ -161,7 +177,7 @@ test-fast: $(STAMP) ## unit tests only: no training, no server, no Java, no down
 	MNIST_OFFLINE=1 $(PY) -m pytest -m "not slow" $(ARGS)
 
 lint: $(STAMP) ## ruff over the code; promtool over the Prometheus config and rules
-	$(VENV)/bin/ruff check training serving tests bench deploy
+	$(VENV)/bin/ruff check training serving tests bench deploy edge
 	promtool check config configs/prometheus.yml
 	promtool check rules configs/alerts.yml
 

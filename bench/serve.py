@@ -28,7 +28,7 @@ from serving.server import TorchServe
 from serving.signing import sign_archive
 from training.checkpoint import load_checkpoint, model_from_checkpoint
 from training.data import load_split, sha256_of
-from training.preprocess import normalize
+from training.tensors import normalize
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -94,31 +94,47 @@ def bench_setup(label: str, server: TorchServe, script_path: Path, digits: list[
     return rows
 
 
+def variant_model(checkpoint: Path, variant: str, work: Path):
+    """The model exactly as a worker of a `variant` archive runs it (one thread)."""
+    from serving.handler import ONNX_FILES, onnx_model, serving_model
+    from training.export import calibration_images, export_all
+
+    if variant not in ONNX_FILES:
+        return serving_model(model_from_checkpoint(load_checkpoint(checkpoint)), variant)
+    fmt = "int8-onnx" if variant == "int8" else "onnx"
+    calibration = calibration_images(None, 512) if variant == "int8" else None  # what serving/archive.py uses
+    export_all(checkpoint, work, (fmt,), calibration, log=lambda _: None)
+    return onnx_model(work / ONNX_FILES[variant], threads=1)
+
+
 def variant_table(checkpoint: Path, images: torch.Tensor, labels: torch.Tensor) -> str:
     """Each archive variant as a worker runs it (one thread, channels_last): accuracy and batch latency."""
     from serving.archive import VARIANTS
-    from serving.handler import serving_model, to_model_input
-    from training.evaluate import confusion, summarize
+    from serving.handler import to_model_input
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     lines = ["| variant | test accuracy | ms per batch of 1 | ms per batch of 32 |", "|---|---:|---:|---:|"]
     try:
-        for variant in VARIANTS:
-            model = serving_model(model_from_checkpoint(load_checkpoint(checkpoint)), variant)
-            accuracy = summarize(*confusion(model, images, labels))["accuracy"]
-            cells = []
-            for batch in (1, 32):
-                x = to_model_input(images[:batch])
+        with tempfile.TemporaryDirectory(prefix="mnist-variants-") as tmp:
+            for variant in VARIANTS:
+                model = variant_model(checkpoint, variant, Path(tmp))
                 with torch.inference_mode():
-                    for _ in range(10):
-                        model(x)
-                    runs = 200 if batch == 1 else 50
-                    start = time.perf_counter()
-                    for _ in range(runs):
-                        model(x)
-                    cells.append(f"{(time.perf_counter() - start) / runs * 1e3:.3f}")
-            lines.append(f"| {variant} | {accuracy:.2%} | {cells[0]} | {cells[1]} |")
+                    predicted = torch.cat([model(to_model_input(images[i : i + 1000])).argmax(1)
+                                           for i in range(0, len(images), 1000)])
+                accuracy = (predicted == labels).double().mean().item()
+                cells = []
+                for batch in (1, 32):
+                    x = to_model_input(images[:batch])
+                    with torch.inference_mode():
+                        for _ in range(10):
+                            model(x)
+                        runs = 200 if batch == 1 else 50
+                        start = time.perf_counter()
+                        for _ in range(runs):
+                            model(x)
+                        cells.append(f"{(time.perf_counter() - start) / runs * 1e3:.3f}")
+                lines.append(f"| {variant} | {accuracy:.2%} | {cells[0]} | {cells[1]} |")
     finally:
         torch.set_num_threads(threads)
     return "\n".join(lines)
@@ -129,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", default="artifacts/model.pt", type=Path)
     parser.add_argument("--concurrency", default="1,8,64,256")
     parser.add_argument("--seconds", type=int, default=10, help="per concurrency point")
-    parser.add_argument("--setups", default="baseline,project")
+    parser.add_argument("--setups", default="baseline,project,project-onnx",
+                        help="baseline, project (the default variant), project-onnx, project-int8")
     parser.add_argument("--digits", type=int, default=200, help="distinct MNIST test digits cycled through")
     parser.add_argument("--out", default="artifacts/bench", type=Path)
     parser.add_argument("--variants-only", action="store_true", help="only the in-process variant table")
@@ -158,16 +175,21 @@ def main(argv: list[str] | None = None) -> int:
         store = work / "store"
         build_archive(args.checkpoint, store, "mnist", "1.0")
         for setup in args.setups.split(","):
+            setup_store = store
             if setup == "baseline":
                 baseline_archive(args.checkpoint, store, work / "baseline")
-            name = "mnist" if setup == "project" else "baseline"
+            elif setup.startswith("project-"):  # project-onnx, project-int8: the same server, another variant
+                setup_store = work / f"store-{setup}"
+                build_archive(args.checkpoint, setup_store, "mnist", "1.0", setup.removeprefix("project-"))
+            name = "baseline" if setup == "baseline" else "mnist"
             # The baseline keeps TorchServe's defaults: no tuned netty threads or heap settings.
-            extra = {} if setup == "project" else {"number_of_netty_threads": "0", "netty_client_threads": "0"}
-            server = TorchServe.on_free_ports(work / f"run-{setup}", store, model_name=name, extra_properties=extra)
+            extra = {"number_of_netty_threads": "0", "netty_client_threads": "0"} if setup == "baseline" else {}
+            server = TorchServe.on_free_ports(work / f"run-{setup}", setup_store, model_name=name,
+                                              extra_properties=extra)
 
             def parse(body: bytes, setup=setup) -> int:
                 data = json.loads(body)
-                return data["digit"] if setup == "project" else int(data)
+                return int(data) if setup == "baseline" else data["digit"]
 
             rows += bench_setup(setup, server, work / f"{setup}.lua", digits, expected, parse, concurrencies,
                                 args.seconds)

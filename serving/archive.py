@@ -23,15 +23,16 @@ from pathlib import Path
 
 import torch
 
-from serving.handler import DEFAULT_VARIANT, VARIANTS
+from serving.handler import DEFAULT_VARIANT, ONNX_FILES, VARIANTS
 from serving.signing import SignatureError, sign_archive, signature_path
 from training.checkpoint import CheckpointError, load_checkpoint
 from training.data import sha256_of
 
 ROOT = Path(__file__).resolve().parent.parent
 HANDLER = ROOT / "serving" / "handler.py"
-# What the handler imports from training/: the model, decoding and preprocessing, the OOD score and the explainer.
-PACKED_TRAINING_FILES = ("model.py", "preprocess.py", "decode.py", "ood.py", "explain.py")
+# What the handler imports from training/: the model, decoding and preprocessing, the OOD score, the
+# explainer, and the exported formats' runners.
+PACKED_TRAINING_FILES = ("model.py", "preprocess.py", "decode.py", "tensors.py", "formats.py", "ood.py", "explain.py")
 PACKED_SERVING_FILES = ("oip.py",)  # and from serving/ (the KServe v2 protocol)
 MODEL_CONFIG = ROOT / "configs" / "model-config.yaml"
 
@@ -93,6 +94,8 @@ def _stage(ckpt: dict, variant: str, checkpoint: Path, staging: Path) -> tuple[P
         detector = ckpt["ood"]
         torch.save({k: v for k, v in detector.items() if isinstance(v, torch.Tensor)}, extra / "ood.pt")
         meta["ood"] = {k: v for k, v in detector.items() if not isinstance(v, torch.Tensor)}
+    if variant in ONNX_FILES:
+        _export_variant(checkpoint, variant, extra)
     (extra / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
     (extra / "index_to_name.json").write_text(json.dumps(dict(enumerate(ckpt["class_names"]))) + "\n")
     return weights, extra
@@ -152,6 +155,19 @@ def _install(built: Path, target: Path, keep_as: Path | None) -> str:
     _replace_with(target, lambda tmp: shutil.copyfile(built, tmp))
     _replace_with(_checksum_file(target), lambda tmp: tmp.write_text(f"{digest}  {target.name}\n"))
     return digest
+def _export_variant(checkpoint: Path, variant: str, extra: Path) -> None:
+    """The ONNX file the handler runs for `variant`; int8 is calibrated on MNIST training images."""
+    from training.data import DataError
+    from training.export import ExportError, calibration_images, export_all
+
+    try:
+        calibration = calibration_images(None, 512) if variant == "int8" else None
+        formats = ("int8-onnx",) if variant == "int8" else ("onnx",)
+        export_all(checkpoint, extra, formats, calibration, log=lambda _: None)
+    except (DataError, ExportError) as err:
+        raise ArchiveError(f"variant {variant}: {err}") from None
+    if variant == "int8":
+        (extra / ONNX_FILES["onnx"]).unlink()  # the fp32 model it was quantised from: not served
 
 
 def build_archive(checkpoint: Path, model_store: Path, name: str, version: str, variant: str = DEFAULT_VARIANT,

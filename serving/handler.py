@@ -34,15 +34,21 @@ if (_HERE / "training").is_dir() and str(_HERE) not in sys.path[:1]:
 
 from serving import oip  # noqa: E402  (Open Inference Protocol v2: KServe)
 from training.explain import IG_STEPS, integrated_gradients  # noqa: E402
-from training.model import build_model  # noqa: E402
+from training.formats import load_runner  # noqa: E402
+from training.model import build_model, fuse_batch_norm  # noqa: E402
 from training.ood import features_and_logits, is_digit, ood_score  # noqa: E402
-from training.preprocess import PreprocessError, from_pixels, normalize, preprocess_bytes, to_mnist  # noqa: E402
+from training.preprocess import PreprocessError, from_pixels, preprocess_bytes, to_mnist  # noqa: E402
+from training.tensors import normalize  # noqa: E402
 
 logger = logging.getLogger(__name__)
 MAX_JSON_DEPTH = 32  # far above any valid request (3 levels), far below Python's recursion limit
 
 # Load-time transforms of the eager model, chosen per archive (`make archive ARGS="--variant ..."`).
-VARIANTS = ("eager", "fused", "int8")
+# onnx and int8 run a file the archive carries (training/export.py) with ONNX Runtime: int8 is static
+# int8 of every conv and linear. int8-legacy is torch's deprecated dynamic quantisation of the
+# linears only, kept as a labelled row for comparison (README, Compression and edge).
+VARIANTS = ("eager", "fused", "onnx", "int8", "int8-legacy")
+ONNX_FILES = {"onnx": "model.onnx", "int8": "model_int8.onnx"}
 # fused (batch norm folded into the convs) is the fastest at equal test accuracy: README, Benchmarks.
 # The one default: serving/archive.py writes it into model.json, and an archive without one gets it too.
 DEFAULT_VARIANT = "fused"
@@ -55,11 +61,8 @@ LOW_CONFIDENCE = 0.5
 def optimize(model: torch.nn.Module, variant: str) -> torch.nn.Module:
     """Apply the archive's load-time variant to the eval-mode model (see serving/archive.py)."""
     if variant == "fused":  # fold each batch norm into the conv before it: one op fewer per block
-        for block in model.features:
-            if isinstance(block[1], torch.nn.BatchNorm2d):
-                block[0] = torch.nn.utils.fusion.fuse_conv_bn_eval(block[0], block[1])
-                block[1] = torch.nn.Identity()
-    elif variant == "int8":  # dynamic int8 quantisation of the fully connected layers
+        model = fuse_batch_norm(model)
+    elif variant == "int8-legacy":  # deprecated in torch 2.14: dynamic int8 of the fully connected layers only
         model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
     elif variant != "eager":
         raise ValueError(f"unknown model variant {variant!r}")
@@ -74,6 +77,12 @@ def serving_model(model: torch.nn.Module, variant: str, device: torch.device | s
     their offline answers are computed exactly the way the server computes them.
     """
     return optimize(model.eval(), variant).to(device, memory_format=torch.channels_last)
+
+
+def onnx_model(path: Path, threads: int):
+    """An exported model run by ONNX Runtime, called like the torch module: tensor batch in, logits out."""
+    run = load_runner(path, threads)
+    return lambda x: torch.from_numpy(run(x.cpu().contiguous().numpy()))
 
 
 def to_model_input(digits: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -206,11 +215,15 @@ class MNISTHandler(BaseHandler):
         model = build_model(meta["model_config"])
         model.load_state_dict(state_dict)
         variant = meta.get("variant", DEFAULT_VARIANT)
-        # int8's quantised linear layers have no backward: explanations then use the float model.
-        float_model = build_model(meta["model_config"]) if variant == "int8" else None
+        # Quantised layers (int8-legacy) have no backward, and ONNX runners no autograd at all:
+        # explanations and the "not a digit" features then use the float model.
+        float_model = build_model(meta["model_config"]) if variant in ONNX_FILES or variant == "int8-legacy" else None
         if float_model is not None:
             float_model.load_state_dict(state_dict)
-        self.model = serving_model(model, variant, self.device)
+        if variant in ONNX_FILES:
+            self.model = onnx_model(model_dir / ONNX_FILES[variant], torch.get_num_threads())
+        else:
+            self.model = serving_model(model, variant, self.device)
         self.explainer = self.model if float_model is None else serving_model(float_model, "eager", self.device)
         self.temperature = float(meta.get("temperature", 1.0))
         self.detector = None
@@ -267,7 +280,11 @@ class MNISTHandler(BaseHandler):
         if digits:
             x = to_model_input(np.stack(digits), self.device)  # outside inference_mode: IG needs its gradients
             with torch.inference_mode():
-                features, logits = features_and_logits(self.model, x)
+                if isinstance(self.model, torch.nn.Module):
+                    features, logits = features_and_logits(self.model, x)
+                else:  # an ONNX runner gives logits only: the detector reads the float model's features
+                    logits = self.model(x)
+                    features = features_and_logits(self.explainer, x)[0] if self.detector is not None else logits
                 probabilities = torch.softmax(logits.float() / self.temperature, dim=1)
                 digit_like = (is_digit(self.detector, ood_score(self.detector, features, logits))
                               if self.detector is not None else torch.ones(len(digits), dtype=torch.bool))

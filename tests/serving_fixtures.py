@@ -23,7 +23,7 @@ from serving.archive import Archive, build_archive
 from training import config as cfglib
 from training.checkpoint import atomic_save, load_checkpoint, make_checkpoint, model_from_checkpoint
 from training.model import ModelConfig, Net
-from training.preprocess import normalize
+from training.tensors import normalize
 from training.train import DEFAULT_CONFIG, TrainConfig, fit
 
 ROOT = Path(__file__).resolve().parent.parent

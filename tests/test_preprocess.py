@@ -22,10 +22,10 @@ from training.preprocess import (
     PreprocessError,
     from_pixels,
     load_image,
-    normalize,
     preprocess_bytes,
     to_mnist,
 )
+from training.tensors import normalize
 
 CENTRE = 14.0  # where MNIST's digits have their centre of mass, in pixel coordinates
 

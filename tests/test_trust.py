@@ -15,7 +15,7 @@ from training.explain import delete_top, integrated_gradients, saliency
 from training.model import ModelConfig, Net
 from training.ood import auroc, features_and_logits, fit_detector, is_digit, ood_score, set_threshold
 from training.ood_data import FASHION_DEFAULT_DIR, load_fashion, synthetic_sets
-from training.preprocess import normalize
+from training.tensors import normalize
 
 # --- calibration --------------------------------------------------------------------------------
 

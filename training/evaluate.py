@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from training.checkpoint import CLASS_NAMES, CheckpointError, load_checkpoint, model_from_checkpoint
-from training.preprocess import normalize
+from training.tensors import normalize
 
 
 @torch.no_grad()

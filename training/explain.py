@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from training.preprocess import normalize
+from training.tensors import normalize
 
 IG_STEPS = 32  # Riemann steps; the completeness gap at 32 is in README (Trust)
 DELETION_K = (5, 10, 20, 50, 100, 200)

@@ -66,3 +66,12 @@ def build_model(config: dict | ModelConfig | None = None) -> Net:
     elif isinstance(config, dict):
         config = ModelConfig(**config)
     return Net(config)
+
+
+def fuse_batch_norm(model: Net) -> Net:
+    """Fold each batch norm into the conv before it (eval mode): one op fewer per block, same function."""
+    for block in model.features:
+        if isinstance(block[1], nn.BatchNorm2d):
+            block[0] = nn.utils.fusion.fuse_conv_bn_eval(block[0], block[1])
+            block[1] = nn.Identity()
+    return model

@@ -1,8 +1,10 @@
-"""Image bytes → MNIST-style 28×28 digit → normalised tensor. Shared verbatim by training and serving.
+"""Image bytes → MNIST-style 28×28 digit → normalised array. Shared verbatim by training, serving and edge/.
 
-Training reads MNIST, which is already in the format `to_mnist` produces, and calls `normalize`;
-the TorchServe handler calls `load_image` (training/decode.py) → `to_mnist` → `normalize`. This
-file and decode.py are packed into the `.mar`, so they import nothing else from the repository.
+Training reads MNIST, which is already in the format `to_mnist` produces, and calls `normalize`
+(training/tensors.py, the torch twin of `normalize_array`); the TorchServe handler calls
+`load_image` (training/decode.py) → `to_mnist` → `normalize`. This file and decode.py are packed into
+the `.mar` and into the torch-free edge client (edge/), so they import nothing else from the
+repository (decode.py relatively: it sits beside this file in all three) and never import torch.
 """
 
 from __future__ import annotations
@@ -11,9 +13,8 @@ import itertools
 
 import cv2
 import numpy as np
-import torch
 
-from training.decode import MAX_PIXELS, MIN_SIDE, PreprocessError, load_image  # noqa: F401  (re-exported)
+from .decode import MAX_PIXELS, MIN_SIDE, PreprocessError, load_image  # noqa: F401  (re-exported)
 
 MNIST_MEAN = 0.1307
 MNIST_STD = 0.3081
@@ -296,15 +297,19 @@ def skeleton(mask: np.ndarray) -> np.ndarray:
         if not changed:
             return image[1:-1, 1:-1]
 
-def normalize(images: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 images (28×28 or N×28×28, array or tensor) → float32 (N, 1, 28, 28) with MNIST mean/std."""
-    x = torch.as_tensor(images)
-    if x.dtype != torch.uint8:
+def normalize_array(images: np.ndarray) -> np.ndarray:
+    """uint8 images (28×28 or N×28×28) → float32 (N, 1, 28, 28) with MNIST mean/std, without torch.
+
+    Bit-identical to training/tensors.py's `normalize` (float32 divide, subtract, divide in the same
+    order; tests check all 256 pixel values), so the ONNX model on the edge sees training's numbers.
+    """
+    x = np.asarray(images)
+    if x.dtype != np.uint8:
         raise PreprocessError(f"expected uint8 pixels, got {x.dtype}")
-    if x.shape[-2:] != (SIZE, SIZE) or x.dim() not in (2, 3):
+    if x.shape[-2:] != (SIZE, SIZE) or x.ndim not in (2, 3):
         raise PreprocessError(f"expected 28x28 images, got shape {tuple(x.shape)}")
-    x = x.reshape(-1, 1, SIZE, SIZE).float().div_(255.0)
-    return x.sub_(MNIST_MEAN).div_(MNIST_STD)
+    x = x.reshape(-1, 1, SIZE, SIZE).astype(np.float32) / np.float32(255.0)
+    return (x - np.float32(MNIST_MEAN)) / np.float32(MNIST_STD)
 
 
 def preprocess_bytes(data: bytes) -> np.ndarray:

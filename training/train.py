@@ -37,7 +37,8 @@ from training.distributed import (
 )
 from training.evaluate import confusion, plot_confusion, plot_curves, summarize
 from training.model import ModelConfig, Net
-from training.preprocess import MNIST_MEAN, MNIST_STD, normalize
+from training.preprocess import MNIST_MEAN, MNIST_STD
+from training.tensors import normalize
 from training.trust import fit_trust
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "train.yaml"

@@ -33,7 +33,8 @@ from training.ood import (
     ood_score,
     set_threshold,
 )
-from training.preprocess import PreprocessError, normalize, to_mnist
+from training.preprocess import PreprocessError, to_mnist
+from training.tensors import normalize
 
 
 @torch.no_grad()

@@ -1,0 +1,1 @@
+"""Digit recognition on the device: the exported ONNX model, the shared preprocessing, a server fallback."""

@@ -1,0 +1,1 @@
+../../training/decode.py

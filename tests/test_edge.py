@@ -1,0 +1,135 @@
+"""edge/: the torch-free client installs on its own, runs training's preprocessing, falls back to TorchServe."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import pytest
+
+from training.export import export_onnx
+from training.formats import load_runner, softmax
+from training.preprocess import normalize_array, preprocess_bytes
+
+pytest.register_assert_rewrite("serving_fixtures")
+pytest_plugins = ["serving_fixtures"]
+from serving_fixtures import ROOT, SAMPLE_7, save_tiny_checkpoint  # noqa: E402
+
+EDGE = ROOT / "edge"
+# Runs the edge CLI from the source tree with torch made unimportable: proof that nothing on the
+# edge path needs it, without an install.
+NO_TORCH = "import sys; sys.modules['torch'] = None; from mnist_edge.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+def run_edge(*args: str, python: str = sys.executable, source: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(EDGE)} if source else None
+    return subprocess.run([python, "-c", NO_TORCH, *args], capture_output=True, text=True, env=env, timeout=120)
+
+
+def onnx_of(checkpoint: Path, out: Path) -> Path:
+    from training.checkpoint import load_checkpoint, model_from_checkpoint
+
+    export_onnx(model_from_checkpoint(load_checkpoint(checkpoint)), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tmp_path_factory) -> tuple[Path, Path]:
+    base = tmp_path_factory.mktemp("edge-tiny")
+    checkpoint = save_tiny_checkpoint(base / "model.pt")
+    return checkpoint, onnx_of(checkpoint, base / "model.onnx")
+
+
+@pytest.mark.parametrize("name", ["preprocess.py", "decode.py"])
+def test_the_edge_preprocessing_is_training_preprocess_py_itself(name):
+    shipped = EDGE / "mnist_edge" / name
+    assert shipped.is_symlink()
+    assert shipped.resolve() == (ROOT / "training" / name).resolve()
+
+
+def test_edge_predicts_without_torch_what_the_training_path_computes(tiny_onnx):
+    checkpoint, model = tiny_onnx
+    result = run_edge("predict", str(SAMPLE_7), "--model", str(model))
+    assert result.returncode == 0, result.stderr
+    body = json.loads(result.stdout)
+    expected = softmax(load_runner(checkpoint)(normalize_array(preprocess_bytes(SAMPLE_7.read_bytes()))))[0]
+    assert body["source"] == "edge"
+    assert body["digit"] == int(expected.argmax())
+    assert [body["probabilities"][str(d)] for d in range(10)] == pytest.approx(expected.tolist(), abs=1e-5)
+
+
+def test_edge_errors_are_one_line(tiny_onnx, tmp_path):
+    (tmp_path / "not-an-image.png").write_bytes(b"hello")
+    result = run_edge("predict", str(tmp_path / "not-an-image.png"), "--model", str(tiny_onnx[1]))
+    assert (result.returncode, result.stderr) == (1, "error: not an image: expected PNG, JPEG, BMP, WebP or HEIC bytes\n")
+    result = run_edge("predict", str(SAMPLE_7), "--model", str(tmp_path / "missing.onnx"))
+    assert result.returncode == 1 and result.stderr.startswith("error: no model at")
+
+
+def test_an_unreachable_server_leaves_the_local_answer_marked(tiny_onnx):
+    from serving.ports import free_port
+
+    result = run_edge("predict", str(SAMPLE_7), "--model", str(tiny_onnx[1]), "--threshold", "1",
+                      "--server", f"http://127.0.0.1:{free_port()}")
+    body = json.loads(result.stdout)
+    assert body["source"] == "edge (server failed)" and "unreachable" in body["server_error"]
+
+
+@pytest.mark.slow
+def test_edge_installs_in_a_fresh_venv_without_torch_and_reads_a_seven(trained_checkpoint, tmp_path):
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, with_pip=True)
+    pip = subprocess.run([env_dir / "bin" / "python", "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                          "--report", str(tmp_path / "report.json"), str(EDGE)], capture_output=True, text=True)
+    if pip.returncode != 0 and "No matching distribution" in pip.stderr:
+        pytest.skip(f"the package index is unreachable: {pip.stderr.strip()[-200:]}")
+    assert pip.returncode == 0, pip.stderr
+    installed = {item["metadata"]["name"] for item in json.loads((tmp_path / "report.json").read_text())["install"]}
+    assert {"mnist-edge", "onnxruntime", "numpy", "opencv-python-headless", "pillow", "pillow-heif"} <= installed
+    assert not {name for name in installed if "torch" in name}
+    site = next((env_dir / "lib").glob("python*/site-packages"))
+    for name in ("preprocess.py", "decode.py"):
+        assert (site / "mnist_edge" / name).read_bytes() == (ROOT / "training" / name).read_bytes()
+    model = onnx_of(trained_checkpoint, tmp_path / "model.onnx")
+    result = subprocess.run([env_dir / "bin" / "mnist-edge", "predict", str(SAMPLE_7), "--model", str(model)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["digit"] == 7
+
+
+@pytest.fixture(scope="module")
+def live_server(trained_archive, tmp_path_factory):
+    from serving.server import TorchServe
+
+    ts = TorchServe.on_free_ports(tmp_path_factory.mktemp("edge-serve"), trained_archive.path.parent,
+                                  model_name="mnist", auth=True)
+    try:
+        ts.start(timeout=180)
+        yield ts
+    finally:
+        ts.stop()
+
+
+@pytest.mark.slow
+def test_hybrid_asks_the_server_below_the_threshold_and_answers_locally_above(live_server, trained_checkpoint,
+                                                                              tmp_path):
+    model = onnx_of(trained_checkpoint, tmp_path / "model.onnx")
+    url, token = live_server.url("inference"), live_server.token("inference")
+    common = ("predict", str(SAMPLE_7), "--model", str(model), "--server", url, "--token", token)
+    local = json.loads(run_edge(*common, "--threshold", "0").stdout)
+    status, served = live_server.predict(SAMPLE_7.read_bytes())
+    assert status == 200
+    remote = run_edge(*common, "--threshold", "1")  # nothing is that sure: always asks
+    assert remote.returncode == 0, remote.stderr
+    body = json.loads(remote.stdout)
+    assert (local["source"], body["source"]) == ("edge", "server")
+    assert body["digit"] == served["digit"] == local["digit"] == 7
+    assert body["probabilities"] == served["probabilities"]
+    assert body["edge"] == {"digit": local["digit"], "confidence": local["confidence"]}
+    refused = json.loads(run_edge(*common[:-1], "wrong-token", "--threshold", "1").stdout)
+    # TorchServe 0.12 answers a wrong token with 400 InvalidKeyException (not 401).
+    assert refused["source"] == "edge (server failed)" and "InvalidKeyException" in refused["server_error"]

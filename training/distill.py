@@ -1,0 +1,171 @@
+"""Distil the trained CNN into a student ≥4× smaller: `make distill`, `python -m training.distill`.
+
+The student is the same `Net` with narrower layers (`STUDENT`), so checkpoints, archives, exports
+and the handler take it unchanged. For each seed the student is trained twice with the same initial
+weights, data order and augmentation draws: once from the labels alone, once from the teacher too
+(Hinton et al. 2015: KL divergence between the softened distributions at temperature T, scaled by
+T² so its gradients keep their size, mixed with the label loss by `alpha`). The teacher's logits
+are computed once for the un-augmented training images and the students train without
+augmentation: on the shared 2-core box a teacher pass per augmented batch tripled the cost of
+every distilled run. Writes the best distilled student (by validation accuracy) to
+`artifacts/student.pt` and every finished run to `artifacts/distill.json` as it goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from training import config as cfglib
+from training.checkpoint import CheckpointError, atomic_save, load_checkpoint, make_checkpoint, model_from_checkpoint
+from training.data import DataError
+from training.distributed import Dist
+from training.model import ModelConfig, Net
+from training.tensors import normalize
+from training.train import TrainConfig, build_optimizer, build_schedule, load_data, random_affine, score
+
+STUDENT = ModelConfig(conv1=16, conv2=24, hidden=64)
+
+
+def multiply_accumulates(config: ModelConfig) -> int:
+    """Multiply-accumulates of one forward pass on a 28×28 image (convs and linears; the rest is noise)."""
+    conv1 = 28 * 28 * config.conv1 * 9
+    conv2 = 14 * 14 * config.conv2 * config.conv1 * 9
+    return conv1 + conv2 + config.conv2 * 7 * 7 * config.hidden + config.hidden * config.num_classes
+
+
+def parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, temperature: float,
+            alpha: float, label_smoothing: float) -> torch.Tensor:
+    soft = F.kl_div(F.log_softmax(student / temperature, 1), F.log_softmax(teacher / temperature, 1),
+                    reduction="batchmean", log_target=True) * temperature**2
+    hard = F.cross_entropy(student, labels, label_smoothing=label_smoothing)
+    return alpha * soft + (1 - alpha) * hard
+
+
+@torch.no_grad()
+def teacher_logits(teacher: torch.nn.Module, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    return torch.cat([teacher(normalize(images[i : i + batch_size]).contiguous(memory_format=torch.channels_last))
+                      for i in range(0, len(images), batch_size)])
+
+
+def train_student(cfg: TrainConfig, data, targets: torch.Tensor | None, temperature: float, alpha: float,
+                  dry_run: bool = False) -> tuple[Net, dict]:
+    """One student run; `targets` are the teacher's logits per training image, None for labels alone."""
+    torch.manual_seed(cfg.seed)  # same initial weights with and without the teacher
+    device = data.train_x.device
+    model = Net(cfg.model).to(device, memory_format=torch.channels_last)
+    steps = max(1, len(data.train_x) // cfg.batch_size)
+    opt, gen = build_optimizer(model, cfg), torch.Generator(device=device).manual_seed(cfg.seed * 7919)
+    sched = build_schedule(opt, cfg, steps)
+    best_val, best_state, start = -1.0, None, time.perf_counter()
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        perm = torch.randperm(len(data.train_x), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+        for step in range(min(steps, 3) if dry_run else steps):
+            idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size].to(device)
+            x, y = normalize(data.train_x[idx]), data.train_y[idx]
+            x = (random_affine(x, cfg, gen) if cfg.augment else x).contiguous(memory_format=torch.channels_last)
+            logits = model(x)
+            if targets is None:
+                loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+            else:
+                loss = kd_loss(logits, targets[idx], y, temperature, alpha, cfg.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if sched is not None and cfg.schedule != "plateau":
+                sched.step()
+        val = score(model, data.val_x, data.val_y, Dist())["accuracy"]
+        if val > best_val:
+            best_val, best_state = val, {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(best_state)
+    test = score(model, data.test_x, data.test_y, Dist())
+    return model, {"seed": cfg.seed, "distilled": targets is not None, "val_accuracy": best_val,
+                   "test_accuracy": test["accuracy"], "seconds": round(time.perf_counter() - start, 1)}
+
+
+def _save_student(best: tuple[Net, dict], base: TrainConfig, args: argparse.Namespace) -> None:
+    train_config = {**cfglib.to_dict(dataclasses.replace(base, seed=best[1]["seed"])),
+                    "distill": {"teacher": str(args.teacher), "temperature": args.temperature, "alpha": args.alpha}}
+    ckpt = make_checkpoint(best[0].cpu(), train_config, {k: best[1][k] for k in ("test_accuracy", "val_accuracy")})
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_save(ckpt, args.out / "student.pt")
+
+
+def _write_summary(runs: list[dict], teacher: Net, args: argparse.Namespace) -> None:
+    summary = {"student": dataclasses.asdict(STUDENT), "parameters": parameters(Net(STUDENT)),
+               "teacher_parameters": parameters(teacher), "epochs": args.epochs, "augment": False,
+               "macs_ratio": round(multiply_accumulates(teacher.config) / multiply_accumulates(STUDENT), 2),
+               "temperature": args.temperature, "alpha": args.alpha, "runs": runs}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "distill.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def _mean_std(values: list[float]) -> str:
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.2%} ± {spread:.2%}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.distill", description=__doc__.splitlines()[0])
+    parser.add_argument("--teacher", default="artifacts/model.pt", type=Path)
+    parser.add_argument("--out", default="artifacts", type=Path)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--temperature", type=float, default=4.0)
+    parser.add_argument("--alpha", type=float, default=0.8, help="weight of the teacher's term (0: labels only)")
+    parser.add_argument("--train-limit", type=int, default=0, help="use only this many training images (0: all)")
+    parser.add_argument("--data-dir", default=os.environ.get("MNIST_DIR") or "data")
+    parser.add_argument("--dry-run", action="store_true", help="3 batches per epoch: a quick check of the whole path")
+    args = parser.parse_args(argv)
+    try:
+        teacher = model_from_checkpoint(load_checkpoint(args.teacher)).to(memory_format=torch.channels_last)
+        base = dataclasses.replace(TrainConfig(), data_dir=args.data_dir, epochs=args.epochs, model=STUDENT,
+                                   train_limit=args.train_limit, augment=False)
+        data = load_data(base, torch.device("cpu"))
+        targets = teacher_logits(teacher, data.train_x)
+    except (CheckpointError, DataError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    student_params, teacher_params = parameters(Net(STUDENT)), parameters(teacher)
+    ratio_macs = multiply_accumulates(teacher.config) / multiply_accumulates(STUDENT)
+    print(f"student {STUDENT}: {student_params:,} parameters ({student_params / teacher_params:.1%} of the "
+          f"teacher's {teacher_params:,}), {ratio_macs:.1f}× fewer multiply-accumulates; {args.epochs} epochs, "
+          f"T={args.temperature}, alpha={args.alpha}")
+    runs, best = [], None
+    for seed in range(args.seeds):
+        cfg = dataclasses.replace(base, seed=seed)
+        for soft in (None, targets):
+            model, row = train_student(cfg, data, soft, args.temperature, args.alpha, args.dry_run)
+            runs.append(row)
+            print(f"  seed {seed}  {'distilled' if soft is not None else 'labels only':<11}  "
+                  f"val {row['val_accuracy']:.2%}  test {row['test_accuracy']:.2%}  ({row['seconds']:.0f}s)",
+                  flush=True)
+            if soft is not None and (best is None or row["val_accuracy"] > best[1]["val_accuracy"]):
+                best = (model, row)
+                _save_student(best, base, args)
+            _write_summary(runs, teacher, args)
+    for distilled in (False, True):
+        accs = [r["test_accuracy"] for r in runs if r["distilled"] == distilled]
+        name = "distilled" if distilled else "labels only"
+        print(f"{name:<11} test accuracy {_mean_std(accs)} over {len(accs)} seeds")
+    print(f"wrote {args.out / 'student.pt'} (seed {best[1]['seed']}, test {best[1]['test_accuracy']:.2%}) and "
+          f"{args.out / 'distill.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

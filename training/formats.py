@@ -1,0 +1,101 @@
+"""Load any exported model file as one callable: normalised float32 batch (N, 1, 28, 28) → logits (N, 10).
+
+The export parity check, the compression table and the handler's exported variants all call
+`load_runner`, so every number about a format is measured through the same loading code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+Runner = Callable[[np.ndarray], np.ndarray]
+
+
+class FormatError(RuntimeError):
+    """The file is missing, of an unknown kind, or its runtime is not installed."""
+
+
+def onnx_runner(path: Path, threads: int = 0) -> Runner:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads  # 0: ONNX Runtime's default (one per core)
+    if threads == 1:
+        options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda x: session.run(None, {name: np.ascontiguousarray(x, np.float32)})[0]
+
+
+def torch_runner(path: Path) -> Runner:
+    """A .pt2 file: an AOTInductor package (compiled) or a plain torch.export ExportedProgram."""
+    import zipfile
+
+    import torch
+
+    with zipfile.ZipFile(path) as z:
+        compiled = any(name.endswith((".so", ".wrapper.cpp")) or "/data/aotinductor/" in name for name in z.namelist())
+    static = 0
+    if compiled:
+        from torch._inductor import aoti_load_package
+
+        module = aoti_load_package(str(path))
+        static = int(module.get_metadata().get("static_batch", 0))  # set by training.export.compile_aoti
+    else:
+        module = torch.export.load(str(path)).module()
+
+    def run(x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, np.float32)
+        if static:  # compiled for one batch size: run in chunks of it, the last one zero-padded
+            return np.concatenate([run_fixed(x[i : i + static]) for i in range(0, len(x), static)])
+        with torch.inference_mode():
+            return module(torch.from_numpy(x)).float().numpy()
+
+    def run_fixed(chunk: np.ndarray) -> np.ndarray:
+        padded = np.zeros((static, *chunk.shape[1:]), np.float32)
+        padded[: len(chunk)] = chunk
+        with torch.inference_mode():
+            return module(torch.from_numpy(padded)).float().numpy()[: len(chunk)]
+
+    return run
+
+
+def checkpoint_runner(path: Path) -> Runner:
+    """A training checkpoint run in eager PyTorch (the reference every export is compared with)."""
+    import torch
+
+    from training.checkpoint import load_checkpoint, model_from_checkpoint
+
+    model = model_from_checkpoint(load_checkpoint(path))
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return model(torch.from_numpy(np.ascontiguousarray(x, np.float32))).float().numpy()
+
+    return run
+
+
+def load_runner(path: str | Path, threads: int = 0) -> Runner:
+    """`threads` applies to ONNX Runtime sessions; for torch formats call torch.set_num_threads first."""
+    path = Path(path)
+    if not path.is_file():
+        raise FormatError(f"no model file at {path}: run `make export` first")
+    try:
+        if path.suffix == ".onnx":
+            return onnx_runner(path, threads)
+        if path.suffix == ".pt2":
+            return torch_runner(path)
+        if path.suffix == ".pt":
+            return checkpoint_runner(path)
+    except ImportError as err:
+        raise FormatError(f"cannot load {path}: {err.name} is not installed") from None
+    raise FormatError(f"unknown model format {path.suffix!r}: expected .onnx, .pt2 or .pt")
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
