@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 
 from bench.load import WRK_SCRIPT, Sampler, run_wrk, write_digits
-from bench.report import plot_serving, serving_table
+from bench.report import machine_line, plot_serving, serving_table
 from serving.archive import build_archive
+from serving.handler import DEFAULT_VARIANT
 from serving.server import TorchServe
 from training.checkpoint import load_checkpoint, model_from_checkpoint
 from training.data import load_split, sha256_of
@@ -92,31 +93,64 @@ def bench_setup(label: str, server: TorchServe, script_path: Path, digits: list[
     return rows
 
 
-def variant_table(checkpoint: Path, images: torch.Tensor, labels: torch.Tensor) -> str:
-    """Each archive variant as a worker runs it (one thread, channels_last): accuracy and batch latency."""
+def _ms_per_batch(model, x: torch.Tensor, runs: int) -> float:
+    with torch.inference_mode():
+        for _ in range(5):
+            model(x)
+        start = time.perf_counter()
+        for _ in range(runs):
+            model(x)
+    return (time.perf_counter() - start) / runs * 1e3
+
+
+def in_process_rps(checkpoint: Path, variant: str, images: torch.Tensor, threads: int = 1) -> float:
+    """Digits per second the variant does in-process at batch 32 on `threads` (the worker's): uint8 in,
+    normalisation included, no HTTP, no decode. The ceiling a served rate is a fraction of."""
+    from serving.handler import serving_model, to_model_input
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        model = serving_model(model_from_checkpoint(load_checkpoint(checkpoint)), variant)
+        batch = images[:32]
+        with torch.inference_mode():
+            for _ in range(5):
+                model(to_model_input(batch))
+            start = time.perf_counter()
+            runs = 100
+            for _ in range(runs):
+                model(to_model_input(batch)).argmax(1).tolist()
+        return runs * 32 / (time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def variant_table(checkpoint: Path, images: torch.Tensor, labels: torch.Tensor, compiled: bool = True) -> str:
+    """Each archive variant as a worker runs it (one thread, channels_last): accuracy, argmax agreement with
+    fp32 (fused) on the whole test set, and batch latency; `+compile`: the same under torch.compile."""
     from serving.archive import VARIANTS
     from serving.handler import serving_model, to_model_input
     from training.evaluate import confusion, summarize
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    lines = ["| variant | test accuracy | ms per batch of 1 | ms per batch of 32 |", "|---|---:|---:|---:|"]
+    lines = ["| variant | test accuracy | argmax = fp32 | ms per batch of 1 | ms per batch of 32 |",
+             "|---|---:|---:|---:|---:|"]
     try:
-        for variant in VARIANTS:
+        reference = serving_model(model_from_checkpoint(load_checkpoint(checkpoint)), "fused")
+        with torch.inference_mode():
+            fp32 = reference(to_model_input(images)).argmax(1)
+        names = [*VARIANTS] + ([f"{v}+compile" for v in ("fused", "bf16")] if compiled else [])
+        for name in names:
+            variant = name.removesuffix("+compile")
             model = serving_model(model_from_checkpoint(load_checkpoint(checkpoint)), variant)
+            if name.endswith("+compile"):
+                model = torch.compile(model)  # a worker would pay this in initialize, once
             accuracy = summarize(*confusion(model, images, labels))["accuracy"]
-            cells = []
-            for batch in (1, 32):
-                x = to_model_input(images[:batch])
-                with torch.inference_mode():
-                    for _ in range(10):
-                        model(x)
-                    runs = 200 if batch == 1 else 50
-                    start = time.perf_counter()
-                    for _ in range(runs):
-                        model(x)
-                    cells.append(f"{(time.perf_counter() - start) / runs * 1e3:.3f}")
-            lines.append(f"| {variant} | {accuracy:.2%} | {cells[0]} | {cells[1]} |")
+            with torch.inference_mode():
+                same = int((model(to_model_input(images)).argmax(1) == fp32).sum())
+            cells = [f"{_ms_per_batch(model, to_model_input(images[:b]), 200 if b == 1 else 50):.3f}" for b in (1, 32)]
+            lines.append(f"| {name} | {accuracy:.2%} | {same:,}/{len(images):,} | {cells[0]} | {cells[1]} |")
     finally:
         torch.set_num_threads(threads)
     return "\n".join(lines)
@@ -131,12 +165,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--digits", type=int, default=200, help="distinct MNIST test digits cycled through")
     parser.add_argument("--out", default="artifacts/bench", type=Path)
     parser.add_argument("--variants-only", action="store_true", help="only the in-process variant table")
+    parser.add_argument("--variant", default=None, help="archive variant the project serves (default: the default)")
+    parser.add_argument("--no-compile", action="store_true", help="leave the torch.compile rows out")
     args = parser.parse_args(argv)
+    machine = machine_line()
+    print(machine, flush=True)
     if args.variants_only:
         if not args.checkpoint.is_file():
             print(f"error: no checkpoint at {args.checkpoint}: run `make train` first", file=sys.stderr)
             return 1
-        print(variant_table(args.checkpoint, *load_split(None, train=False)))
+        table = variant_table(args.checkpoint, *load_split(None, train=False), compiled=not args.no_compile)
+        print(f"\n{machine_line()}\n\n{table}")
         return 0
     if shutil.which("wrk") is None:
         print("error: wrk is not installed (Debian/Ubuntu: sudo apt-get install wrk)", file=sys.stderr)
@@ -154,7 +193,11 @@ def main(argv: list[str] | None = None) -> int:
         with torch.inference_mode():
             expected = model(normalize(images)).argmax(1).tolist()  # what the offline model says
         store = work / "store"
-        build_archive(args.checkpoint, store, "mnist", "1.0")
+        variant = args.variant or DEFAULT_VARIANT
+        build_archive(args.checkpoint, store, "mnist", "1.0", variant)
+        threads = int(os.environ.get("MNIST_WORKER_THREADS", "1"))
+        ceiling = in_process_rps(args.checkpoint, variant, images, threads)
+        print(f"  in-process ceiling: {ceiling:,.0f} digits/s ({variant}, batch 32, {threads} thread(s))", flush=True)
         for setup in args.setups.split(","):
             if setup == "baseline":
                 baseline_archive(args.checkpoint, store, work / "baseline")
@@ -167,14 +210,18 @@ def main(argv: list[str] | None = None) -> int:
                 data = json.loads(body)
                 return data["digit"] if setup == "project" else int(data)
 
-            rows += bench_setup(setup, server, work / f"{setup}.lua", digits, expected, parse, concurrencies,
-                                args.seconds)
+            got = bench_setup(setup, server, work / f"{setup}.lua", digits, expected, parse, concurrencies,
+                              args.seconds)
+            for row in got:
+                row["in_process_rps"] = ceiling if setup == "project" else None
+            rows += got
     table = serving_table(rows)
-    variants = variant_table(args.checkpoint, *load_split(None, train=False))
+    variants = variant_table(args.checkpoint, *load_split(None, train=False), compiled=not args.no_compile)
     (args.out / "serving.json").write_text(json.dumps(rows, indent=2) + "\n")
     plot_serving(rows, args.out / "serving.png")
-    print(f"\nserving benchmark: {os.cpu_count()} CPUs, {args.seconds}s per point, {args.digits} MNIST test digits "
-          f"as PNG, torch {torch.__version__}\n")
+    print(f"\n{machine}\nat the end: load average {'/'.join(f'{x:.1f}' for x in os.getloadavg())}")
+    print(f"serving benchmark: {os.cpu_count()} CPUs, {args.seconds}s per point, {args.digits} MNIST test digits "
+          f"as PNG, variant {variant}, in-process ceiling {ceiling:,.0f}/s, torch {torch.__version__}\n")
     print(table)
     print("\nmodel variants, in-process (one thread, channels_last, full MNIST test set):\n")
     print(variants)

@@ -27,7 +27,8 @@ from training.data import sha256_of
 
 ROOT = Path(__file__).resolve().parent.parent
 HANDLER = ROOT / "serving" / "handler.py"
-PACKED_TRAINING_FILES = ("model.py", "preprocess.py")  # what the handler imports from training/
+# What the handler imports from training/.
+PACKED_TRAINING_FILES = ("model.py", "preprocess.py", "precision.py")
 MODEL_CONFIG = ROOT / "configs" / "model-config.yaml"
 
 

@@ -24,7 +24,8 @@ from serving_fixtures import ROOT, TINY_MODEL, save_tiny_checkpoint  # noqa: E40
 
 EXPECTED_FILES = {
     "handler.py", "weights.pt", "model.json", "index_to_name.json", "model-config.yaml",
-    "training/__init__.py", "training/model.py", "training/preprocess.py", "MAR-INF/MANIFEST.json",
+    "training/__init__.py", "training/model.py", "training/preprocess.py", "training/precision.py",
+    "MAR-INF/MANIFEST.json",
 }
 
 
@@ -45,6 +46,7 @@ def test_archive_holds_exactly_what_the_server_needs(tiny_archive):
     # The served code is the repository's code at archive time, byte for byte.
     for packed, source in [("handler.py", "serving/handler.py"), ("training/model.py", "training/model.py"),
                            ("training/preprocess.py", "training/preprocess.py"),
+                           ("training/precision.py", "training/precision.py"),
                            ("model-config.yaml", "configs/model-config.yaml")]:
         assert read_member(archive.path, packed) == (ROOT / source).read_bytes(), packed
     meta = json.loads(read_member(archive.path, "model.json"))
@@ -127,7 +129,7 @@ def test_unusable_checkpoint_is_refused_before_anything_is_written(tmp_path, dam
 
 
 def test_unknown_variant_is_refused(tmp_path):
-    with pytest.raises(ArchiveError, match=r"unknown variant 'fp4': choose one of eager, fused, int8"):
+    with pytest.raises(ArchiveError, match=r"unknown variant 'fp4': choose one of eager, fused, int8, bf16"):
         build_archive(save_tiny_checkpoint(tmp_path / "model.pt"), tmp_path / "store", "mnist", "1.0", "fp4")
 
 
