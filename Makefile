@@ -26,7 +26,7 @@ export MANAGEMENT_ADDRESS ?= 127.0.0.1:8081
 export METRICS_ADDRESS ?= 127.0.0.1:8082
 
 .PHONY: help setup system-deps data train train-ddp evaluate archive serve predict status token stop demo \
-        test test-fast lint bench bench-train bench-serve chaos docker-build docker-run docker-train docker-test clean
+        test test-fast lint bench bench-train bench-serve gpu-check chaos docker-build docker-run docker-train docker-test clean
 
 help: ## list the targets
 	@echo "usage: make TARGET [ARGS=...]"
@@ -98,7 +98,7 @@ test-fast: $(STAMP) ## unit tests only (no training, no server)
 	$(PY) -m pytest -m "not slow" $(ARGS)
 
 lint: $(STAMP) ## ruff over the code
-	$(VENV)/bin/ruff check training serving tests
+	$(VENV)/bin/ruff check training serving tests bench
 
 bench: bench-train bench-serve ## both benchmarks (tables in README; ~8 min on 2 cores)
 
@@ -107,6 +107,9 @@ bench-train: $(STAMP) ## training time-to-accuracy over seeds (SEEDS=3)
 
 bench-serve: $(STAMP) ## serving: this project vs TorchServe's MNIST example, wrk at c=1,8,64,256
 	$(PY) -m bench.serve --checkpoint $(CHECKPOINT) $(ARGS)
+
+gpu-check: $(STAMP) ## everything that needs CUDA, one table in <= 8 min (CUDA training, nccl DDP, serving on cuda:0)
+	$(PY) -m bench.gpu_check $(ARGS)
 
 chaos: $(STAMP) ## faults on a live server: bad input, kill a worker, SIGTERM, 5-min soak (~9 min)
 	$(PY) -m bench.chaos --checkpoint $(CHECKPOINT) $(ARGS)

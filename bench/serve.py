@@ -167,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants-only", action="store_true", help="only the in-process variant table")
     parser.add_argument("--variant", default=None, help="archive variant the project serves (default: the default)")
     parser.add_argument("--no-compile", action="store_true", help="leave the torch.compile rows out")
+    parser.add_argument("--model-config", default=ROOT / "configs" / "model-config.yaml", type=Path,
+                        help="the project's TorchServe per-model settings (batch size, delay, workers)")
     args = parser.parse_args(argv)
     machine = machine_line()
     print(machine, flush=True)
@@ -194,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             expected = model(normalize(images)).argmax(1).tolist()  # what the offline model says
         store = work / "store"
         variant = args.variant or DEFAULT_VARIANT
-        build_archive(args.checkpoint, store, "mnist", "1.0", variant)
+        build_archive(args.checkpoint, store, "mnist", "1.0", variant, model_config=args.model_config)
         threads = int(os.environ.get("MNIST_WORKER_THREADS", "1"))
         ceiling = in_process_rps(args.checkpoint, variant, images, threads)
         print(f"  in-process ceiling: {ceiling:,.0f} digits/s ({variant}, batch 32, {threads} thread(s))", flush=True)
