@@ -51,21 +51,10 @@ def optimize(model: torch.nn.Module, variant: str) -> torch.nn.Module:
     elif variant == "int8":  # dynamic int8 quantisation of the fully connected layers
         model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
     elif variant == "bf16":  # fused, then bf16 weights: native on AMX / AVX512-BF16 CPUs and on GPUs
-        model = _BF16(optimize(model, "fused"))
+        model = precision.BF16Model(optimize(model, "fused"))
     elif variant != "eager":
         raise ValueError(f"unknown model variant {variant!r}")
     return model
-
-
-class _BF16(torch.nn.Module):
-    """bf16 weights; fp32 in and out, so callers (and the softmax) see the same types as for fp32."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model.to(torch.bfloat16)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x.to(torch.bfloat16)).float()
 
 
 def runnable_variant(variant: str, device: torch.device) -> tuple[str, torch.device, str]:

@@ -110,3 +110,15 @@ def autocast(device: torch.device, enabled: bool) -> torch.autocast:
     on = enabled and (device.type == "cuda" or (device.type == "cpu" and use_cpu_bf16(train=True)))
     return torch.autocast(device.type if device.type in ("cuda", "cpu") else "cpu", dtype=torch.bfloat16,
                           enabled=on)
+
+
+class BF16Model(nn.Module):
+    """A model with bf16 weights, fp32 in and out (the serving `bf16` variant): callers and the softmax see
+    the types they see for fp32. Here, not in serving/handler.py: TorchServe wants one class in a handler."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model.to(torch.bfloat16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.to(torch.bfloat16)).float()
