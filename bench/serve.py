@@ -167,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants-only", action="store_true", help="only the in-process variant table")
     parser.add_argument("--variant", default=None, help="archive variant the project serves (default: the default)")
     parser.add_argument("--no-compile", action="store_true", help="leave the torch.compile rows out")
+    parser.add_argument("--no-variants", action="store_true", help="leave the in-process variant table out")
     parser.add_argument("--model-config", default=ROOT / "configs" / "model-config.yaml", type=Path,
                         help="the project's TorchServe per-model settings (batch size, delay, workers)")
     args = parser.parse_args(argv)
@@ -218,15 +219,17 @@ def main(argv: list[str] | None = None) -> int:
                 row["in_process_rps"] = ceiling if setup == "project" else None
             rows += got
     table = serving_table(rows)
-    variants = variant_table(args.checkpoint, *load_split(None, train=False), compiled=not args.no_compile)
+    variants = "" if args.no_variants else variant_table(args.checkpoint, *load_split(None, train=False),
+                                                         compiled=not args.no_compile)
     (args.out / "serving.json").write_text(json.dumps(rows, indent=2) + "\n")
     plot_serving(rows, args.out / "serving.png")
     print(f"\n{machine}\nat the end: load average {'/'.join(f'{x:.1f}' for x in os.getloadavg())}")
     print(f"serving benchmark: {os.cpu_count()} CPUs, {args.seconds}s per point, {args.digits} MNIST test digits "
           f"as PNG, variant {variant}, in-process ceiling {ceiling:,.0f}/s, torch {torch.__version__}\n")
     print(table)
-    print("\nmodel variants, in-process (one thread, channels_last, full MNIST test set):\n")
-    print(variants)
+    if variants:
+        print("\nmodel variants, in-process (one thread, channels_last, full MNIST test set):\n")
+        print(variants)
     print(f"\nwrote {args.out}/serving.json and {args.out}/serving.png")
     return 0
 

@@ -69,7 +69,8 @@ class TorchServe(ServerClient):
             # TorchServe's default system-metrics command passes the GPU count, and with a GPU it imports
             # nvgpu/pynvml (not installed: nvgpu is unmaintained) and fails every minute, taking the CPU and
             # memory gauges with it. The same collector with --gpu 0 keeps those; GPU load is nvidia-smi's job.
-            "system_metrics_cmd": f"{sys.executable} {_metric_collector()} --gpu 0",
+            # The frontend runs this with its own Python: the script and its arguments only.
+            "system_metrics_cmd": f"{_metric_collector()} --gpu 0",
             **self.extra_properties,
         }
         path = self.run_dir / "config.properties"
