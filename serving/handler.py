@@ -159,10 +159,6 @@ class MNISTHandler(BaseHandler):
         if why:
             logger.warning(why)
         self.model = serving_model(model, variant, self.device)
-        if os.environ.get("MNIST_COMPILE") == "1":  # opt-in: README, Benchmarks (torch.compile for serving)
-            # dynamic: one graph for every batch size 1..batchSize; the compile happens in the warm-up
-            # below, at worker start, never in a request (raise startupTimeout: it takes tens of seconds).
-            self.model = torch.compile(self.model, dynamic=True)
         self.classes = meta["class_names"]
         self.batch_size = int(properties.get("batch_size") or 1)
         with torch.inference_mode():  # warm-up: first-call allocations happen here, not on a request
