@@ -52,3 +52,13 @@ def test_speedup_is_zero_without_native_bf16(monkeypatch):
         assert precision.describe(torch.device("cpu"), True) == "fp32 (no native bf16 on this CPU)"
     finally:
         precision.cpu_bf16_speedup.cache_clear()
+
+
+def test_a_kept_decision_is_used_without_timing(monkeypatch):
+    def no_timing(*a, **k):
+        raise AssertionError("a resumed run must not time bf16 again")
+
+    monkeypatch.setattr(precision, "cpu_bf16_speedup", no_timing)
+    assert precision.decide_cpu_bf16(keep=True) is True
+    assert precision.use_cpu_bf16() is True
+    assert precision.decide_cpu_bf16(keep=False) is False

@@ -77,12 +77,13 @@ def use_cpu_bf16(train: bool = True) -> bool:
     return cpu_bf16_speedup(train) >= MIN_SPEEDUP
 
 
-def decide_cpu_bf16(agree=None) -> bool:
+def decide_cpu_bf16(agree=None, keep: bool | None = None) -> bool:
     """Time bf16 once for training; `agree` (dist.all_reduce) makes every rank take rank-min of the answers,
-    so a noisy timing on one rank cannot leave the ranks training in different precisions."""
+    so a noisy timing on one rank cannot leave the ranks training in different precisions. `keep`: a
+    decision already made (a resumed run's), used as is: the same precision before and after a resume."""
     global _decided
     _decided = None
-    use = use_cpu_bf16(train=True)
+    use = use_cpu_bf16(train=True) if keep is None else keep
     if agree is not None:
         flag = torch.tensor([int(use)])
         agree(flag, op=torch.distributed.ReduceOp.MIN)

@@ -315,7 +315,9 @@ def fit(cfg: TrainConfig, resume: bool = False, dry_run: bool = False, quiet: bo
     Returns the metrics written to metrics.json (on every rank).
     """
     out = Path(cfg.out_dir)
-    state: dict[str, Any] = {"epoch": 0, "history": [], "best_state": None, "best_val": -1.0, "stale": 0}
+    # cpu_bf16: the CPU precision decision, kept in last.pt so a resumed run trains as it began.
+    state: dict[str, Any] = {"epoch": 0, "history": [], "best_state": None, "best_val": -1.0, "stale": 0,
+                             "cpu_bf16": None}
     if resume:
         last = out / "last.pt"
         saved = read_checkpoint_file(last, f"nothing to resume: {last} does not exist",
@@ -323,7 +325,7 @@ def fit(cfg: TrainConfig, resume: bool = False, dry_run: bool = False, quiet: bo
         cfg = _resume_config(last, saved["config"], cfg, flags or {})
         if saved["epoch"] >= cfg.epochs or saved.get("finished"):
             raise CheckpointError(f"{out / 'last.pt'} is from a finished run: nothing to resume")
-        state.update({k: saved[k] for k in state})
+        state.update({k: saved.get(k, state[k]) for k in state})
 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(cfg.device, local_rank)
@@ -356,7 +358,8 @@ def fit(cfg: TrainConfig, resume: bool = False, dry_run: bool = False, quiet: bo
                 + "".join(f", with --{k} {getattr(cfg, k)} (saved: {saved['config'][k]})"
                           for k in ("device", "threads") if getattr(cfg, k) != saved["config"][k]))
         if device.type == "cpu" and cfg.amp:  # time bf16 against fp32 now, not inside epoch 1
-            precision.decide_cpu_bf16(agree=dist.all_reduce if dd.world > 1 else None)
+            state["cpu_bf16"] = precision.decide_cpu_bf16(agree=dist.all_reduce if dd.world > 1 else None,
+                                                          keep=state["cpu_bf16"])
         if device.type == "cuda":
             warm_up(model, data, cfg)
         net = model
