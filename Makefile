@@ -102,10 +102,10 @@ lint: $(STAMP) ## ruff over the code
 
 bench: bench-train bench-serve ## both benchmarks (tables in README; ~8 min on 2 cores)
 
-bench-train: $(STAMP) ## training time-to-accuracy over seeds (SEEDS=3)
+bench-train: $(STAMP) ## training time-to-accuracy over seeds (SEEDS=3), also in plain-recipe epochs (bench/plain.py)
 	$(PY) -m bench.train --seeds $(SEEDS)
 
-bench-serve: $(STAMP) ## serving: this project vs TorchServe's MNIST example, wrk at c=1,8,64,256
+bench-serve: $(STAMP) ## serving: this project vs TorchServe's MNIST example and vs in-process, wrk at c=1,8,64,256
 	$(PY) -m bench.serve --checkpoint $(CHECKPOINT) $(ARGS)
 
 gpu-check: $(STAMP) ## everything that needs CUDA, one table in <= 8 min (CUDA training, nccl DDP, serving on cuda:0)
