@@ -352,11 +352,11 @@ def test_prometheus_metrics_count_predictions_by_digit(server):
 def test_cli_predicts_and_reports_status_against_the_running_server(server):
     env = {**os.environ, "SERVE_DIR": str(server.run_dir), "INFERENCE_ADDRESS": server.addresses["inference"],
            "MANAGEMENT_ADDRESS": server.addresses["management"]}
-    result = subprocess.run([sys.executable, "-m", "serving.server", "predict", str(SAMPLE_7)], cwd=ROOT, env=env,
+    result = subprocess.run([sys.executable, "-m", "serving.cli", "predict", str(SAMPLE_7)], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["digit"] == 7
-    result = subprocess.run([sys.executable, "-m", "serving.server", "status"], cwd=ROOT, env=env,
+    result = subprocess.run([sys.executable, "-m", "serving.cli", "status"], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
