@@ -35,8 +35,8 @@ export METRICS_ADDRESS ?= 127.0.0.1:8082
 
 .PHONY: help setup system-deps data train train-ddp evaluate eval-wild calibrate trust-eval explain explain-eval \
         latency keygen archive serve predict status token ui stop demo kserve-bundle deploy promote rollback \
-        versions undeploy compare monitor rollout-check test test-fast lint bench bench-train bench-serve chaos \
-        export distill bench-compress bench-hybrid edge-install docker-build docker-run docker-train docker-test clean
+        versions undeploy compare monitor rollout-check test test-fast lint bench bench-train bench-serve gpu-check \
+        chaos export distill bench-compress bench-hybrid edge-install docker-build docker-run docker-train docker-test clean
 
 help: ## list the targets
 	@echo "usage: make TARGET [ARGS=...]"
@@ -183,11 +183,14 @@ lint: $(STAMP) ## ruff over the code; promtool over the Prometheus config and ru
 
 bench: bench-train bench-serve ## both benchmarks (tables in README; ~8 min on 2 cores)
 
-bench-train: $(STAMP) ## training time-to-accuracy over seeds (SEEDS=3)
+bench-train: $(STAMP) ## training time-to-accuracy over seeds (SEEDS=3), also in plain-recipe epochs (bench/plain.py)
 	$(PY) -m bench.train --seeds $(SEEDS)
 
-bench-serve: $(STAMP) ## serving: this project vs TorchServe's MNIST example, wrk at c=1,8,64,256
+bench-serve: $(STAMP) ## serving: this project vs TorchServe's MNIST example and vs in-process, wrk at c=1,8,64,256
 	$(PY) -m bench.serve --checkpoint $(CHECKPOINT) $(ARGS)
+
+gpu-check: $(STAMP) ## everything that needs CUDA, one table in <= 8 min (CUDA training, nccl DDP, serving on cuda:0)
+	$(PY) -m bench.gpu_check $(ARGS)
 
 chaos: $(STAMP) ## faults on a live server: bad input, kill a worker, SIGTERM, 5-min soak (~9 min)
 	$(PY) -m bench.chaos --checkpoint $(CHECKPOINT) $(ARGS)

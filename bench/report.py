@@ -14,15 +14,42 @@ from bench.load import Record
 from serving.server import TorchServe
 
 
+def cpu_model() -> str:
+    """`lscpu`'s model name (what the README names above each table), else the platform's word for it."""
+    import platform
+    import subprocess
+
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def machine_line() -> str:
+    """One line naming the machine a table was measured on: CPU model, cores, native bf16, load."""
+    from training.precision import mkldnn_bf16_supported
+
+    load = "/".join(f"{x:.1f}" for x in os.getloadavg())
+    return (f"CPU: {cpu_model()}, {os.cpu_count()} cores, native bf16: "
+            f"{'yes' if mkldnn_bf16_supported() else 'no'}; load average {load}")
+
+
 def serving_table(rows: list[dict]) -> str:
+    """`vs in-process`: served req/s over what the same variant does in-process at batch 32 on the
+    worker's threads (the ceiling a server could reach); `vs baseline`: over TorchServe's example setup."""
     base = {r["concurrency"]: r for r in rows if r["setup"] == "baseline"}
-    lines = ["| setup | conc. | req/s | p50 ms | p90 ms | p99 ms | errors | wrong answers | vs baseline |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| setup | conc. | req/s | p50 ms | p90 ms | p99 ms | errors | wrong answers | vs in-process "
+             "| vs baseline |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         b = base.get(r["concurrency"])
         ratio = f"{r['rps'] / b['rps']:.1f}x" if b and r["setup"] != "baseline" and b["rps"] else ""
+        ceiling = r.get("in_process_rps")
+        share = f"{r['rps'] / ceiling:.0%}" if ceiling else ""
         lines.append(f"| {r['setup']} | {r['concurrency']} | {r['rps']:,.0f} | {r['p50']:.1f} | {r['p90']:.1f} | "
-                     f"{r['p99']:.1f} | {r['non2xx'] + r['socket_errors']} | {r['wrong']}/{r['checked']} | {ratio} |")
+                     f"{r['p99']:.1f} | {r['non2xx'] + r['socket_errors']} | {r['wrong']}/{r['checked']} "
+                     f"| {share} | {ratio} |")
     return "\n".join(lines)
 
 

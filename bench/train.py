@@ -2,13 +2,17 @@
 
 Each run is a separate `python -m training.train --test-every-epoch` process (clean timings and peak
 memory), so the seconds reported are the trainer's own: training epochs only, data loading and
-per-epoch evaluation excluded. Prints a Markdown table; writes artifacts/bench/training.json.
+per-epoch evaluation excluded. First, in the same run, the plain recipe (bench/plain.py) trains for
+`--baseline-epochs` and its mean seconds per epoch becomes the unit: each time-to-accuracy is also given
+in baseline epochs ("bl-ep"), which holds across machines where seconds do not. Prints a Markdown table
+under the CPU's name; writes artifacts/bench/training.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import statistics
 import subprocess
@@ -16,7 +20,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-THRESHOLDS = (0.99, 0.994)
+from bench.report import machine_line
+
+THRESHOLDS = (0.99, 0.994, 0.995)
 
 
 def run_once(flags: list[str], seed: int, out: Path) -> dict:
@@ -29,7 +35,7 @@ def run_once(flags: list[str], seed: int, out: Path) -> dict:
     return {"seed": seed, "test_accuracy": metrics["test_accuracy"], "train_seconds": metrics["train_seconds"],
             "images_per_second": metrics["images_per_second"], "peak_rss_mb": metrics["peak_rss_mb"],
             "peak_cuda_mb": metrics["peak_cuda_mb"],
-            "device": metrics["device"], "epochs": metrics["epochs"],
+            "device": metrics["device"], "epochs": metrics["epochs"], "precision": metrics.get("precision", ""),
             **{f"seconds_to_{t:.3f}": s for t, s in reached.items()}}
 
 
@@ -47,17 +53,39 @@ def _peak(values: list[float | None]) -> str:
     return f"{max(known):,.0f}" if known else "—"
 
 
-def table(results: dict[str, list[dict]]) -> str:
-    lines = ["| config | device | runs | test accuracy (%) | s to 99.0% | s to 99.4% | s total | img/s "
-             "| peak RSS MB | peak CUDA MB |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+def _reach(values: list[float | None], unit: float | None) -> str:
+    """Seconds to a threshold over the runs, and the mean in baseline epochs beside it."""
+    cell = _mean_sd(values, "{:.0f}")
+    hit = [v for v in values if v is not None]
+    return f"{cell} ({statistics.mean(hit) / unit:.1f} bl-ep)" if hit and unit else cell
+
+
+def baseline(epochs: int, limit: int) -> dict:
+    """The plain recipe in its own process (bench/plain.py): seconds per epoch and accuracy after each."""
+    cmd = [sys.executable, "-m", "bench.plain", "--epochs", str(epochs), "--train-limit", str(limit)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    history = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    return {"epochs": history, "seconds_per_epoch": statistics.mean(h["seconds"] for h in history)}
+
+
+def table(results: dict[str, list[dict]], base: dict | None = None) -> str:
+    unit = base["seconds_per_epoch"] if base else None
+    lines = ["| config | device | precision | runs | test accuracy (%) | s to 99.0% | s to 99.4% | s to 99.5% "
+             "| s total | img/s | peak RSS MB | peak CUDA MB |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    if base:
+        h = base["epochs"]
+        lines.append(f"| plain recipe (baseline) | cpu | fp32 | 1 | {100 * h[-1]['test_accuracy']:.2f} after "
+                     f"{len(h)} epoch(s) | | | | {unit:.0f} per epoch (= 1 bl-ep) "
+                     f"| {h[0]['images'] / unit:,.0f} | | — |")
     for name, runs in results.items():
         cols = {k: [r[k] for r in runs] for k in runs[0]}
         accuracy = _mean_sd([100 * a for a in cols["test_accuracy"]], "{:.2f}")
         lines.append(
-            f"| {name} | {runs[0]['device']} | {len(runs)} | {accuracy} "
-            f"| {_mean_sd(cols['seconds_to_0.990'], '{:.0f}')} | {_mean_sd(cols['seconds_to_0.994'], '{:.0f}')} "
-            f"| {_mean_sd(cols['train_seconds'], '{:.0f}')} | {statistics.mean(cols['images_per_second']):,.0f} "
+            f"| {name} | {runs[0]['device']} | {runs[0].get('precision', '')} | {len(runs)} | {accuracy} "
+            f"| {_reach(cols['seconds_to_0.990'], unit)} | {_reach(cols['seconds_to_0.994'], unit)} "
+            f"| {_reach(cols['seconds_to_0.995'], unit)} "
+            f"| {_reach(cols['train_seconds'], unit)} | {statistics.mean(cols['images_per_second']):,.0f} "
             f"| {max(cols['peak_rss_mb']):,.0f} | {_peak(cols['peak_cuda_mb'])} |")
     return "\n".join(lines)
 
@@ -69,9 +97,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="a named set of training flags, repeatable, e.g. 'no-aug=--augment false' "
                              "(default: the shipped config alone)")
     parser.add_argument("--out", default="artifacts/bench", type=Path)
+    parser.add_argument("--baseline-epochs", type=int, default=1, help="epochs of the plain recipe (0: no baseline)")
+    parser.add_argument("--baseline-limit", type=int, default=0, help="plain recipe on the first N images (tests)")
     args = parser.parse_args(argv)
     configs = dict(c.split("=", 1) for c in (args.config or ["default="]))
     results: dict[str, list[dict]] = {}
+    machine = machine_line()
+    print(machine, flush=True)
+    base = baseline(args.baseline_epochs, args.baseline_limit) if args.baseline_epochs else None
+    if base:
+        print(f"  plain recipe: {base['seconds_per_epoch']:.0f}s per epoch, "
+              f"test {base['epochs'][-1]['test_accuracy']:.2%}", flush=True)
     with tempfile.TemporaryDirectory(prefix="mnist-train-bench-") as tmp:
         for name, flags in configs.items():
             for seed in range(args.seeds):
@@ -80,9 +116,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {name} seed {seed}: test {run['test_accuracy']:.2%} in {run['train_seconds']:.0f}s, "
                       f"99.4% at {run['seconds_to_0.994']}s", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "training.json").write_text(json.dumps(results, indent=2) + "\n")
-    print()
-    print(table(results))
+    (args.out / "training.json").write_text(json.dumps({"machine": machine, "baseline": base, "runs": results},
+                                                       indent=2) + "\n")
+    print(f"\n{machine}\nat the end: load average {'/'.join(f'{x:.1f}' for x in os.getloadavg())}\n")
+    print(table(results, base))
     print(f"\nwrote {args.out}/training.json")
     return 0
 

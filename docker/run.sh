@@ -3,7 +3,12 @@
 #   docker/run.sh serve            serve model_store/ (archiving artifacts/model.pt if the store has no .mar)
 #                                  on 127.0.0.1:8080-8082 until Ctrl-C
 #   docker/run.sh train [ARGS...]  train into artifacts/, MNIST cached in data/ (ARGS go to training.train)
-# With docker, --gpus all is added when the NVIDIA runtime is present. The container runs as your uid
+# GPUs (docker only): GPUS=auto (default) adds --gpus all when the NVIDIA runtime is registered;
+# GPUS=all (or a device list such as "device=0,1") passes --gpus "$GPUS" without asking the runtime,
+# GPUS=cdi adds --device nvidia.com/gpu=all for CDI hosts (nvidia-ctk cdi generate, no runtime
+# registered: auto would silently run on the CPU there), GPUS=none runs on the CPU. Training with
+# GPUs adds --ipc=host: NCCL and the DataLoader need more shared memory than docker's 64 MB /dev/shm.
+# The container runs as your uid
 # (group 0, see docker/Dockerfile), so what it writes to the mounted folders is yours.
 # Env: DOCKER_IMAGE (default mnist-serve:latest), ENGINE=docker|buildah, and the host side of the
 # ports as the Makefile sets them: INFERENCE_ADDRESS, MANAGEMENT_ADDRESS, METRICS_ADDRESS.
@@ -28,9 +33,17 @@ esac
 engine=$(detect_engine)
 if [[ $engine == docker ]]; then
     args=(--rm --init --user "$(id -u):0" "${mounts[@]}")
-    if docker info --format '{{json .Runtimes}}' | grep -q nvidia; then
-        args+=(--gpus all)
+    gpus=${GPUS:-auto}
+    if [[ $gpus == auto ]]; then
+        gpus=none
+        docker info --format '{{json .Runtimes}}' | grep -q nvidia && gpus=all
     fi
+    case $gpus in
+        none) ;;
+        cdi)  args+=(--device nvidia.com/gpu=all) ;;
+        *)    args+=(--gpus "$gpus") ;;
+    esac
+    [[ $gpus != none && $command == train ]] && args+=(--ipc=host)
     if [[ $command == serve ]]; then
         # Inside, TorchServe listens on 0.0.0.0 (the image's default); outside, on these host addresses.
         args+=(--name mnist-serve -p "$inference:8080" -p "$management:8081" -p "$metrics:8082")

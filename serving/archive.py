@@ -31,10 +31,11 @@ from training.data import sha256_of
 ROOT = Path(__file__).resolve().parent.parent
 HANDLER = ROOT / "serving" / "handler.py"
 # What the handler imports from training/: the model, decoding and preprocessing, the OOD score, the
-# explainer, and the exported formats' runners.
-PACKED_TRAINING_FILES = ("model.py", "preprocess.py", "decode.py", "tensors.py", "formats.py", "ood.py", "explain.py")
+# explainer, the exported formats' runners and the bf16 check.
+PACKED_TRAINING_FILES = ("model.py", "preprocess.py", "decode.py", "tensors.py", "formats.py", "ood.py", "explain.py",
+                         "precision.py")
 PACKED_SERVING_FILES = ("oip.py",)  # and from serving/ (the KServe v2 protocol)
-MODEL_CONFIG = ROOT / "configs" / "model-config.yaml"
+MODEL_CONFIG = ROOT / "configs" / "model-config.yaml"  # CPU profile; configs/model-config-gpu.yaml for GPUs
 
 
 class ArchiveError(RuntimeError):
@@ -171,7 +172,7 @@ def _export_variant(checkpoint: Path, variant: str, extra: Path) -> None:
 
 
 def build_archive(checkpoint: Path, model_store: Path, name: str, version: str, variant: str = DEFAULT_VARIANT,
-                  force: bool = False) -> Archive:
+                  force: bool = False, model_config: Path = MODEL_CONFIG) -> Archive:
     if variant not in VARIANTS:
         raise ArchiveError(f"unknown variant {variant!r}: choose one of {', '.join(VARIANTS)}")
     ckpt = load_checkpoint(checkpoint)
@@ -188,7 +189,7 @@ def build_archive(checkpoint: Path, model_store: Path, name: str, version: str, 
         export.mkdir()
         cmd = [sys.executable, "-m", "model_archiver.model_packaging", "--model-name", name, "--version", version,
                "--serialized-file", str(weights), "--handler", str(HANDLER), "--extra-files", str(extra),
-               "--config-file", str(MODEL_CONFIG), "--export-path", str(export)]
+               "--config-file", str(model_config), "--export-path", str(export)]
         # The archiver stages files in $TMPDIR/<model-name> and deletes that folder first: a
         # private TMPDIR keeps two archive runs (or a user's own folder of that name) apart.
         result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TMPDIR": tmp})
@@ -209,10 +210,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", default=DEFAULT_VARIANT, choices=VARIANTS,
                         help=f"load-time optimisation applied by the handler (default: {DEFAULT_VARIANT})")
     parser.add_argument("--force", action="store_true", help="replace an archive of the same name and version")
+    parser.add_argument("--model-config", default=MODEL_CONFIG, type=Path,
+                        help="TorchServe per-model settings (configs/model-config-gpu.yaml on GPU hosts)")
     args = parser.parse_args(argv)
     try:
         archive = build_archive(args.checkpoint, args.model_store, args.model_name, args.version,
-                                args.variant, args.force)
+                                args.variant, args.force, args.model_config)
     except (CheckpointError, ArchiveError, SignatureError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

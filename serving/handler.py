@@ -33,6 +33,7 @@ if (_HERE / "training").is_dir() and str(_HERE) not in sys.path[:1]:
     sys.path.insert(0, str(_HERE))
 
 from serving import oip  # noqa: E402  (Open Inference Protocol v2: KServe)
+from training import precision  # noqa: E402
 from training.explain import IG_STEPS, integrated_gradients  # noqa: E402
 from training.formats import load_runner  # noqa: E402
 from training.model import build_model, fuse_batch_norm  # noqa: E402
@@ -46,9 +47,13 @@ MAX_JSON_DEPTH = 32  # far above any valid request (3 levels), far below Python'
 # Load-time transforms of the eager model, chosen per archive (`make archive ARGS="--variant ..."`).
 # onnx and int8 run a file the archive carries (training/export.py) with ONNX Runtime: int8 is static
 # int8 of every conv and linear. int8-legacy is torch's deprecated dynamic quantisation of the
-# linears only, kept as a labelled row for comparison (README, Compression and edge).
-VARIANTS = ("eager", "fused", "onnx", "int8", "int8-legacy")
+# linears only, kept as a labelled row for comparison (README, Compression and edge). bf16 is fused
+# in bfloat16 where the CPU (AMX / AVX512-BF16) or GPU runs it natively.
+VARIANTS = ("eager", "fused", "bf16", "onnx", "int8", "int8-legacy")
 ONNX_FILES = {"onnx": "model.onnx", "int8": "model_int8.onnx"}
+# ONNX Runtime here and packed int8 weights run only on the CPU: on a GPU host such a worker stays on
+# the CPU (not a reload loop).
+CPU_ONLY_VARIANTS = ("onnx", "int8", "int8-legacy")
 # fused (batch norm folded into the convs) is the fastest at equal test accuracy: README, Benchmarks.
 # The one default: serving/archive.py writes it into model.json, and an archive without one gets it too.
 DEFAULT_VARIANT = "fused"
@@ -64,9 +69,21 @@ def optimize(model: torch.nn.Module, variant: str) -> torch.nn.Module:
         model = fuse_batch_norm(model)
     elif variant == "int8-legacy":  # deprecated in torch 2.14: dynamic int8 of the fully connected layers only
         model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    elif variant == "bf16":  # fused, then bf16 weights: native on AMX / AVX512-BF16 CPUs and on GPUs
+        model = precision.BF16Model(optimize(model, "fused"))
     elif variant != "eager":
         raise ValueError(f"unknown model variant {variant!r}")
     return model
+
+
+def runnable_variant(variant: str, device: torch.device) -> tuple[str, torch.device, str]:
+    """The variant and device a worker actually uses, and why if that is not what the archive asked for."""
+    if variant in CPU_ONLY_VARIANTS and device.type != "cpu":
+        return variant, torch.device("cpu"), f"variant {variant} runs on the CPU only"
+    if variant == "bf16" and device.type == "cpu" and not precision.use_cpu_bf16(train=False):
+        # Emulated bf16 is slower than fp32: serve the same fused network in fp32 instead.
+        return "fused", device, "bf16 is not faster than fp32 on this CPU: serving fused (fp32)"
+    return variant, device, ""
 
 
 def serving_model(model: torch.nn.Module, variant: str, device: torch.device | str = "cpu") -> torch.nn.Module:
@@ -87,7 +104,8 @@ def onnx_model(path: Path, threads: int):
 
 def to_model_input(digits: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
     """28×28 uint8 digits → the normalised, channels_last batch `serving_model` expects."""
-    return normalize(digits).to(device).contiguous(memory_format=torch.channels_last)
+    # uint8 crosses to the device (4× fewer bytes than float) and is normalised there.
+    return normalize(torch.as_tensor(digits).to(device)).contiguous(memory_format=torch.channels_last)
 
 
 def decode_request(request: dict[str, Any]) -> np.ndarray:
@@ -206,7 +224,9 @@ class MNISTHandler(BaseHandler):
         meta = json.loads((model_dir / "model.json").read_text())
         gpu_id = properties.get("gpu_id")
         self.device = torch.device(f"cuda:{gpu_id}" if torch.cuda.is_available() and gpu_id is not None else "cpu")
-        if self.device.type == "cpu":
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # library handles and stray allocations on this worker's GPU too
+        if self.device.type == "cpu" or meta.get("variant") in CPU_ONLY_VARIANTS:
             # One intra-op thread per worker: TorchServe scales with workers and batches; several
             # threads per worker would fight the other workers and the Java frontend for the cores.
             torch.set_num_threads(int(os.environ.get("MNIST_WORKER_THREADS", "1")))
@@ -214,7 +234,9 @@ class MNISTHandler(BaseHandler):
         state_dict = torch.load(model_dir / serialized, map_location="cpu", weights_only=True)
         model = build_model(meta["model_config"])
         model.load_state_dict(state_dict)
-        variant = meta.get("variant", DEFAULT_VARIANT)
+        variant, self.device, why = runnable_variant(meta.get("variant", DEFAULT_VARIANT), self.device)
+        if why:
+            logger.warning(why)
         # Quantised layers (int8-legacy) have no backward, and ONNX runners no autograd at all:
         # explanations and the "not a digit" features then use the float model.
         float_model = build_model(meta["model_config"]) if variant in ONNX_FILES or variant == "int8-legacy" else None
@@ -247,7 +269,7 @@ class MNISTHandler(BaseHandler):
                              torch.zeros(1, dtype=torch.long, device=self.device))
         self.context = context
         self.initialized = True
-        logger.info("MNIST model loaded on %s (batch size %d)", self.device, self.batch_size)
+        logger.info("MNIST model loaded on %s (variant %s, batch size %d)", self.device, variant, self.batch_size)
 
     def handle(self, data: list[dict[str, Any]], context) -> list[bytes]:
         """Decode each request on its own, run the good ones as one batch, answer each in order."""

@@ -67,6 +67,11 @@ class TorchServe(ServerClient):
             # The worker's unix socket lives in java.io.tmpdir (/tmp/.ts.sock.9000 by default) and a new
             # worker deletes an existing one: per-run, so two servers never share or remove each other's.
             "vmargs": f"{template_value('vmargs')} -Djava.io.tmpdir={self.run_dir.resolve() / 'tmp'}",
+            # TorchServe's default system-metrics command passes the GPU count, and with a GPU it imports
+            # nvgpu/pynvml (not installed: nvgpu is unmaintained) and fails every minute, taking the CPU and
+            # memory gauges with it. The same collector with --gpu 0 keeps those; GPU load is nvidia-smi's job.
+            # The frontend runs this with its own Python: the script and its arguments only.
+            "system_metrics_cmd": f"{_metric_collector()} --gpu 0",
             **self.extra_properties,
         }
         path = self.run_dir / "config.properties"
@@ -208,6 +213,12 @@ def render_properties(template: str, values: dict[str, str]) -> str:
         lines.append(line)
     lines += [f"{k}={v}" for k, v in values.items() if k not in seen]
     return "\n".join(lines) + "\n"
+
+
+def _metric_collector() -> Path:
+    import ts
+
+    return Path(ts.__file__).resolve().parent / "metrics" / "metric_collector.py"
 
 
 def template_value(key: str) -> str:

@@ -27,8 +27,8 @@ from serving_fixtures import ROOT, TINY_MODEL, save_tiny_checkpoint  # noqa: E40
 EXPECTED_FILES = {
     "handler.py", "weights.pt", "model.json", "index_to_name.json", "model-config.yaml",
     "training/__init__.py", "training/model.py", "training/preprocess.py", "training/decode.py",
-    "training/tensors.py", "training/formats.py", "training/ood.py", "training/explain.py", "MAR-INF/MANIFEST.json",
-    "serving/__init__.py", "serving/oip.py",
+    "training/tensors.py", "training/formats.py", "training/ood.py", "training/explain.py", "training/precision.py",
+    "MAR-INF/MANIFEST.json", "serving/__init__.py", "serving/oip.py",
 }  # the tiny checkpoint predates calibration: no ood.pt (the trained one's archive adds it)
 
 
@@ -54,6 +54,7 @@ def test_archive_holds_exactly_what_the_server_needs(tiny_archive):
                            ("training/preprocess.py", "training/preprocess.py"),
                            ("training/tensors.py", "training/tensors.py"),
                            ("training/formats.py", "training/formats.py"),
+                           ("training/precision.py", "training/precision.py"),
                            ("model-config.yaml", "configs/model-config.yaml")]:
         assert read_member(archive.path, packed) == (ROOT / source).read_bytes(), packed
     meta = json.loads(read_member(archive.path, "model.json"))
@@ -149,7 +150,7 @@ def test_unusable_checkpoint_is_refused_before_anything_is_written(tmp_path, dam
 
 
 def test_unknown_variant_is_refused(tmp_path):
-    expected = r"unknown variant 'fp4': choose one of eager, fused, onnx, int8, int8-legacy$"
+    expected = r"unknown variant 'fp4': choose one of eager, fused, bf16, onnx, int8, int8-legacy$"
     with pytest.raises(ArchiveError, match=expected):
         build_archive(save_tiny_checkpoint(tmp_path / "model.pt"), tmp_path / "store", "mnist", "1.0", "fp4")
 

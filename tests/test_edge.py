@@ -65,7 +65,8 @@ def test_edge_predicts_without_torch_what_the_training_path_computes(tiny_onnx):
 def test_edge_errors_are_one_line(tiny_onnx, tmp_path):
     (tmp_path / "not-an-image.png").write_bytes(b"hello")
     result = run_edge("predict", str(tmp_path / "not-an-image.png"), "--model", str(tiny_onnx[1]))
-    assert (result.returncode, result.stderr) == (1, "error: not an image: expected PNG, JPEG, BMP, WebP or HEIC bytes\n")
+    assert (result.returncode, result.stderr) == \
+        (1, "error: not an image: expected PNG, JPEG, BMP, WebP or HEIC bytes\n")
     result = run_edge("predict", str(SAMPLE_7), "--model", str(tmp_path / "missing.onnx"))
     assert result.returncode == 1 and result.stderr.startswith("error: no model at")
 

@@ -335,7 +335,7 @@ def test_one_batch_of_64_matches_the_offline_model(trained_worker, trained_check
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["eager", "fused", "onnx", "int8", "int8-legacy"])
+@pytest.mark.parametrize("variant", ["eager", "fused", "bf16", "onnx", "int8", "int8-legacy"])
 def test_every_variant_serves_the_trained_model(variant, trained_checkpoint, mnist_test_images, mnist_pngs,
                                                 tmp_path):
     archive = build_archive(trained_checkpoint, tmp_path / "store", "mnist", "1.0", variant)
@@ -345,8 +345,10 @@ def test_every_variant_serves_the_trained_model(variant, trained_checkpoint, mni
     offline = offline_probabilities(trained_checkpoint, images[:1000]).argmax(1).tolist()
     disagree = sum(a != b for a, b in zip(digits, offline, strict=True))
     # eager, fused and onnx compute the same function (fused folds batch norm into the convs): same digits.
-    # int8 quantises weights and activations: an approximation, allowed a few borderline digits.
-    assert disagree <= (5 if variant.startswith("int8") else 0), f"{variant}: {disagree} of 1000 digits differ"
+    # int8 quantises weights and activations, bf16 rounds every weight and activation to 8 bits of
+    # mantissa (or falls back to fused fp32 where slower): approximations, allowed a few borderline digits.
+    assert disagree <= (5 if variant.startswith("int8") or variant == "bf16" else 0), \
+        f"{variant}: {disagree} of 1000 digits differ"
 
 
 def test_an_archive_without_a_variant_gets_the_one_default(tiny_archive, tmp_path):
@@ -358,3 +360,27 @@ def test_an_archive_without_a_variant_gets_the_one_default(tiny_archive, tmp_pat
     assert DEFAULT_VARIANT == "fused"
     # fused folds each batch norm into its conv (serving/handler.py: optimize)
     assert [type(block[1]).__name__ for block in worker.handler.model.features] == ["Identity", "Identity"]
+
+
+def test_cpu_only_variants_stay_on_the_cpu_and_bf16_falls_back_where_slower(monkeypatch):
+    from serving import handler
+
+    assert handler.runnable_variant("int8", torch.device("cuda", 0)) == (
+        "int8", torch.device("cpu"), "variant int8 runs on the CPU only")
+    assert handler.runnable_variant("bf16", torch.device("cuda", 0)) == ("bf16", torch.device("cuda", 0), "")
+    monkeypatch.setattr(handler.precision, "use_cpu_bf16", lambda train=True: False)
+    assert handler.runnable_variant("bf16", torch.device("cpu")) == (
+        "fused", torch.device("cpu"), "bf16 is not faster than fp32 on this CPU: serving fused (fp32)")
+    monkeypatch.setattr(handler.precision, "use_cpu_bf16", lambda train=True: True)
+    assert handler.runnable_variant("bf16", torch.device("cpu")) == ("bf16", torch.device("cpu"), "")
+
+
+def test_bf16_variant_takes_and_returns_fp32():
+    from serving.handler import serving_model, to_model_input
+    from training.model import Net
+
+    torch.manual_seed(0)
+    model = serving_model(Net(), "bf16")
+    with torch.inference_mode():
+        out = model(to_model_input(torch.zeros(3, 28, 28, dtype=torch.uint8)))
+    assert out.dtype == torch.float32 and out.shape == (3, 10)

@@ -361,7 +361,8 @@ def test_cli_predicts_and_reports_status_against_the_running_server(server):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == "model mnist version 1.0  batch 32  max delay 5 ms"
-    assert re.fullmatch(rf"  worker \d+  READY  pid {worker_pid(server)}  gpu False  memory \d+", lines[1])
+    # A GPU host gives the worker a GPU (gpu True): both are a healthy worker.
+    assert re.fullmatch(rf"  worker \d+  READY  pid {worker_pid(server)}  gpu (True|False)  memory \d+", lines[1])
 
 
 @pytest.mark.slow

@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from training import config as cfglib
+from training import precision
 from training.checkpoint import CheckpointError, atomic_save, make_checkpoint, publish, read_checkpoint_file
 from training.data import DataError, load_split
 from training.distributed import (
@@ -68,7 +69,7 @@ class TrainConfig:
     train_limit: int = 0  # use only this many training images (0: all); for quick runs and tests
     test_limit: int = 0
     threads: int = 0  # CPU intra-op threads; 0: all cores (divided between local ranks)
-    amp: bool = True  # bf16 autocast on CUDA
+    amp: bool = True  # bf16 autocast on CUDA, and on CPU where native bf16 is faster (training/precision.py)
     channels_last: bool = True
     compile: bool = False  # torch.compile the model (pays a one-off compile time)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -213,7 +214,7 @@ def train_epoch(model, opt, sched, data: Splits, cfg: TrainConfig, dd: Dist, epo
     if dry_run:
         steps = min(steps, 3)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda")
+    autocast = precision.autocast(device, cfg.amp)  # CPU: only where native bf16 is faster (training/precision.py)
     # Summed on the device and read once per epoch: a per-step .item() or host→device copy would
     # make the host wait for the GPU at every step. The image count is known on the host.
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, correct
@@ -268,7 +269,7 @@ def warm_up(model: Net, data: Splits, cfg: TrainConfig) -> None:
     if cfg.augment:
         x = random_affine(x, cfg, torch.Generator(device=device).manual_seed(0))
     x = x.contiguous(memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
+    with precision.autocast(device, cfg.amp):
         loss = F.cross_entropy(clone(x).float(), data.train_y[: cfg.batch_size])
     loss.backward()
     if device.type == "cuda":
@@ -316,7 +317,9 @@ def fit(cfg: TrainConfig, resume: bool = False, dry_run: bool = False, quiet: bo
     Returns the metrics written to metrics.json (on every rank).
     """
     out = Path(cfg.out_dir)
-    state: dict[str, Any] = {"epoch": 0, "history": [], "best_state": None, "best_val": -1.0, "stale": 0}
+    # cpu_bf16: the CPU precision decision, kept in last.pt so a resumed run trains as it began.
+    state: dict[str, Any] = {"epoch": 0, "history": [], "best_state": None, "best_val": -1.0, "stale": 0,
+                             "cpu_bf16": None}
     if resume:
         last = out / "last.pt"
         saved = read_checkpoint_file(last, f"nothing to resume: {last} does not exist",
@@ -324,7 +327,7 @@ def fit(cfg: TrainConfig, resume: bool = False, dry_run: bool = False, quiet: bo
         cfg = _resume_config(last, saved["config"], cfg, flags or {})
         if saved["epoch"] >= cfg.epochs or saved.get("finished"):
             raise CheckpointError(f"{out / 'last.pt'} is from a finished run: nothing to resume")
-        state.update({k: saved[k] for k in state})
+        state.update({k: saved.get(k, state[k]) for k in state})
 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(cfg.device, local_rank)
@@ -356,6 +359,9 @@ def fit(cfg: TrainConfig, resume: bool = False, dry_run: bool = False, quiet: bo
             log(f"resuming {out / 'last.pt'} after epoch {state['epoch']}/{cfg.epochs}"
                 + "".join(f", with --{k} {getattr(cfg, k)} (saved: {saved['config'][k]})"
                           for k in ("device", "threads") if getattr(cfg, k) != saved["config"][k]))
+        if device.type == "cpu" and cfg.amp:  # time bf16 against fp32 now, not inside epoch 1
+            state["cpu_bf16"] = precision.decide_cpu_bf16(agree=dist.all_reduce if dd.world > 1 else None,
+                                                          keep=state["cpu_bf16"])
         if device.type == "cuda":
             warm_up(model, data, cfg)
         net = model
@@ -366,7 +372,8 @@ def fit(cfg: TrainConfig, resume: bool = False, dry_run: bool = False, quiet: bo
             net = torch.compile(net)
         log(f"training on {len(data.train_x):,} images ({len(data.val_x):,} validation, {len(data.test_x):,} test) "
             f"on {device}" + (f" × {dd.world} ranks" if dd.world > 1 else "")
-            + f"; global batch {cfg.batch_size * dd.world}, peak lr {cfg.lr}, {cfg.optimizer}, {cfg.schedule}")
+            + f"; global batch {cfg.batch_size * dd.world}, peak lr {cfg.lr}, {cfg.optimizer}, {cfg.schedule}"
+            + f"; {precision.describe(device, cfg.amp)}")
         if dd.is_main:
             out.mkdir(parents=True, exist_ok=True)
 
@@ -424,7 +431,7 @@ def _metrics(cfg: TrainConfig, dd: Dist, device: torch.device, state: dict, test
         "val_accuracy": best["val_accuracy"], "val_loss": best["val_loss"], "best_epoch": best["epoch"],
         "epochs": len(history), "train_seconds": seconds, "images_per_second": round(images / seconds, 1),
         "device": str(device), "world_size": dd.world, "global_batch_size": cfg.batch_size * dd.world,
-        "seed": cfg.seed, **_peak_memory_mb(device), **sets,
+        "seed": cfg.seed, "precision": precision.describe(device, cfg.amp), **_peak_memory_mb(device), **sets,
         "per_class": test["per_class"], "confusion_matrix": test["confusion_matrix"],
     }
 

@@ -1,0 +1,118 @@
+"""Where a serving worker's time goes under load: `python -m bench.profile` (py-spy, needs ptrace rights: root).
+
+Starts the project's TorchServe on free loopback ports, drives it with wrk at one concurrency, and
+samples the Python worker with `py-spy record` meanwhile. Each sample's stack is put in the first
+bucket whose pattern it contains (model, decode, JSON, TorchServe's socket protocol, metrics, ...), so
+the table says what share of the worker's time each stage takes; the top functions by own time follow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from bench.load import WRK_SCRIPT, run_wrk, write_digits
+from bench.report import machine_line
+from serving.archive import MODEL_CONFIG, build_archive
+from serving.handler import DEFAULT_VARIANT
+from serving.server import TorchServe
+
+# The venv's own py-spy first: `make` runs without the venv on PATH.
+_VENV_SPY = Path(sys.executable).with_name("py-spy")
+PY_SPY = str(_VENV_SPY) if _VENV_SPY.is_file() else "py-spy"
+# (bucket, substrings of a stack frame "function (file:line)"); first match wins, checked from the leaf.
+BUCKETS = (
+    ("model forward", ("torch/nn/", "forward (", "_call_impl")),
+    ("decode (PNG → 28×28)", ("preprocess.py", "imdecode")),
+    ("normalise + batch", ("to_model_input", "normalize", "stack (")),
+    ("JSON response", ("prediction_body", "json/encoder", "json/__init__")),
+    ("metrics", ("_record_metrics", "ts/metrics/")),
+    ("TorchServe protocol (socket, (un)pickling)", ("ts/protocol/", "otf_message_handler", "recv", "sendall",
+                                                    "model_service_worker")),
+)
+
+
+def bucket_of(stack: str) -> str:
+    frames = stack.split(";")
+    for frame in reversed(frames):  # the leaf first: the frame that was actually running
+        for name, patterns in BUCKETS:
+            if any(p in frame for p in patterns):
+                return name
+    return "other"
+
+
+def profile(store: Path, run_dir: Path, digits: list[Path], concurrency: int, seconds: int,
+            rate: int) -> tuple[dict, collections.Counter, collections.Counter]:
+    server = TorchServe.on_free_ports(run_dir, store, model_name="mnist")
+    server.start(timeout=180)
+    try:
+        pid = server.describe()["workers"][0]["pid"]
+        script = run_dir / "load.lua"
+        script.with_suffix(".txt").write_text("\n".join(str(p) for p in digits) + "\n")
+        script.write_text(WRK_SCRIPT % {"list": script.with_suffix(".txt"), "token": server.token("inference") or ""})
+        run_wrk(server, script, 8, 2)  # warm-up
+        raw = run_dir / "samples.txt"
+        spy = subprocess.Popen([PY_SPY, "record", "--pid", str(pid), "--duration", str(seconds), "--rate", str(rate),
+                                "--format", "raw", "--output", str(raw), "--nonblocking"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        result = run_wrk(server, script, concurrency, seconds)
+        _, err = spy.communicate(timeout=seconds + 60)
+        if spy.returncode != 0:
+            raise SystemExit(f"error: py-spy failed ({spy.returncode}): {err.strip()[-300:]}")
+    finally:
+        server.stop()
+    buckets: collections.Counter = collections.Counter()
+    leaves: collections.Counter = collections.Counter()
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        buckets[bucket_of(stack)] += int(count)
+        leaves[stack.split(";")[-1]] += int(count)
+    return result, buckets, leaves
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", default="artifacts/model.pt", type=Path)
+    parser.add_argument("--variant", default=DEFAULT_VARIANT)
+    parser.add_argument("--model-config", default=MODEL_CONFIG, type=Path)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
+    parser.add_argument("--top", type=int, default=12)
+    args = parser.parse_args(argv)
+    for tool in ("wrk", PY_SPY):
+        if shutil.which(tool) is None:
+            print(f"error: {tool} is not on PATH (wrk: make system-deps; py-spy: pip install py-spy)", file=sys.stderr)
+            return 1
+    print(machine_line(), flush=True)
+    with tempfile.TemporaryDirectory(prefix="mnist-profile-") as tmp:
+        work = Path(tmp)
+        digits, _, _ = write_digits(work / "digits", 200, None)
+        build_archive(args.checkpoint, work / "store", "mnist", "1.0", args.variant, model_config=args.model_config)
+        result, buckets, leaves = profile(work / "store", work / "run", digits, args.concurrency, args.seconds,
+                                          args.rate)
+    total = sum(buckets.values()) or 1
+    print(f"\n{result['rps']:,.0f} req/s at c={args.concurrency}, p50 {result['p50']:.1f} ms, "
+          f"p99 {result['p99']:.1f} ms; variant {args.variant}; {total} samples of the worker; load average "
+          f"{'/'.join(f'{x:.1f}' for x in os.getloadavg())}\n")
+    print("| stage of the worker | share of samples |\n|---|---:|")
+    for name, n in buckets.most_common():
+        print(f"| {name} | {n / total:.0%} |")
+    print(f"\ntop {args.top} functions by own samples:")
+    for frame, n in leaves.most_common(args.top):
+        print(f"  {n / total:5.1%}  {frame}")
+    print(json.dumps({"buckets": dict(buckets)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

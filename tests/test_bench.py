@@ -1,0 +1,39 @@
+"""bench/: the plain-recipe baseline and the tables in baseline-epoch units, on known inputs (no timing)."""
+
+from __future__ import annotations
+
+from bench.plain import plain_net
+from bench.report import serving_table
+from bench.train import table
+
+
+def test_plain_recipe_is_the_mission_cnn_without_batch_norm_or_dropout():
+    net = plain_net()
+    assert [type(m).__name__ for m in net] == ["Conv2d", "ReLU", "MaxPool2d", "Conv2d", "ReLU", "MaxPool2d",
+                                                "Flatten", "Linear", "ReLU", "Linear"]
+    # 1·32·9+32, 32·64·9+64, 3136·128+128, 128·10+10
+    assert sum(p.numel() for p in net.parameters()) == 320 + 18_496 + 401_536 + 1_290
+
+
+def _run(seed: int, to99: float | None, to995: float | None) -> dict:
+    return {"seed": seed, "test_accuracy": 0.995, "train_seconds": 40.0, "images_per_second": 1000.0,
+            "peak_rss_mb": 900.0, "peak_cuda_mb": None, "device": "cpu", "epochs": 4, "precision": "fp32",
+            "seconds_to_0.990": to99, "seconds_to_0.994": 30.0, "seconds_to_0.995": to995}
+
+
+def test_training_table_gives_each_time_in_baseline_epochs():
+    base = {"seconds_per_epoch": 20.0, "epochs": [{"seconds": 20.0, "test_accuracy": 0.9812, "images": 60_000}]}
+    lines = table({"default": [_run(0, 10.0, 40.0), _run(1, 14.0, None)]}, base).splitlines()
+    assert lines[2] == ("| plain recipe (baseline) | cpu | fp32 | 1 | 98.12 after 1 epoch(s) | | | "
+                        "| 20 per epoch (= 1 bl-ep) | 3,000 | | — |")
+    assert lines[3] == ("| default | cpu | fp32 | 2 | 99.50 ± 0.00 | 12 ± 3 (0.6 bl-ep) | 30 ± 0 (1.5 bl-ep) "
+                        "| 1/2 runs, 40 (2.0 bl-ep) | 40 ± 0 (2.0 bl-ep) | 1,000 | 900 | — |")
+
+
+def test_serving_table_gives_the_share_of_in_process_throughput():
+    row = {"setup": "project", "concurrency": 64, "rps": 900.0, "p50": 10.0, "p90": 12.0, "p99": 20.0,
+           "non2xx": 0, "socket_errors": 0, "wrong": 0, "checked": 50, "in_process_rps": 1800.0}
+    base = {**row, "setup": "baseline", "rps": 60.0, "in_process_rps": None}
+    lines = serving_table([base, row]).splitlines()
+    assert lines[2] == "| baseline | 64 | 60 | 10.0 | 12.0 | 20.0 | 0 | 0/50 |  |  |"
+    assert lines[3] == "| project | 64 | 900 | 10.0 | 12.0 | 20.0 | 0 | 0/50 | 50% | 15.0x |"

@@ -1,0 +1,64 @@
+"""training/precision.py: when bf16 autocast is used, and that DDP ranks agree on it (no timing asserted)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from training import precision
+
+
+@pytest.fixture(autouse=True)
+def _fresh_decision():
+    yield
+    precision._decided = None
+
+
+def test_descriptions_of_the_fixed_cases():
+    assert precision.describe(torch.device("cpu"), False) == "fp32 (amp off)"
+    assert precision.describe(torch.device("cuda", 0), True) == "bf16 autocast"
+    assert precision.describe(torch.device("mps"), True) == "fp32"
+
+
+def test_amp_off_or_a_slow_bf16_leaves_cpu_autocast_disabled(monkeypatch):
+    with precision.autocast(torch.device("cpu"), False):
+        assert torch.is_autocast_enabled("cpu") is False
+    monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda train=True, *a: 0.9)
+    assert precision.use_cpu_bf16() is False
+    with precision.autocast(torch.device("cpu"), True):
+        assert torch.is_autocast_enabled("cpu") is False
+    monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda train=True, *a: 2.0)
+    with precision.autocast(torch.device("cpu"), True):
+        assert torch.is_autocast_enabled("cpu") is True
+
+
+def test_ranks_take_the_minimum_of_their_decisions(monkeypatch):
+    monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda train=True, *a: 2.0)
+
+    def another_rank_says_no(flag, op):
+        assert op == torch.distributed.ReduceOp.MIN
+        flag.zero_()
+
+    assert precision.decide_cpu_bf16(agree=another_rank_says_no) is False
+    assert precision.use_cpu_bf16() is False  # the agreed answer sticks for the rest of the run
+    assert precision.decide_cpu_bf16() is True
+
+
+def test_speedup_is_zero_without_native_bf16(monkeypatch):
+    monkeypatch.setattr(precision, "mkldnn_bf16_supported", lambda: False)
+    precision.cpu_bf16_speedup.cache_clear()
+    try:
+        assert precision.cpu_bf16_speedup(True) == 0.0
+        assert precision.describe(torch.device("cpu"), True) == "fp32 (no native bf16 on this CPU)"
+    finally:
+        precision.cpu_bf16_speedup.cache_clear()
+
+
+def test_a_kept_decision_is_used_without_timing(monkeypatch):
+    def no_timing(*a, **k):
+        raise AssertionError("a resumed run must not time bf16 again")
+
+    monkeypatch.setattr(precision, "cpu_bf16_speedup", no_timing)
+    assert precision.decide_cpu_bf16(keep=True) is True
+    assert precision.use_cpu_bf16() is True
+    assert precision.decide_cpu_bf16(keep=False) is False
