@@ -43,8 +43,13 @@ def trained_with(cfg: TrainConfig) -> bool:
         saved = load_checkpoint(path)["train_config"]
     except (CheckpointError, KeyError):
         return False
-    # Where the data was read from does not change the model.
-    return {**saved, "data_dir": None} == {**cfglib.to_dict(cfg), "data_dir": None}
+    try:  # fields added since it was trained take their defaults, which is how it was trained
+        saved = cfglib.to_dict(cfglib.apply(TrainConfig(), saved))
+    except ValueError:
+        return False
+    # Where the data was read from and the outputs went do not change the model.
+    ignored = {"data_dir": None, "out_dir": None}
+    return {**saved, **ignored} == {**cfglib.to_dict(cfg), **ignored}
 
 
 def temperature_of(ckpt: dict[str, Any]) -> float:
