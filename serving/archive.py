@@ -24,10 +24,12 @@ import torch
 from serving.handler import DEFAULT_VARIANT, VARIANTS
 from training.checkpoint import CheckpointError, load_checkpoint
 from training.data import sha256_of
+from training.ensemble_train import DEFAULT_OUT as ENSEMBLE_DIR
+from training.ensemble_train import load_ensemble_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 HANDLER = ROOT / "serving" / "handler.py"
-PACKED_TRAINING_FILES = ("model.py", "preprocess.py")  # what the handler imports from training/
+PACKED_TRAINING_FILES = ("model.py", "preprocess.py", "ensemble.py")  # what the handler imports from training/
 MODEL_CONFIG = ROOT / "configs" / "model-config.yaml"
 
 
@@ -59,7 +61,9 @@ def archive_version(mar: Path) -> str | None:
 def _stage(ckpt: dict, variant: str, checkpoint: Path, staging: Path) -> tuple[Path, Path]:
     """Write the files that go into the archive; return (weights file, folder of extra files)."""
     weights = staging / "weights.pt"
-    torch.save(ckpt["state_dict"], weights)  # tensors only: loads with weights_only=True
+    ensemble = "members" in ckpt
+    # Tensors only (an ensemble: a list of state_dicts): loads with weights_only=True.
+    torch.save({"members": ckpt["members"]} if ensemble else ckpt["state_dict"], weights)
     extra = staging / "extra"
     (extra / "training").mkdir(parents=True)
     (extra / "training" / "__init__.py").write_text('"""Model and preprocessing code packed from training/."""\n')
@@ -74,16 +78,21 @@ def _stage(ckpt: dict, variant: str, checkpoint: Path, staging: Path) -> tuple[P
         "provenance": ckpt.get("provenance", {}),
         "checkpoint": {"file": checkpoint.name, "sha256": sha256_of(checkpoint)},
     }
+    if ensemble:  # the handler runs the members as one model (training/ensemble.py)
+        meta["ensemble"] = {"members": len(ckpt["members"]), "temperatures": ckpt["temperatures"],
+                            "method": "grouped", "member_test_accuracy": ckpt["metrics"]["member_test_accuracy"]}
     (extra / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
     (extra / "index_to_name.json").write_text(json.dumps(dict(enumerate(ckpt["class_names"]))) + "\n")
     return weights, extra
 
 
 def build_archive(checkpoint: Path, model_store: Path, name: str, version: str, variant: str = DEFAULT_VARIANT,
-                  force: bool = False) -> Archive:
+                  force: bool = False, ensemble: bool = False) -> Archive:
     if variant not in VARIANTS:
         raise ArchiveError(f"unknown variant {variant!r}: choose one of {', '.join(VARIANTS)}")
-    ckpt = load_checkpoint(checkpoint)
+    if ensemble and variant == "int8":
+        raise ArchiveError("int8 ensembles are not supported: the grouped forward needs float linear layers")
+    ckpt = load_ensemble_checkpoint(checkpoint) if ensemble else load_checkpoint(checkpoint)
     target = model_store / f"{name}.mar"
     existing = archive_version(target) if target.exists() else None
     if target.exists() and existing in (version, None) and not force:
@@ -127,10 +136,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", default=DEFAULT_VARIANT, choices=VARIANTS,
                         help=f"load-time optimisation applied by the handler (default: {DEFAULT_VARIANT})")
     parser.add_argument("--force", action="store_true", help="replace an archive of the same name and version")
+    parser.add_argument("--ensemble", nargs="?", const=ENSEMBLE_DIR / "ensemble.pt", type=Path, default=None,
+                        metavar="ENSEMBLE_PT", help="pack the members of `make train-ensemble` into this one .mar "
+                        f"(default {ENSEMBLE_DIR / 'ensemble.pt'}; replaces --checkpoint)")
     args = parser.parse_args(argv)
+    if args.ensemble is not None:
+        args.checkpoint = args.ensemble
     try:
         archive = build_archive(args.checkpoint, args.model_store, args.model_name, args.version,
-                                args.variant, args.force)
+                                args.variant, args.force, ensemble=args.ensemble is not None)
     except (CheckpointError, ArchiveError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

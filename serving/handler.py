@@ -26,6 +26,7 @@ _HERE = Path(__file__).resolve().parent
 if (_HERE / "training").is_dir() and str(_HERE) not in sys.path[:1]:
     sys.path.insert(0, str(_HERE))
 
+from training.ensemble import load_ensemble  # noqa: E402
 from training.model import build_model  # noqa: E402
 from training.preprocess import PreprocessError, from_pixels, normalize, preprocess_bytes, to_mnist  # noqa: E402
 
@@ -135,9 +136,14 @@ class MNISTHandler(BaseHandler):
             torch.set_num_threads(int(os.environ.get("MNIST_WORKER_THREADS", "1")))
         serialized = (context.manifest or {}).get("model", {}).get("serializedFile", "weights.pt")
         state_dict = torch.load(model_dir / serialized, map_location="cpu", weights_only=True)
-        model = build_model(meta["model_config"])
-        model.load_state_dict(state_dict)
-        self.model = serving_model(model, meta.get("variant", DEFAULT_VARIANT), self.device)
+        variant = meta.get("variant", DEFAULT_VARIANT)
+        if "ensemble" in meta:  # N members, one batched forward, averaged probabilities: training/ensemble.py
+            self.model = load_ensemble(state_dict, meta, lambda m: optimize(m, variant)).to(
+                self.device, memory_format=torch.channels_last)
+        else:
+            model = build_model(meta["model_config"])
+            model.load_state_dict(state_dict)
+            self.model = serving_model(model, variant, self.device)
         self.classes = meta["class_names"]
         self.batch_size = int(properties.get("batch_size") or 1)
         with torch.inference_mode():  # warm-up: first-call allocations happen here, not on a request

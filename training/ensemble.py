@@ -15,7 +15,7 @@ that applies softmax to a single model's logits serves an ensemble unchanged.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -139,3 +139,19 @@ def build_ensemble(members: Sequence[nn.Module], temperatures: Sequence[float] |
     if method == "loop":
         return LoopEnsemble(members, temperatures).eval()
     raise EnsembleError(f"unknown ensemble method {method!r}: choose one of {', '.join(METHODS)}")
+
+
+def load_ensemble(weights: dict, meta: dict, prepare: Callable[[nn.Module], nn.Module] | None = None) -> nn.Module:
+    """The served ensemble from an archive's weights ({"members": [state_dict, ...]}) and model.json.
+
+    `prepare` turns each eval-mode member into its serving form (the handler's variant) first.
+    """
+    from training.model import build_model
+
+    info = meta["ensemble"]
+    members = []
+    for state_dict in weights["members"]:
+        member = build_model(meta["model_config"])
+        member.load_state_dict(state_dict)
+        members.append(prepare(member.eval()) if prepare is not None else member.eval())
+    return build_ensemble(members, info.get("temperatures"), info.get("method", "grouped"))

@@ -20,7 +20,14 @@ import torch
 import torch.nn.functional as F
 
 from training import config as cfglib
-from training.checkpoint import CheckpointError, atomic_save, load_checkpoint, model_from_checkpoint, provenance
+from training.checkpoint import (
+    CheckpointError,
+    atomic_save,
+    load_checkpoint,
+    model_from_checkpoint,
+    provenance,
+    read_checkpoint_file,
+)
 from training.data import DataError, load_split
 from training.ensemble import EnsembleError, build_ensemble
 from training.evaluate import summarize
@@ -50,6 +57,15 @@ def trained_with(cfg: TrainConfig) -> bool:
     # Where the data was read from and the outputs went do not change the model.
     ignored = {"data_dir": None, "out_dir": None}
     return {**saved, **ignored} == {**cfglib.to_dict(cfg), **ignored}
+
+
+def load_ensemble_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and check an ensemble.pt written by this module."""
+    path = Path(path)
+    ckpt = read_checkpoint_file(path, f"no ensemble at {path}: run `make train-ensemble` first")
+    if not isinstance(ckpt, dict) or not {"members", "model_config", "temperatures"} <= ckpt.keys():
+        raise CheckpointError(f"{path} is not an ensemble written by training.ensemble_train")
+    return ckpt
 
 
 def temperature_of(ckpt: dict[str, Any]) -> float:
