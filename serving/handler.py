@@ -138,8 +138,7 @@ class MNISTHandler(BaseHandler):
         state_dict = torch.load(model_dir / serialized, map_location="cpu", weights_only=True)
         variant = meta.get("variant", DEFAULT_VARIANT)
         if "ensemble" in meta:  # N members, one batched forward, averaged probabilities: training/ensemble.py
-            self.model = load_ensemble(state_dict, meta, lambda m: optimize(m, variant)).to(
-                self.device, memory_format=torch.channels_last)
+            self.model = load_ensemble(state_dict, meta, lambda m: serving_model(m, variant)).to(self.device)
         else:
             model = build_model(meta["model_config"])
             model.load_state_dict(state_dict)

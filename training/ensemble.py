@@ -110,9 +110,11 @@ class GroupedEnsemble(nn.Module):
         convs = [[_conv_bias(m.features[i]) for m in members] for i in (0, 1)]
         fc1 = [m.classifier[1] for m in members]
         fc2 = [m.classifier[4] for m in members]
-        self.register_buffer("w1", torch.cat([w for w, _ in convs[0]]))
+        # channels_last filters: oneDNN's fast CPU convolutions (the inputs are channels_last too).
+        cl = torch.channels_last
+        self.register_buffer("w1", torch.cat([w for w, _ in convs[0]]).contiguous(memory_format=cl))
         self.register_buffer("b1", torch.cat([b for _, b in convs[0]]))
-        self.register_buffer("w2", torch.cat([w for w, _ in convs[1]]))
+        self.register_buffer("w2", torch.cat([w for w, _ in convs[1]]).contiguous(memory_format=cl))
         self.register_buffer("b2", torch.cat([b for _, b in convs[1]]))
         self.register_buffer("fc1_w", torch.stack([f.weight.detach().t() for f in fc1]))  # (N, in, hidden)
         self.register_buffer("fc1_b", torch.stack([f.bias.detach() for f in fc1]).unsqueeze(1))

@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -81,10 +82,24 @@ def as_config(params: dict[str, Any]) -> dict[str, Any]:
     return nested
 
 
+def open_storage(url: str, attempts: int = 5) -> optuna.storages.RDBStorage:
+    """The study's RDB storage; two processes starting at once may race to create its tables."""
+    import sqlalchemy.exc
+
+    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    for attempt in range(attempts):
+        try:
+            # The heartbeat lets any process mark FAIL a trial whose process died without a word (SIGKILL).
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=30, grace_period=120)
+        except sqlalchemy.exc.SQLAlchemyError:  # "table already exists": the other process won; retry
+            if attempt == attempts - 1:
+                raise
+            time.sleep(1 + attempt)
+    raise AssertionError("unreachable")
+
+
 def open_study(storage: str, name: str, pruner: str) -> optuna.Study:
-    engine = {"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else {}
-    # The heartbeat lets any process mark a trial FAIL whose process died without a word (SIGKILL, power).
-    rdb = optuna.storages.RDBStorage(storage, engine_kwargs=engine, heartbeat_interval=30, grace_period=120)
+    rdb = open_storage(storage)
     # Stop bad trials after epoch 2 (the first epoch of a one-cycle run is mostly warm-up).
     stop = optuna.pruners.SuccessiveHalvingPruner(min_resource=2) if pruner == "halving" else \
         optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
