@@ -122,6 +122,19 @@ def variant_table(checkpoint: Path, images: torch.Tensor, labels: torch.Tensor) 
     return "\n".join(lines)
 
 
+def ensemble_answers(path: Path, images: torch.Tensor) -> list[int]:
+    """What the ensemble says offline (members one by one): the sampler checks the server against it."""
+    from training.ensemble import build_ensemble
+    from training.ensemble_train import load_ensemble_checkpoint
+
+    ckpt = load_ensemble_checkpoint(path)
+    members = []
+    for state_dict in ckpt["members"]:
+        members.append(model_from_checkpoint({"model_config": ckpt["model_config"], "state_dict": state_dict}))
+    with torch.inference_mode():
+        return build_ensemble(members, ckpt["temperatures"], "loop")(normalize(images)).argmax(1).tolist()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.serve", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default="artifacts/model.pt", type=Path)
@@ -131,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--digits", type=int, default=200, help="distinct MNIST test digits cycled through")
     parser.add_argument("--out", default="artifacts/bench", type=Path)
     parser.add_argument("--variants-only", action="store_true", help="only the in-process variant table")
+    parser.add_argument("--ensemble", type=Path, default=None, metavar="ENSEMBLE_PT",
+                        help="one more row: this ensemble (make train-ensemble) served from one .mar")
     args = parser.parse_args(argv)
     if args.variants_only:
         if not args.checkpoint.is_file():
@@ -144,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.checkpoint.is_file():
         print(f"error: no checkpoint at {args.checkpoint}: run `make train` first", file=sys.stderr)
         return 1
+    if args.ensemble is not None and not args.ensemble.is_file():
+        print(f"error: no ensemble at {args.ensemble}: run `make train-ensemble` first", file=sys.stderr)
+        return 1
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
@@ -155,19 +173,24 @@ def main(argv: list[str] | None = None) -> int:
             expected = model(normalize(images)).argmax(1).tolist()  # what the offline model says
         store = work / "store"
         build_archive(args.checkpoint, store, "mnist", "1.0")
-        for setup in args.setups.split(","):
+        setups = args.setups.split(",") + (["ensemble"] if args.ensemble is not None else [])
+        for setup in setups:
+            answers = expected
             if setup == "baseline":
                 baseline_archive(args.checkpoint, store, work / "baseline")
-            name = "mnist" if setup == "project" else "baseline"
+            if setup == "ensemble":
+                build_archive(args.ensemble, store, "ensemble", "1.0", ensemble=True)
+                answers = ensemble_answers(args.ensemble, images)
+            name = {"project": "mnist", "baseline": "baseline"}.get(setup, setup)
             # The baseline keeps TorchServe's defaults: no tuned netty threads or heap settings.
-            extra = {} if setup == "project" else {"number_of_netty_threads": "0", "netty_client_threads": "0"}
+            extra = {} if setup != "baseline" else {"number_of_netty_threads": "0", "netty_client_threads": "0"}
             server = TorchServe.on_free_ports(work / f"run-{setup}", store, model_name=name, extra_properties=extra)
 
             def parse(body: bytes, setup=setup) -> int:
                 data = json.loads(body)
-                return data["digit"] if setup == "project" else int(data)
+                return data["digit"] if setup != "baseline" else int(data)
 
-            rows += bench_setup(setup, server, work / f"{setup}.lua", digits, expected, parse, concurrencies,
+            rows += bench_setup(setup, server, work / f"{setup}.lua", digits, answers, parse, concurrencies,
                                 args.seconds)
     table = serving_table(rows)
     variants = variant_table(args.checkpoint, *load_split(None, train=False))

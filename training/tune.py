@@ -108,6 +108,21 @@ def open_study(storage: str, name: str, pruner: str) -> optuna.Study:
                                sampler=sampler, pruner=stop)
 
 
+def enqueue_baseline(study: optuna.Study, base: TrainConfig) -> None:
+    """Make the base config itself a trial (once per study): tuning is judged against it on equal budget."""
+    if any(t.user_attrs.get("baseline") for t in study.get_trials(deepcopy=False)):
+        return
+    if base.schedule not in ("onecycle", "cosine_restarts") or base.l1 not in (0.0, 1e-6, 1e-5) or \
+            base.batch_size not in (64, 128, 256):
+        return  # outside the search space: nothing to compare on equal terms
+    params = {k: getattr(base, k) for k in ("schedule", "lr", "weight_decay", "label_smoothing", "l1", "batch_size",
+                                             "rotate", "shift", "scale")}
+    params["model.dropout"] = base.model.dropout
+    if base.schedule == "cosine_restarts":
+        params.update(restart_period=base.restart_period, restart_mult=base.restart_mult)
+    study.enqueue_trial(params, user_attrs={"baseline": True})
+
+
 def objective(base: TrainConfig, trials_dir: Path, dry_run: bool):
     def run(trial: optuna.Trial) -> float:
         trial.set_user_attr("pid", os.getpid())  # which process ran it (the concurrency test reads it)
@@ -200,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"study '{args.study_name}': {args.trials - max(left, 0)}/{args.trials} trials finished; "
               f"running up to {max(left, 0)} more in process {os.getpid()}")
         if left > 0:
+            enqueue_baseline(study, base)
             study.optimize(objective(base, folder / "trials", args.dry_run), n_trials=left, catch=(),
                            callbacks=[optuna.study.MaxTrialsCallback(args.trials, states=FINISHED)])
     except KeyboardInterrupt:
