@@ -23,7 +23,8 @@ from serving_fixtures import ROOT, TINY_MODEL, save_tiny_checkpoint  # noqa: E40
 
 EXPECTED_FILES = {
     "handler.py", "weights.pt", "model.json", "index_to_name.json", "model-config.yaml",
-    "training/__init__.py", "training/model.py", "training/preprocess.py", "MAR-INF/MANIFEST.json",
+    "training/__init__.py", "training/model.py", "training/preprocess.py", "training/ensemble.py",
+    "MAR-INF/MANIFEST.json",
 }
 
 
