@@ -130,7 +130,8 @@ def objective(base: TrainConfig, trials_dir: Path, dry_run: bool):
 
         def report(row: dict[str, Any]) -> None:
             trial.report(row["val_accuracy"], row["epoch"])
-            if trial.should_prune():
+            # After the last epoch there is nothing left to save: the trial completes whatever it scored.
+            if row["epoch"] < cfg.epochs and trial.should_prune():
                 raise optuna.TrialPruned(f"validation accuracy {row['val_accuracy']:.2%} at epoch {row['epoch']}")
 
         metrics = fit(cfg, quiet=True, dry_run=dry_run, on_epoch=report, score_test=False,
