@@ -282,6 +282,7 @@ def fit(cfg: TrainConfig, resume: bool = False, dry_run: bool = False, quiet: bo
         torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // dd.local_world))
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     gen = torch.Generator(device=device).manual_seed(cfg.seed * 7919 + dd.rank)  # augmentation draws
+    board = RunLog(None)
 
     try:
         data = load_data(cfg, device, test=score_test)
@@ -349,18 +350,17 @@ def fit(cfg: TrainConfig, resume: bool = False, dry_run: bool = False, quiet: bo
 
         model.load_state_dict(state["best_state"])
         if not score_test:
-            board.close()
             best = max(state["history"], key=lambda h: h["val_accuracy"])
             return {"val_accuracy": best["val_accuracy"], "best_epoch": best["epoch"],
                     "epochs": len(state["history"]), "train_seconds": state["history"][-1]["train_seconds"]}
         test = score(model, data.test_x, data.test_y, dd)
         board.test(model, data.test_x, data.test_y, test["accuracy"], state["epoch"])
-        board.close()
         metrics = _metrics(cfg, dd, device, state, test)
         if dd.is_main:
             _write_outputs(out, model, cfg, metrics, state, opt, sched, gen, force, say)
         return metrics
     finally:
+        board.close()  # also for a pruned or interrupted run: the curves so far are flushed
         cleanup(dd)
 
 
