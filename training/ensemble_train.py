@@ -134,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT, help=f"default {DEFAULT_OUT}")
     parser.add_argument("--seed", type=int, default=0, help="member k trains with seed + k")
     parser.add_argument("--method", default="grouped", choices=("grouped", "vmap", "loop"))
+    parser.add_argument("--checkpoints", type=Path, nargs="+", default=None, metavar="MODEL_PT",
+                        help="combine these trained checkpoints instead of training members")
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--dry-run", action="store_true", help="3 batches per epoch per member")
     args = parser.parse_args(argv)
@@ -145,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         for path in args.config or [str(DEFAULT_CONFIG)]:
             cfg = cfglib.apply(TrainConfig(), cfglib.load_yaml(path))
             bases.append(cfglib.apply(cfg, {"seed": args.seed, **({"data_dir": data_dir} if data_dir else {})}))
-        paths = train_members(bases, args.members, args.out_dir, quiet=args.quiet, dry_run=args.dry_run)
+        paths = args.checkpoints or train_members(bases, args.members, args.out_dir, quiet=args.quiet,
+                                                  dry_run=args.dry_run)
         ensemble = combine(paths, bases[0].data_dir, args.method)
     except (ValueError, CheckpointError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
