@@ -15,6 +15,7 @@ that applies softmax to a single model's logits serves an ensemble unchanged.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable, Sequence
 
 import torch
@@ -103,7 +104,8 @@ class GroupedEnsemble(nn.Module):
     def __init__(self, members: Sequence[nn.Module], temperatures: Sequence[float] | None = None) -> None:
         super().__init__()
         self.register_buffer("temperature", _temperatures(members, temperatures))
-        configs = {getattr(m, "config", None) for m in members}
+        # Dropout differs between members of different configs but does nothing in eval mode.
+        configs = {dataclasses.replace(m.config, dropout=0.0) if hasattr(m, "config") else None for m in members}
         if len(configs) != 1 or not hasattr(members[0], "features"):
             raise EnsembleError("grouped ensembles need members of one training.model.Net architecture")
         self.n = len(members)

@@ -91,7 +91,8 @@ def score_ensemble(model: torch.nn.Module, images: torch.Tensor, labels: torch.T
 def combine(paths: list[Path], data_dir: str, method: str = "grouped") -> dict[str, Any]:
     """Member checkpoints → one ensemble checkpoint, scored on the MNIST test set."""
     ckpts = [load_checkpoint(p) for p in paths]
-    if len({repr(c["model_config"]) for c in ckpts}) != 1 or len({tuple(c["class_names"]) for c in ckpts}) != 1:
+    shapes = {repr({k: v for k, v in c["model_config"].items() if k != "dropout"}) for c in ckpts}  # eval: no dropout
+    if len(shapes) != 1 or len({tuple(c["class_names"]) for c in ckpts}) != 1:
         raise EnsembleError("members must share one model architecture and class list")
     temperatures = [temperature_of(c) for c in ckpts]
     model = build_ensemble([model_from_checkpoint(c) for c in ckpts], temperatures, method)
