@@ -18,6 +18,10 @@ VERSION    ?= 1.0
 IMAGE      ?= serving/samples/7.png
 NPROC      ?= 2
 SEEDS      ?= 3
+TRIALS     ?= 20
+N          ?= 5
+# `make tune` trains each trial on a slice for a few epochs: the budget of one trial.
+TUNE_ARGS  ?= --epochs 3 --train-limit 20000
 AUTH       ?= on
 MODEL_API  ?= off
 # `make compare A=1.0 B=2.0 LIMIT=1000`: two registered versions on the MNIST test set.
@@ -33,10 +37,11 @@ export INFERENCE_ADDRESS ?= 127.0.0.1:8080
 export MANAGEMENT_ADDRESS ?= 127.0.0.1:8081
 export METRICS_ADDRESS ?= 127.0.0.1:8082
 
-.PHONY: help setup system-deps data train train-ddp evaluate eval-wild calibrate trust-eval explain explain-eval \
-        latency keygen archive serve predict status token ui stop demo kserve-bundle deploy promote rollback \
-        versions undeploy compare monitor rollout-check test test-fast lint bench bench-train bench-serve gpu-check \
-        chaos export distill bench-compress bench-hybrid edge-install docker-build docker-run docker-train docker-test clean
+.PHONY: help setup system-deps data train train-ddp tune train-ensemble tensorboard report-models evaluate \
+        eval-wild calibrate trust-eval explain explain-eval latency keygen archive serve predict status token ui stop \
+        demo kserve-bundle deploy promote rollback versions undeploy compare monitor rollout-check test test-fast lint \
+        bench bench-train bench-serve gpu-check chaos export distill bench-compress bench-hybrid edge-install \
+        docker-build docker-run docker-train docker-test clean
 
 help: ## list the targets
 	@echo "usage: make TARGET [ARGS=...]"
@@ -66,6 +71,18 @@ train: $(STAMP) ## train the CNN (CUDA if present): artifacts/model.pt, metrics.
 
 train-ddp: $(STAMP) ## train with torchrun on NPROC processes (nccl: one GPU each; ARGS="--device cpu": gloo on CPU)
 	$(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) -m training.train --config $(CONFIG) $(ARGS)
+
+tune: $(STAMP) ## Optuna search (TRIALS=20) on validation accuracy → configs/tuned.yaml, plots in artifacts/tune/
+	$(PY) -m training.tune --trials $(TRIALS) --config $(CONFIG) $(TUNE_ARGS) $(ARGS)
+
+train-ensemble: $(STAMP) ## train N=5 members (seeds 0..N-1) → artifacts/ensemble/ensemble.pt (archive: ARGS=--ensemble)
+	$(PY) -m training.ensemble_train --members $(N) --config $(CONFIG) $(ARGS)
+
+tensorboard: $(STAMP) ## TensorBoard on 127.0.0.1:6006 over every run under artifacts/ (training, trials, members)
+	$(VENV)/bin/tensorboard --logdir artifacts --host 127.0.0.1 --port 6006
+
+report-models: $(STAMP) ## test accuracy ± std, training time and served speed: default, tuned, ensembles (slow)
+	$(PY) -m bench.models $(ARGS)
 
 evaluate: $(STAMP) ## re-score a checkpoint on the MNIST test set (CHECKPOINT=...)
 	$(PY) -m training.evaluate --checkpoint $(CHECKPOINT) $(ARGS)

@@ -175,6 +175,19 @@ def variant_table(checkpoint: Path, images: torch.Tensor, labels: torch.Tensor, 
     return "\n".join(lines)
 
 
+def ensemble_answers(path: Path, images: torch.Tensor) -> list[int]:
+    """What the ensemble says offline (members one by one): the sampler checks the server against it."""
+    from training.ensemble import build_ensemble
+    from training.ensemble_train import load_ensemble_checkpoint
+
+    ckpt = load_ensemble_checkpoint(path)
+    members = []
+    for state_dict in ckpt["members"]:
+        members.append(model_from_checkpoint({"model_config": ckpt["model_config"], "state_dict": state_dict}))
+    with torch.inference_mode():
+        return build_ensemble(members, ckpt["temperatures"], "loop")(normalize(images)).argmax(1).tolist()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.serve", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default="artifacts/model.pt", type=Path)
@@ -190,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-variants", action="store_true", help="leave the in-process variant table out")
     parser.add_argument("--model-config", default=ROOT / "configs" / "model-config.yaml", type=Path,
                         help="the project's TorchServe per-model settings (batch size, delay, workers)")
+    parser.add_argument("--ensemble", type=Path, default=None, metavar="ENSEMBLE_PT",
+                        help="one more row: this ensemble (make train-ensemble) served from one .mar")
     args = parser.parse_args(argv)
     machine = machine_line()
     print(machine, flush=True)
@@ -206,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.checkpoint.is_file():
         print(f"error: no checkpoint at {args.checkpoint}: run `make train` first", file=sys.stderr)
         return 1
+    if args.ensemble is not None and not args.ensemble.is_file():
+        print(f"error: no ensemble at {args.ensemble}: run `make train-ensemble` first", file=sys.stderr)
+        return 1
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
@@ -221,14 +239,18 @@ def main(argv: list[str] | None = None) -> int:
         threads = int(os.environ.get("MNIST_WORKER_THREADS", "1"))
         ceiling = in_process_rps(args.checkpoint, variant, images, threads)
         print(f"  in-process ceiling: {ceiling:,.0f} digits/s ({variant}, batch 32, {threads} thread(s))", flush=True)
-        for setup in args.setups.split(","):
-            setup_store = store
+        setups = args.setups.split(",") + (["ensemble"] if args.ensemble is not None else [])
+        for setup in setups:
+            setup_store, answers = store, expected
             if setup == "baseline":
                 baseline_archive(args.checkpoint, store, work / "baseline")
             elif setup.startswith("project-"):  # project-onnx, project-int8: the same server, another variant
                 setup_store = work / f"store-{setup}"
                 build_archive(args.checkpoint, setup_store, "mnist", "1.0", setup.removeprefix("project-"))
-            name = "baseline" if setup == "baseline" else "mnist"
+            elif setup == "ensemble":
+                build_archive(args.ensemble, store, "ensemble", "1.0", ensemble=True)
+                answers = ensemble_answers(args.ensemble, images)
+            name = {"baseline": "baseline", "ensemble": "ensemble"}.get(setup, "mnist")
             # The baseline keeps TorchServe's defaults: no tuned netty threads or heap settings.
             extra = {"number_of_netty_threads": "0", "netty_client_threads": "0"} if setup == "baseline" else {}
             server = TorchServe.on_free_ports(work / f"run-{setup}", setup_store, model_name=name,
@@ -238,9 +260,8 @@ def main(argv: list[str] | None = None) -> int:
                 data = json.loads(body)
                 return int(data) if setup == "baseline" else data["digit"]
 
-            got = bench_setup(setup, server, work / f"{setup}.lua", digits, expected, parse, concurrencies,
-                              args.seconds)
-            rows += got
+            rows += bench_setup(setup, server, work / f"{setup}.lua", digits, answers, parse, concurrencies,
+                                args.seconds)
         # Measured again after the load: on a shared machine the better of the two is the ceiling.
         ceiling = max(ceiling, in_process_rps(args.checkpoint, variant, images, threads))
         for row in rows:

@@ -27,13 +27,15 @@ from serving.handler import DEFAULT_VARIANT, ONNX_FILES, VARIANTS
 from serving.signing import SignatureError, sign_archive, signature_path
 from training.checkpoint import CheckpointError, load_checkpoint
 from training.data import sha256_of
+from training.ensemble_train import DEFAULT_OUT as ENSEMBLE_DIR
+from training.ensemble_train import load_ensemble_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 HANDLER = ROOT / "serving" / "handler.py"
 # What the handler imports from training/: the model, decoding and preprocessing, the OOD score, the
-# explainer, the exported formats' runners and the bf16 check.
+# explainer, the exported formats' runners, the bf16 check and the ensemble.
 PACKED_TRAINING_FILES = ("model.py", "preprocess.py", "decode.py", "tensors.py", "formats.py", "ood.py", "explain.py",
-                         "precision.py")
+                         "precision.py", "ensemble.py")
 PACKED_SERVING_FILES = ("oip.py",)  # and from serving/ (the KServe v2 protocol)
 MODEL_CONFIG = ROOT / "configs" / "model-config.yaml"  # CPU profile; configs/model-config-gpu.yaml for GPUs
 
@@ -67,7 +69,9 @@ def archive_version(mar: Path) -> str | None:
 def _stage(ckpt: dict, variant: str, checkpoint: Path, staging: Path) -> tuple[Path, Path]:
     """Write the files that go into the archive; return (weights file, folder of extra files)."""
     weights = staging / "weights.pt"
-    torch.save(ckpt["state_dict"], weights)  # tensors only: loads with weights_only=True
+    ensemble = "members" in ckpt
+    # Tensors only (an ensemble: a list of state_dicts): loads with weights_only=True.
+    torch.save({"members": ckpt["members"]} if ensemble else ckpt["state_dict"], weights)
     extra = staging / "extra"
     (extra / "training").mkdir(parents=True)
     (extra / "training" / "__init__.py").write_text('"""Model and preprocessing code packed from training/."""\n')
@@ -97,6 +101,9 @@ def _stage(ckpt: dict, variant: str, checkpoint: Path, staging: Path) -> tuple[P
         meta["ood"] = {k: v for k, v in detector.items() if not isinstance(v, torch.Tensor)}
     if variant in ONNX_FILES:
         _export_variant(checkpoint, variant, extra)
+    if ensemble:  # the handler runs the members as one model (training/ensemble.py)
+        meta["ensemble"] = {"members": len(ckpt["members"]), "temperatures": ckpt["temperatures"],
+                            "method": "grouped", "member_test_accuracy": ckpt["metrics"]["member_test_accuracy"]}
     (extra / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
     (extra / "index_to_name.json").write_text(json.dumps(dict(enumerate(ckpt["class_names"]))) + "\n")
     return weights, extra
@@ -172,10 +179,13 @@ def _export_variant(checkpoint: Path, variant: str, extra: Path) -> None:
 
 
 def build_archive(checkpoint: Path, model_store: Path, name: str, version: str, variant: str = DEFAULT_VARIANT,
-                  force: bool = False, model_config: Path = MODEL_CONFIG) -> Archive:
+                  force: bool = False, model_config: Path = MODEL_CONFIG, ensemble: bool = False) -> Archive:
     if variant not in VARIANTS:
         raise ArchiveError(f"unknown variant {variant!r}: choose one of {', '.join(VARIANTS)}")
-    ckpt = load_checkpoint(checkpoint)
+    if ensemble and variant not in ("eager", "fused", "bf16"):
+        raise ArchiveError(f"{variant} ensembles are not supported: the members run as one grouped torch model "
+                           "(variants eager, fused or bf16)")
+    ckpt = load_ensemble_checkpoint(checkpoint) if ensemble else load_checkpoint(checkpoint)
     target = model_store / f"{name}.mar"
     existing = archive_version(target) if target.exists() else None
     keep_as = model_store / f"{name}-{existing}.mar" if existing not in (version, None) else None
@@ -212,10 +222,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="replace an archive of the same name and version")
     parser.add_argument("--model-config", default=MODEL_CONFIG, type=Path,
                         help="TorchServe per-model settings (configs/model-config-gpu.yaml on GPU hosts)")
+    parser.add_argument("--ensemble", nargs="?", const=ENSEMBLE_DIR / "ensemble.pt", type=Path, default=None,
+                        metavar="ENSEMBLE_PT", help="pack the members of `make train-ensemble` into this one .mar "
+                        f"(default {ENSEMBLE_DIR / 'ensemble.pt'}; replaces --checkpoint)")
     args = parser.parse_args(argv)
+    if args.ensemble is not None:
+        args.checkpoint = args.ensemble
     try:
         archive = build_archive(args.checkpoint, args.model_store, args.model_name, args.version,
-                                args.variant, args.force, args.model_config)
+                                args.variant, args.force, args.model_config, ensemble=args.ensemble is not None)
     except (CheckpointError, ArchiveError, SignatureError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

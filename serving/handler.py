@@ -34,6 +34,7 @@ if (_HERE / "training").is_dir() and str(_HERE) not in sys.path[:1]:
 
 from serving import oip  # noqa: E402  (Open Inference Protocol v2: KServe)
 from training import precision  # noqa: E402
+from training.ensemble import load_ensemble  # noqa: E402
 from training.explain import IG_STEPS, integrated_gradients  # noqa: E402
 from training.formats import load_runner  # noqa: E402
 from training.model import build_model, fuse_batch_norm  # noqa: E402
@@ -232,27 +233,32 @@ class MNISTHandler(BaseHandler):
             torch.set_num_threads(int(os.environ.get("MNIST_WORKER_THREADS", "1")))
         serialized = (context.manifest or {}).get("model", {}).get("serializedFile", "weights.pt")
         state_dict = torch.load(model_dir / serialized, map_location="cpu", weights_only=True)
-        model = build_model(meta["model_config"])
-        model.load_state_dict(state_dict)
         variant, self.device, why = runnable_variant(meta.get("variant", DEFAULT_VARIANT), self.device)
         if why:
             logger.warning(why)
-        # Quantised layers (int8-legacy) have no backward, and ONNX runners no autograd at all:
-        # explanations and the "not a digit" features then use the float model.
-        float_model = build_model(meta["model_config"]) if variant in ONNX_FILES or variant == "int8-legacy" else None
-        if float_model is not None:
-            float_model.load_state_dict(state_dict)
-        if variant in ONNX_FILES:
-            self.model = onnx_model(model_dir / ONNX_FILES[variant], torch.get_num_threads())
-        else:
-            self.model = serving_model(model, variant, self.device)
-        self.explainer = self.model if float_model is None else serving_model(float_model, "eager", self.device)
         self.temperature = float(meta.get("temperature", 1.0))
         self.detector = None
-        if "ood" in meta and (model_dir / "ood.pt").is_file():
-            tensors = torch.load(model_dir / "ood.pt", map_location=self.device, weights_only=True)
-            self.detector = {**meta["ood"], **tensors}
+        if "ensemble" in meta:  # N members, one batched forward, averaged probabilities: training/ensemble.py
+            self.model = load_ensemble(state_dict, meta, lambda m: serving_model(m, variant)).to(self.device)
+            self.explainer = self.model  # differentiable: Integrated Gradients of the averaged answer
         else:
+            model = build_model(meta["model_config"])
+            model.load_state_dict(state_dict)
+            # Quantised layers (int8-legacy) have no backward, ONNX runners no autograd at all, and bf16
+            # wraps the network: explanations and the "not a digit" features then use the float model.
+            wrapped = variant in ONNX_FILES or variant in ("int8-legacy", "bf16")
+            float_model = build_model(meta["model_config"]) if wrapped else None
+            if float_model is not None:
+                float_model.load_state_dict(state_dict)
+            if variant in ONNX_FILES:
+                self.model = onnx_model(model_dir / ONNX_FILES[variant], torch.get_num_threads())
+            else:
+                self.model = serving_model(model, variant, self.device)
+            self.explainer = self.model if float_model is None else serving_model(float_model, "eager", self.device)
+            if "ood" in meta and (model_dir / "ood.pt").is_file():
+                tensors = torch.load(model_dir / "ood.pt", map_location=self.device, weights_only=True)
+                self.detector = {**meta["ood"], **tensors}
+        if self.detector is None:
             logger.warning("archive has no OOD detector: every answer says is_digit true")
         self.classes = meta["class_names"]
         self.batch_size = int(properties.get("batch_size") or 1)
@@ -302,9 +308,9 @@ class MNISTHandler(BaseHandler):
         if digits:
             x = to_model_input(np.stack(digits), self.device)  # outside inference_mode: IG needs its gradients
             with torch.inference_mode():
-                if isinstance(self.model, torch.nn.Module):
+                if hasattr(self.model, "features"):  # the CNN itself: one pass gives both
                     features, logits = features_and_logits(self.model, x)
-                else:  # an ONNX runner gives logits only: the detector reads the float model's features
+                else:  # ONNX, bf16, an ensemble: logits only; the detector reads the float model's features
                     logits = self.model(x)
                     features = features_and_logits(self.explainer, x)[0] if self.detector is not None else logits
                 probabilities = torch.softmax(logits.float() / self.temperature, dim=1)

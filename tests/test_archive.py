@@ -28,7 +28,7 @@ EXPECTED_FILES = {
     "handler.py", "weights.pt", "model.json", "index_to_name.json", "model-config.yaml",
     "training/__init__.py", "training/model.py", "training/preprocess.py", "training/decode.py",
     "training/tensors.py", "training/formats.py", "training/ood.py", "training/explain.py", "training/precision.py",
-    "MAR-INF/MANIFEST.json", "serving/__init__.py", "serving/oip.py",
+    "training/ensemble.py", "MAR-INF/MANIFEST.json", "serving/__init__.py", "serving/oip.py",
 }  # the tiny checkpoint predates calibration: no ood.pt (the trained one's archive adds it)
 
 

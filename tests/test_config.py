@@ -91,7 +91,7 @@ def test_values_of_the_wrong_type_are_errors_naming_the_field(updates, message):
     ("updates", "message"),
     [
         ({"optimizer": "adagrad"}, "optimizer must be one of sgd, nesterov, adam, adamw, got 'adagrad'"),
-        ({"schedule": "step"}, "schedule must be one of onecycle, cosine, plateau, none, got 'step'"),
+        ({"schedule": "step"}, "schedule must be one of onecycle, cosine, cosine_restarts, plateau, none, got 'step'"),
         ({"device": "tpu"}, "device must be one of auto, cuda, mps, cpu, got 'tpu'"),
         ({"epochs": 0}, "epochs, batch_size and lr must be positive"),
         ({"lr": -0.1}, "epochs, batch_size and lr must be positive"),

@@ -70,6 +70,7 @@ def test_two_ranks_train_exactly_like_one_process_and_only_rank0_writes(tmp_path
     assert "global batch 64" in ddp.stdout
     written = sorted(p.name for p in (tmp_path / "ddp").iterdir())
     assert written == sorted(p.name for p in (tmp_path / "single").iterdir())
+    assert len(list((tmp_path / "ddp" / "runs").rglob("events.out.tfevents.*"))) == 1  # TensorBoard: rank 0
     metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["global_batch_size"] == 64
 

@@ -15,6 +15,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,9 @@ from training.distributed import (
 from training.evaluate import confusion, plot_confusion, plot_curves, summarize
 from training.model import ModelConfig, Net
 from training.preprocess import MNIST_MEAN, MNIST_STD
+from training.regularization import l1_penalty
+from training.schedules import warm_restarts
+from training.tensorboard import RunLog, default_run_name
 from training.tensors import normalize
 from training.trust import fit_trust
 
@@ -57,7 +61,10 @@ class TrainConfig:
     lr: float = 0.1  # peak learning rate
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    schedule: str = "onecycle"  # onecycle | cosine | plateau | none
+    schedule: str = "onecycle"  # onecycle | cosine | cosine_restarts | plateau | none
+    restart_period: int = 2  # cosine_restarts: epochs in the first cycle (training/schedules.py)
+    restart_mult: int = 2  # cosine_restarts: each cycle this many times longer than the one before
+    l1: float = 0.0  # L1 penalty on conv/linear weights (training/regularization.py); 0 disables
     grad_clip: float = 0.0  # max gradient norm; 0 disables
     label_smoothing: float = 0.1
     augment: bool = True
@@ -72,11 +79,12 @@ class TrainConfig:
     amp: bool = True  # bf16 autocast on CUDA, and on CPU where native bf16 is faster (training/precision.py)
     channels_last: bool = True
     compile: bool = False  # torch.compile the model (pays a one-off compile time)
+    tensorboard: bool = True  # curves and misclassified digits in <out_dir>/runs/ (rank 0; `make tensorboard`)
     model: ModelConfig = field(default_factory=ModelConfig)
 
     def validate(self) -> None:
         choices = {"device": ("auto", "cuda", "mps", "cpu"), "optimizer": ("sgd", "nesterov", "adam", "adamw"),
-                   "schedule": ("onecycle", "cosine", "plateau", "none")}
+                   "schedule": ("onecycle", "cosine", "cosine_restarts", "plateau", "none")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise cfglib.ConfigError(f"{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
@@ -84,6 +92,8 @@ class TrainConfig:
             raise cfglib.ConfigError("epochs, batch_size and lr must be positive")
         if self.val_size < 0 or self.train_limit < 0 or self.test_limit < 0:
             raise cfglib.ConfigError("val_size, train_limit and test_limit must be >= 0")
+        if self.l1 < 0 or self.restart_period < 1 or self.restart_mult < 1:
+            raise cfglib.ConfigError("l1 must be >= 0, restart_period and restart_mult >= 1")
 
 
 def pick_device(name: str, local_rank: int) -> torch.device:
@@ -136,6 +146,8 @@ def build_schedule(opt: torch.optim.Optimizer, cfg: TrainConfig, steps: int):
             raise cfglib.ConfigError(f"the one-cycle schedule needs at least 5 steps, this run has {total} "
                                      "(epochs × steps per epoch): use more images or epochs, or a smaller batch")
         return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.25)
+    if cfg.schedule == "cosine_restarts":
+        return warm_restarts(opt, cfg.restart_period * steps, cfg.restart_mult)
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
     if cfg.schedule == "plateau":
@@ -153,14 +165,20 @@ class Splits:
     test_y: torch.Tensor
 
 
-def load_data(cfg: TrainConfig, device: torch.device) -> Splits:
-    """The seeded train/validation split of MNIST's 60k, plus the 10k test set, all on `device`."""
+def load_data(cfg: TrainConfig, device: torch.device, test: bool = True) -> Splits:
+    """The seeded train/validation split of MNIST's 60k, plus the 10k test set, all on `device`.
+
+    test=False (hyperparameter search) never reads the test split: its tensors are empty.
+    """
     images, labels = load_split(cfg.data_dir, train=True)
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(cfg.seed))
     val_idx, train_idx = order[: cfg.val_size], order[cfg.val_size :]
     if cfg.train_limit:
         train_idx = train_idx[: cfg.train_limit]
-    test_x, test_y = load_split(cfg.data_dir, train=False)
+    if test:
+        test_x, test_y = load_split(cfg.data_dir, train=False)
+    else:
+        test_x, test_y = images[:0], labels[:0]
     if cfg.test_limit:
         test_x, test_y = test_x[: cfg.test_limit], test_y[: cfg.test_limit]
     return Splits(*(t.to(device) for t in (images[train_idx], labels[train_idx], images[val_idx],
@@ -230,6 +248,8 @@ def train_epoch(model, opt, sched, data: Splits, cfg: TrainConfig, dd: Dist, epo
         with autocast:
             logits = model(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+            if cfg.l1:
+                loss = loss + cfg.l1 * l1_penalty(model)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:
@@ -309,12 +329,16 @@ def _resume_config(last: Path, saved: dict[str, Any], cfg: TrainConfig, flags: d
 
 
 def fit(cfg: TrainConfig, resume: bool = False, dry_run: bool = False, quiet: bool = False,
-        force: bool = False, test_every_epoch: bool = False, flags: dict[str, Any] | None = None) -> dict[str, Any]:
+        force: bool = False, test_every_epoch: bool = False, flags: dict[str, Any] | None = None,
+        on_epoch: Callable[[dict], None] | None = None, score_test: bool = True,
+        run_name: str | None = None) -> dict[str, Any]:
     """Train, keep the best epoch by validation accuracy, score it on the test set, write artifacts.
 
     With `resume`, the run continues with the config saved in last.pt; `flags` are the config keys
     given on the command line (dotted name → value), which may change only RESUME_MAY_CHANGE.
-    Returns the metrics written to metrics.json (on every rank).
+    Returns the metrics written to metrics.json (on every rank). `on_epoch(row)` sees each epoch's
+    history row (training/tune.py reports it to Optuna and may raise to stop the run);
+    score_test=False never loads the test split and returns validation metrics without publishing.
     """
     out = Path(cfg.out_dir)
     # cpu_bf16: the CPU precision decision, kept in last.pt so a resumed run trains as it began.
@@ -329,6 +353,8 @@ def fit(cfg: TrainConfig, resume: bool = False, dry_run: bool = False, quiet: bo
             raise CheckpointError(f"{out / 'last.pt'} is from a finished run: nothing to resume")
         state.update({k: saved.get(k, state[k]) for k in state})
 
+    if test_every_epoch and not score_test:
+        raise cfglib.ConfigError("test_every_epoch needs the test set, which score_test=False never loads")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(cfg.device, local_rank)
     dd = setup_distributed(device.type == "cuda")
@@ -341,11 +367,15 @@ def fit(cfg: TrainConfig, resume: bool = False, dry_run: bool = False, quiet: bo
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed batch shapes: pick the fastest kernels once
 
+    board = RunLog(None)
+
     try:
         if resume and saved.get("world_size", 1) != dd.world:
             raise CheckpointError(f"{last} is from a run on {saved.get('world_size', 1)} process(es), this one has "
                                   f"{dd.world}: resume it on as many (the shards and the schedule depend on it)")
-        data = load_data(cfg, device)
+        data = load_data(cfg, device, test=score_test)
+        board = RunLog(out / "runs" / (run_name or default_run_name(cfg.seed))
+                       if cfg.tensorboard and dd.is_main else None)
         sets = {"val_set": fingerprint(data.val_x, data.val_y), "test_set": fingerprint(data.test_x, data.test_y)}
         memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         model = Net(cfg.model).to(device, memory_format=memory_format)
@@ -392,6 +422,7 @@ def fit(cfg: TrainConfig, resume: bool = False, dry_run: bool = False, quiet: bo
             if test_every_epoch:
                 row["test_accuracy"] = score(model, data.test_x, data.test_y, dd)["accuracy"]
             state["history"].append(row)
+            board.epoch(row, model, data.val_x, data.val_y)
             improved = val["accuracy"] > state["best_val"]
             if improved:
                 state["best_val"], state["stale"] = val["accuracy"], 0
@@ -406,17 +437,25 @@ def fit(cfg: TrainConfig, resume: bool = False, dry_run: bool = False, quiet: bo
             if dd.is_main:
                 _save_last(out / "last.pt", model, opt, sched,
                            {**state, "config": cfglib.to_dict(cfg), "world_size": dd.world})
+            if on_epoch is not None:
+                on_epoch(row)
             if cfg.early_stop and state["stale"] >= cfg.early_stop:
                 log(f"early stop: no better validation accuracy for {cfg.early_stop} epochs")
                 break
 
         model.load_state_dict(state["best_state"])
+        if not score_test:
+            best = max(state["history"], key=lambda h: h["val_accuracy"])
+            return {"val_accuracy": best["val_accuracy"], "best_epoch": best["epoch"],
+                    "epochs": len(state["history"]), "train_seconds": state["history"][-1]["train_seconds"]}
         test = score(model, data.test_x, data.test_y, dd)
+        board.test(model, data.test_x, data.test_y, test["accuracy"], state["epoch"])
         metrics = _metrics(cfg, dd, device, state, test, sets)
         if dd.is_main:
             metrics = _write_outputs(out, model, cfg, metrics, state, opt, sched, force, say, data)
         return metrics
     finally:
+        board.close()  # also for a pruned or interrupted run: the curves so far are flushed
         cleanup(dd)
 
 

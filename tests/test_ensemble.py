@@ -1,0 +1,102 @@
+"""Ensembles: the batched forwards (grouped convs, vmap) give exactly the average of the members'
+calibrated probabilities; an ensemble checkpoint packs into one .mar whose handler answers in the
+single model's response format with those averaged probabilities.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from serving.archive import build_archive
+from training.checkpoint import atomic_save, load_checkpoint, model_from_checkpoint
+from training.ensemble import METHODS, EnsembleError, build_ensemble
+from training.ensemble_train import combine, load_ensemble_checkpoint
+from training.model import ModelConfig, Net
+from training.tensors import normalize
+
+pytest.register_assert_rewrite("serving_fixtures")
+pytest_plugins = ["serving_fixtures"]
+from serving_fixtures import SAMPLE_7, save_tiny_checkpoint, unpack  # noqa: E402
+from test_handler import InProcessWorker, raw  # noqa: E402
+
+SMALL = ModelConfig(conv1=4, conv2=8, hidden=16)
+TEMPERATURES = [1.0, 2.0, 0.5]
+
+
+def members(n: int = 3) -> list[Net]:
+    """Untrained members with batch-norm statistics far from the identity, so folding them matters."""
+    nets = []
+    for seed in range(n):
+        torch.manual_seed(seed)
+        net = Net(SMALL)
+        for bn in (m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.data.uniform_(0.5, 1.5)
+            bn.bias.data.uniform_(-0.2, 0.2)
+        nets.append(net.eval())
+    return nets
+
+
+def one_by_one(nets: list[Net], x: torch.Tensor, temperatures: list[float]) -> torch.Tensor:
+    with torch.inference_mode():
+        return torch.stack([torch.softmax(m(x) / t, 1) for m, t in zip(nets, temperatures, strict=True)]).mean(0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_each_batched_forward_averages_the_members_calibrated_probabilities(method):
+    nets = members()
+    x = normalize(torch.randint(0, 256, (16, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)))
+    with torch.inference_mode():
+        out = build_ensemble(nets, TEMPERATURES, method)(x)
+    expected = one_by_one(nets, x, TEMPERATURES)
+    # A softmax of the output gives back the average: callers treat it like a single model's logits.
+    torch.testing.assert_close(torch.softmax(out, 1), expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(out.exp(), expected, rtol=0, atol=1e-6)
+
+
+def test_members_must_share_an_architecture_and_have_positive_temperatures():
+    with pytest.raises(EnsembleError, match="architecture"):
+        build_ensemble([Net(SMALL), Net(ModelConfig(conv1=8, conv2=8, hidden=16))], method="grouped")
+    with pytest.raises(EnsembleError, match="positive temperature"):
+        build_ensemble(members(2), [1.0, 0.0])
+    with pytest.raises(EnsembleError, match="at least one"):
+        build_ensemble([])
+
+
+@pytest.mark.slow
+def test_an_ensemble_archive_serves_the_average_in_the_single_model_format(tmp_path, mnist_dir):
+    paths = [save_tiny_checkpoint(tmp_path / f"m{k}.pt", seed=k) for k in range(3)]
+    for path, temperature in zip(paths, TEMPERATURES, strict=True):  # as issue 13's calibration stores it
+        atomic_save({**load_checkpoint(path), "temperature": temperature}, path)
+    ensemble = combine(paths, str(mnist_dir))
+    assert ensemble["temperatures"] == TEMPERATURES and len(ensemble["members"]) == 3
+    atomic_save(ensemble, tmp_path / "ensemble.pt")
+    assert load_ensemble_checkpoint(tmp_path / "ensemble.pt")["metrics"]["members"] == 3
+
+    archive = build_archive(tmp_path / "ensemble.pt", tmp_path / "store", "mnist", "1.0", ensemble=True)
+    model_dir = unpack(archive.path, tmp_path / "unpacked")
+    meta = json.loads((model_dir / "model.json").read_text())
+    assert meta["ensemble"]["members"] == 3 and meta["ensemble"]["temperatures"] == TEMPERATURES
+    [(status, body)] = InProcessWorker(model_dir).handle([raw(SAMPLE_7.read_bytes())])
+    assert status == 200 and set(body) == {"digit", "confidence", "probabilities"}
+
+    from training.preprocess import preprocess_bytes
+
+    nets = [model_from_checkpoint(load_checkpoint(p)) for p in paths]
+    expected = one_by_one(nets, normalize(preprocess_bytes(SAMPLE_7.read_bytes())), TEMPERATURES)[0]
+    served = torch.tensor([body["probabilities"][str(d)] for d in range(10)])
+    torch.testing.assert_close(served, expected, rtol=0, atol=2e-6)  # the response rounds to 6 decimals
+    assert body["digit"] == expected.argmax().item()
+
+
+def test_an_ensemble_archive_needs_an_ensemble_checkpoint(tmp_path):
+    single = save_tiny_checkpoint(tmp_path / "model.pt")
+    from training.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="not an ensemble"):
+        build_archive(single, tmp_path / "store", "mnist", "1.0", ensemble=True)
+    assert not (tmp_path / "store").exists()

@@ -1,0 +1,102 @@
+"""make tune: Optuna trials on a slice of MNIST. The test split is never read; two processes share one
+SQLite study; Ctrl-C leaves it consistent and the next run resumes it; tuned.yaml is a train config.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from training import config as cfglib
+from training import train, tune
+from training.train import TrainConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+# Enough to run the whole trial path (two epochs, so the pruner gets a report to act on), not to learn.
+TINY = ["--dry-run", "--epochs", "2", "--train-limit", "200", "--val-size", "200", "--threads", "1",
+        "--device", "cpu", "--batch-size", "32"]
+
+
+def tune_args(tmp: Path, trials: int) -> list[str]:
+    return ["--trials", str(trials), "--out-dir", str(tmp), "--output", str(tmp / "tuned.yaml"),
+            "--data-dir", os.environ.get("MNIST_DIR") or str(ROOT / "data"), *TINY]
+
+
+def load(tmp: Path) -> optuna.Study:
+    return optuna.load_study(study_name="mnist", storage=f"sqlite:///{tmp / 'tune' / 'study.db'}")
+
+
+def states(study: optuna.Study) -> list[str]:
+    return [t.state.name for t in study.get_trials(deepcopy=False)]
+
+
+@pytest.mark.slow
+def test_tuning_never_loads_the_test_split_and_writes_a_train_config(tmp_path, mnist_dir, monkeypatch):
+    splits: list[bool] = []
+    real = train.load_split
+
+    def recording(root, train):
+        splits.append(train)
+        return real(root, train=train)
+
+    monkeypatch.setattr(train, "load_split", recording)  # the trainer's one way to read MNIST
+    assert tune.main(tune_args(tmp_path, 2)) == 0
+    assert splits == [True, True]  # one training-split read per trial, never the test split
+
+    study = load(tmp_path)
+    assert states(study) == ["COMPLETE", "COMPLETE"]
+    tuned = cfglib.load_yaml(tmp_path / "tuned.yaml")
+    cfg = cfglib.apply(TrainConfig(), tuned)  # a valid train config
+    best = study.best_trial.params
+    assert cfg.lr == float(f"{best['lr']:.4g}") and cfg.schedule == best["schedule"]
+    assert cfg.model.dropout == float(f"{best['model.dropout']:.4g}")
+    # The trials' budget (slice, epochs, device) stays out: the file trains at full size.
+    assert cfg.epochs == 8 and cfg.train_limit == 0 and cfg.device == "auto"
+    assert {"optimization_history.png", "param_importances.png"} <= {p.name for p in (tmp_path / "tune").iterdir()}
+    events = list((tmp_path / "tune" / "trials" / "trial-0" / "runs").rglob("events.out.tfevents.*"))
+    assert len(events) == 1  # each trial has its own TensorBoard run
+
+
+def start(tmp: Path, trials: int) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "training.tune", *tune_args(tmp, trials)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_two_processes_share_one_study_and_ctrl_c_leaves_it_consistent(tmp_path, mnist_dir):
+    first, second = start(tmp_path, 4), start(tmp_path, 4)
+    outputs = [p.communicate(timeout=900)[0] for p in (first, second)]
+    assert [first.returncode, second.returncode] == [0, 0], outputs
+    study = load(tmp_path)
+    trials = study.get_trials(deepcopy=False)
+    assert states(study).count("COMPLETE") >= 4 and "RUNNING" not in states(study)
+    assert {t.user_attrs["pid"] for t in trials} == {first.pid, second.pid}  # both worked on the one study
+    assert sorted(t.number for t in trials) == list(range(len(trials)))
+
+    # Ctrl-C in the middle of a trial: that trial becomes FAIL, nothing is left RUNNING.
+    before = len(trials)
+    third = start(tmp_path, before + 2)
+    deadline = time.monotonic() + 600
+    while "RUNNING" not in states(load(tmp_path)):
+        assert third.poll() is None and time.monotonic() < deadline, third.stdout.read()
+        time.sleep(0.5)
+    third.send_signal(signal.SIGINT)
+    output = third.communicate(timeout=300)[0]
+    assert third.returncode == 130, output
+    assert "study is consistent" in output
+    after = states(load(tmp_path))
+    assert after.count("FAIL") == 1 and "RUNNING" not in after
+
+    # Started again, it resumes the same study and runs only the trials still missing.
+    fourth = start(tmp_path, before + 2)
+    output = fourth.communicate(timeout=900)[0]
+    assert fourth.returncode == 0, output
+    final = states(load(tmp_path))
+    assert final.count("COMPLETE") + final.count("PRUNED") == before + 2 and "RUNNING" not in final

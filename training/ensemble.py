@@ -1,0 +1,161 @@
+"""N networks served as one model: every member runs in one batched forward, probabilities averaged.
+
+Two ways to batch the members, both exact (same answers as running them one by one):
+- `StackedEnsemble`: torch.func.stack_module_state + vmap over one functional copy of the network.
+  Works for any member architecture and variant that torch.func can trace (eager and fused).
+- `GroupedEnsemble`: the members' convolutions concatenated into one wider (grouped) convolution
+  and their linear layers into batched matmuls. Specific to `training.model.Net`.
+`bench/ensemble.py` measures them against a Python loop; `build_ensemble` picks the faster
+(README, Ensembles). Each member's logits are divided by its temperature (1.0 when the checkpoint
+has none) before its softmax, so the average is over calibrated probabilities. The forward returns
+the log of the averaged probabilities: a softmax of that gives back the average exactly, so a caller
+that applies softmax to a single model's logits serves an ensemble unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, stack_module_state
+
+METHODS = ("grouped", "vmap", "loop")
+
+
+class EnsembleError(ValueError):
+    """Members that cannot be combined (none, different architectures or classes)."""
+
+
+def _temperatures(members: Sequence[nn.Module], temperatures: Sequence[float] | None) -> torch.Tensor:
+    if not members:
+        raise EnsembleError("an ensemble needs at least one member")
+    temperatures = [1.0] * len(members) if temperatures is None else list(temperatures)
+    if len(temperatures) != len(members) or min(temperatures) <= 0:
+        raise EnsembleError(f"need one positive temperature per member, got {temperatures}")
+    return torch.tensor(temperatures, dtype=torch.float32)
+
+
+def _average(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """(members, batch, classes) logits → log of the mean calibrated probability, (batch, classes)."""
+    probabilities = F.softmax(logits.float() / temperature.view(-1, 1, 1), dim=-1).mean(0)
+    return probabilities.clamp_min(torch.finfo(torch.float32).tiny).log()
+
+
+class LoopEnsemble(nn.Module):
+    """The members one after another: the baseline the batched versions are measured against."""
+
+    def __init__(self, members: Sequence[nn.Module], temperatures: Sequence[float] | None = None) -> None:
+        super().__init__()
+        self.register_buffer("temperature", _temperatures(members, temperatures))
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _average(torch.stack([m(x) for m in self.members]), self.temperature)
+
+
+class StackedEnsemble(nn.Module):
+    """vmap of one functional network over the members' stacked weights."""
+
+    def __init__(self, members: Sequence[nn.Module], temperatures: Sequence[float] | None = None) -> None:
+        super().__init__()
+        self.register_buffer("temperature", _temperatures(members, temperatures))
+        params, buffers = stack_module_state(list(members))
+        self.names = {"params": list(params), "buffers": list(buffers)}
+        for i, tensor in enumerate([*params.values(), *buffers.values()]):
+            self.register_buffer(f"stacked_{i}", tensor.detach())  # buffers: moved by .to(), never trained
+        self.base = [copy.deepcopy(members[0]).to("meta")]  # a list: not a submodule, holds no weights
+
+    def _stacked(self) -> tuple[dict, dict]:
+        tensors = [getattr(self, f"stacked_{i}") for i in range(len(self.names["params"]) + len(self.names["buffers"]))]
+        n = len(self.names["params"])
+        return dict(zip(self.names["params"], tensors[:n], strict=True)), \
+            dict(zip(self.names["buffers"], tensors[n:], strict=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base[0]
+
+        def one(params: dict, buffers: dict, x: torch.Tensor) -> torch.Tensor:
+            return functional_call(base, (params, buffers), (x,))
+
+        params, buffers = self._stacked()
+        return _average(torch.vmap(one, in_dims=(0, 0, None))(params, buffers, x), self.temperature)
+
+
+def _conv_bias(block: nn.Sequential) -> tuple[torch.Tensor, torch.Tensor]:
+    """A conv block's weight and bias with any batch norm folded in (eval mode)."""
+    conv = block[0]
+    if isinstance(block[1], nn.BatchNorm2d):
+        conv = torch.nn.utils.fusion.fuse_conv_bn_eval(copy.deepcopy(conv).eval(), block[1].eval())
+    return conv.weight.detach(), conv.bias.detach()
+
+
+class GroupedEnsemble(nn.Module):
+    """The members of `training.model.Net` as one network N times wider: grouped convs and bmm.
+
+    conv1 reads the same 1-channel input for every member, so its filters simply stack; conv2 sees
+    each member's own channels only (groups=N); the two linear layers become batched matmuls.
+    Eval only (batch norm folded, dropout off).
+    """
+
+    def __init__(self, members: Sequence[nn.Module], temperatures: Sequence[float] | None = None) -> None:
+        super().__init__()
+        self.register_buffer("temperature", _temperatures(members, temperatures))
+        # Dropout differs between members of different configs but does nothing in eval mode.
+        configs = {dataclasses.replace(m.config, dropout=0.0) if hasattr(m, "config") else None for m in members}
+        if len(configs) != 1 or not hasattr(members[0], "features"):
+            raise EnsembleError("grouped ensembles need members of one training.model.Net architecture")
+        self.n = len(members)
+        convs = [[_conv_bias(m.features[i]) for m in members] for i in (0, 1)]
+        fc1 = [m.classifier[1] for m in members]
+        fc2 = [m.classifier[4] for m in members]
+        # channels_last filters: oneDNN's fast CPU convolutions (the inputs are channels_last too).
+        cl = torch.channels_last
+        self.register_buffer("w1", torch.cat([w for w, _ in convs[0]]).contiguous(memory_format=cl))
+        self.register_buffer("b1", torch.cat([b for _, b in convs[0]]))
+        self.register_buffer("w2", torch.cat([w for w, _ in convs[1]]).contiguous(memory_format=cl))
+        self.register_buffer("b2", torch.cat([b for _, b in convs[1]]))
+        self.register_buffer("fc1_w", torch.stack([f.weight.detach().t() for f in fc1]))  # (N, in, hidden)
+        self.register_buffer("fc1_b", torch.stack([f.bias.detach() for f in fc1]).unsqueeze(1))
+        self.register_buffer("fc2_w", torch.stack([f.weight.detach().t() for f in fc2]))
+        self.register_buffer("fc2_b", torch.stack([f.bias.detach() for f in fc2]).unsqueeze(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.max_pool2d(F.relu(F.conv2d(x, self.w1, self.b1, padding=1)), 2)
+        h = F.max_pool2d(F.relu(F.conv2d(h, self.w2, self.b2, padding=1, groups=self.n)), 2)
+        # (B, N·C, 7, 7) → (N, B, C·7·7): flatten each member's channels in Net's (C, H, W) order.
+        h = h.reshape(h.shape[0], self.n, -1).transpose(0, 1)
+        h = F.relu(torch.baddbmm(self.fc1_b, h, self.fc1_w))
+        return _average(torch.baddbmm(self.fc2_b, h, self.fc2_w), self.temperature)
+
+
+def build_ensemble(members: Sequence[nn.Module], temperatures: Sequence[float] | None = None,
+                   method: str = "grouped") -> nn.Module:
+    """One eval-mode module for the members; `method` is one of METHODS (grouped: fastest, README)."""
+    members = [m.eval() for m in members]
+    if method == "grouped":
+        return GroupedEnsemble(members, temperatures).eval()
+    if method == "vmap":
+        return StackedEnsemble(members, temperatures).eval()
+    if method == "loop":
+        return LoopEnsemble(members, temperatures).eval()
+    raise EnsembleError(f"unknown ensemble method {method!r}: choose one of {', '.join(METHODS)}")
+
+
+def load_ensemble(weights: dict, meta: dict, prepare: Callable[[nn.Module], nn.Module] | None = None) -> nn.Module:
+    """The served ensemble from an archive's weights ({"members": [state_dict, ...]}) and model.json.
+
+    `prepare` turns each eval-mode member into its serving form (the handler's variant) first.
+    """
+    from training.model import build_model
+
+    info = meta["ensemble"]
+    members = []
+    for state_dict in weights["members"]:
+        member = build_model(meta["model_config"])
+        member.load_state_dict(state_dict)
+        members.append(prepare(member.eval()) if prepare is not None else member.eval())
+    return build_ensemble(members, info.get("temperatures"), info.get("method", "grouped"))

@@ -1,0 +1,166 @@
+"""Train an ensemble: `make train-ensemble N=5`, `python -m training.ensemble_train --members 5`.
+
+Member k is an ordinary training run with seed `seed + k` (its own weights, validation split,
+augmentation and dropout draws) in `<out_dir>/member-k/`. A member whose model.pt was trained with
+exactly that config is reused, so `N=3` then `N=5` trains two more and an interrupted run picks up
+where it stopped. `--config` may be given several times: member k takes config k mod their count
+(different configs in one ensemble). The members are then scored together on the test set and
+written as one checkpoint, `<out_dir>/ensemble.pt`, which `make archive ARGS=--ensemble` packs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from training import config as cfglib
+from training.checkpoint import (
+    CheckpointError,
+    atomic_save,
+    load_checkpoint,
+    model_from_checkpoint,
+    provenance,
+    read_checkpoint_file,
+)
+from training.data import DataError, load_split
+from training.ensemble import EnsembleError, build_ensemble
+from training.evaluate import summarize
+from training.tensors import normalize
+from training.train import DEFAULT_CONFIG, TrainConfig, fit
+
+DEFAULT_OUT = Path("artifacts") / "ensemble"
+
+
+def member_config(base: TrainConfig, out_dir: Path, k: int) -> TrainConfig:
+    return cfglib.apply(base, {"seed": base.seed + k, "out_dir": str(out_dir / f"member-{k}")})
+
+
+def trained_with(cfg: TrainConfig) -> bool:
+    """Whether <cfg.out_dir>/model.pt exists and was trained with exactly this config."""
+    path = Path(cfg.out_dir) / "model.pt"
+    try:
+        if not path.is_file():
+            return False
+        saved = load_checkpoint(path)["train_config"]
+    except (CheckpointError, KeyError):
+        return False
+    try:  # fields added since it was trained take their defaults, which is how it was trained
+        saved = cfglib.to_dict(cfglib.apply(TrainConfig(), saved))
+    except ValueError:
+        return False
+    # Where the data was read from and the outputs went do not change the model.
+    ignored = {"data_dir": None, "out_dir": None}
+    return {**saved, **ignored} == {**cfglib.to_dict(cfg), **ignored}
+
+
+def load_ensemble_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and check an ensemble.pt written by this module."""
+    path = Path(path)
+    ckpt = read_checkpoint_file(path, f"no ensemble at {path}: run `make train-ensemble` first")
+    if not isinstance(ckpt, dict) or not {"members", "model_config", "temperatures"} <= ckpt.keys():
+        raise CheckpointError(f"{path} is not an ensemble written by training.ensemble_train")
+    return ckpt
+
+
+def temperature_of(ckpt: dict[str, Any]) -> float:
+    """The member's calibration temperature (issue 13 stores it in the checkpoint), 1.0 if none."""
+    value = ckpt.get("temperature", 1.0)
+    return float(value.get("value", 1.0) if isinstance(value, dict) else value)
+
+
+@torch.inference_mode()
+def score_ensemble(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                   batch_size: int = 1000) -> dict[str, Any]:
+    """Accuracy and mean NLL of the averaged probabilities (the model returns their log)."""
+    matrix = torch.zeros(10, 10, dtype=torch.int64)
+    loss = 0.0
+    for start in range(0, len(images), batch_size):
+        log_p = model(normalize(images[start : start + batch_size]))
+        y = labels[start : start + batch_size]
+        loss += F.nll_loss(log_p, y, reduction="sum").item()
+        matrix += torch.bincount(y * 10 + log_p.argmax(1), minlength=100).view(10, 10)
+    return summarize(matrix, loss)
+
+
+def combine(paths: list[Path], data_dir: str, method: str = "grouped") -> dict[str, Any]:
+    """Member checkpoints → one ensemble checkpoint, scored on the MNIST test set."""
+    ckpts = [load_checkpoint(p) for p in paths]
+    shapes = {repr({k: v for k, v in c["model_config"].items() if k != "dropout"}) for c in ckpts}  # eval: no dropout
+    if len(shapes) != 1 or len({tuple(c["class_names"]) for c in ckpts}) != 1:
+        raise EnsembleError("members must share one model architecture and class list")
+    temperatures = [temperature_of(c) for c in ckpts]
+    model = build_ensemble([model_from_checkpoint(c) for c in ckpts], temperatures, method)
+    x, y = load_split(data_dir, train=False)
+    test = score_ensemble(model, x, y)
+    return {
+        "members": [c["state_dict"] for c in ckpts],
+        "temperatures": temperatures,
+        "model_config": ckpts[0]["model_config"],
+        "normalization": ckpts[0]["normalization"],
+        "class_names": ckpts[0]["class_names"],
+        "member_files": [str(p) for p in paths],
+        "train_configs": [c["train_config"] for c in ckpts],
+        "metrics": {"test_accuracy": test["accuracy"], "test_loss": test["loss"], "members": len(ckpts),
+                    "member_test_accuracy": [c["metrics"]["test_accuracy"] for c in ckpts],
+                    "val_accuracy": None, "epochs": ckpts[0]["metrics"].get("epochs")},
+        "provenance": provenance(),
+    }
+
+
+def train_members(bases: list[TrainConfig], n: int, out_dir: Path, quiet: bool = False,
+                  dry_run: bool = False) -> list[Path]:
+    paths = []
+    for k in range(n):
+        cfg = member_config(bases[k % len(bases)], out_dir, k)
+        if trained_with(cfg):
+            print(f"member {k}: reusing {cfg.out_dir}/model.pt (seed {cfg.seed})")
+        else:
+            print(f"member {k}: training seed {cfg.seed} into {cfg.out_dir}/")
+            fit(cfg, quiet=quiet, dry_run=dry_run, force=True, run_name=f"ensemble-member-{k}")
+        paths.append(Path(cfg.out_dir) / "model.pt")
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.ensemble_train", description=__doc__.splitlines()[0])
+    parser.add_argument("--members", type=int, default=5, help="how many members (default 5)")
+    parser.add_argument("--config", action="append", default=None,
+                        help="train config (repeat for members with different configs; default configs/train.yaml)")
+    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT, help=f"default {DEFAULT_OUT}")
+    parser.add_argument("--seed", type=int, default=0, help="member k trains with seed + k")
+    parser.add_argument("--method", default="grouped", choices=("grouped", "vmap", "loop"))
+    parser.add_argument("--checkpoints", type=Path, nargs="+", default=None, metavar="MODEL_PT",
+                        help="combine these trained checkpoints instead of training members")
+    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--dry-run", action="store_true", help="3 batches per epoch per member")
+    args = parser.parse_args(argv)
+    if args.members < 1:
+        parser.error("--members must be at least 1")
+    try:
+        data_dir = os.environ.get("MNIST_DIR")
+        bases = []
+        for path in args.config or [str(DEFAULT_CONFIG)]:
+            cfg = cfglib.apply(TrainConfig(), cfglib.load_yaml(path))
+            bases.append(cfglib.apply(cfg, {"seed": args.seed, **({"data_dir": data_dir} if data_dir else {})}))
+        paths = args.checkpoints or train_members(bases, args.members, args.out_dir, quiet=args.quiet,
+                                                  dry_run=args.dry_run)
+        ensemble = combine(paths, bases[0].data_dir, args.method)
+    except (ValueError, CheckpointError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    target = args.out_dir / "ensemble.pt"
+    atomic_save(ensemble, target)
+    m = ensemble["metrics"]
+    singles = ", ".join(f"{a:.2%}" for a in m["member_test_accuracy"])
+    print(f"ensemble of {m['members']}: test accuracy {m['test_accuracy']:.2%} (members: {singles}); wrote {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
