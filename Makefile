@@ -37,7 +37,7 @@ export INFERENCE_ADDRESS ?= 127.0.0.1:8080
 export MANAGEMENT_ADDRESS ?= 127.0.0.1:8081
 export METRICS_ADDRESS ?= 127.0.0.1:8082
 
-.PHONY: help setup system-deps data train train-ddp tune train-ensemble tensorboard report-models evaluate \
+.PHONY: help setup lock system-deps data train train-ddp tune train-ensemble tensorboard report-models evaluate \
         eval-wild calibrate trust-eval explain explain-eval latency keygen archive serve predict status token ui stop \
         demo kserve-bundle deploy promote rollback versions undeploy compare monitor rollout-check test test-fast lint \
         bench bench-train bench-serve gpu-check chaos export distill bench-compress bench-hybrid edge-install \
@@ -47,14 +47,23 @@ help: ## list the targets
 	@echo "usage: make TARGET [ARGS=...]"
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[1m%-13s\033[0m %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml requirements.lock requirements-dev.lock
 	@$(PYTHON_SYS) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "Python 3.10+ is required, found " + sys.version.split()[0])'
 	@test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
-	$(PY) -m pip install --disable-pip-version-check -q --upgrade pip
-	$(PY) -m pip install --disable-pip-version-check -e '.[dev]'
+	$(PY) -m pip install --disable-pip-version-check -q --require-hashes -r requirements-dev.lock
+	$(PY) -m pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
 	@touch $@
 
-setup: $(STAMP) ## create .venv and install the project with its dev tools (idempotent)
+setup: $(STAMP) ## create .venv with the locked versions (requirements-dev.lock) and the project (idempotent)
+
+# pip-compile resolves pyproject.toml's ranges to exact versions with hashes. torch and torchvision are
+# pinned to the build the project runs (configs/lock-pins.in); the dev lock is constrained by the
+# runtime one, so the venv and the image (which installs requirements.lock) run the same versions.
+PIP_COMPILE = $(VENV)/bin/pip-compile --quiet --strip-extras --generate-hashes --allow-unsafe --no-emit-index-url \
+              --no-emit-find-links
+lock: $(STAMP) ## re-resolve requirements.lock and requirements-dev.lock from pyproject.toml (several minutes)
+	$(PIP_COMPILE) -o requirements.lock pyproject.toml configs/lock-pins.in
+	$(PIP_COMPILE) --extra dev -c requirements.lock -o requirements-dev.lock pyproject.toml configs/lock-pins.in
 
 system-deps: ## install the Debian packages the slow tests use (APT_PACKAGES; needs root or sudo)
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -193,8 +202,9 @@ test: $(STAMP) ## the whole test suite, slow ones included (training, torchrun, 
 test-fast: $(STAMP) ## unit tests only: no training, no server, no Java, no download (MNIST tests skip without data)
 	MNIST_OFFLINE=1 $(PY) -m pytest -m "not slow" $(ARGS)
 
-lint: $(STAMP) ## ruff over the code; promtool over the Prometheus config and rules
+lint: $(STAMP) ## ruff over the code, mypy over training/ and serving/, promtool over the Prometheus config and rules
 	$(VENV)/bin/ruff check training serving tests bench deploy edge
+	$(VENV)/bin/mypy training serving
 	promtool check config configs/prometheus.yml
 	promtool check rules configs/alerts.yml
 
