@@ -323,7 +323,7 @@ class MNISTHandler(BaseHandler):
                 maps = self._explain(context, good, x, predicted)
             except Exception:  # an explainer bug must fail only the explanations, not the batch's predictions
                 logger.exception("Integrated Gradients failed for this batch")
-                maps = {j: None for j, i in enumerate(good) if wants_explanation(context, i)}
+                maps = {j: None for j, i in enumerate(good) if wants_explanation(context, i)}  # type: ignore[misc]
             explain_s = time.perf_counter() - inferred if maps else 0.0
             not_digit = int((~digit_like).sum())
             for j, (i, probs, ok) in enumerate(zip(good, probabilities.cpu().tolist(), digit_like.tolist(),

@@ -77,7 +77,7 @@ def apply(obj: T, updates: dict[str, Any], prefix: str = "") -> T:
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"{name}: expected a mapping, got {value!r}")
-            changes[key] = apply(current, value, prefix=f"{name}.")
+            changes[key] = apply(typing.cast(Any, current), value, prefix=f"{name}.")
         else:
             changes[key] = _coerce(value, types_[key], name)
     new = dataclasses.replace(obj, **changes)

@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         accs = [r["test_accuracy"] for r in runs if r["distilled"] == distilled]
         name = "distilled" if distilled else "labels only"
         print(f"{name:<11} test accuracy {_mean_std(accs)} over {len(accs)} seeds")
+    assert best is not None  # at least one seed ran
     print(f"wrote {args.out / 'student.pt'} (seed {best[1]['seed']}, test {best[1]['test_accuracy']:.2%}) and "
           f"{args.out / 'distill.json'}")
     return 0

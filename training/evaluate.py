@@ -20,7 +20,7 @@ from training.tensors import normalize
 
 @torch.no_grad()
 def confusion(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
-              batch_size: int = 1000) -> tuple[torch.Tensor, float]:
+              batch_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
     """Return the 10×10 confusion matrix (rows: true, cols: predicted) and the summed loss.
 
     `images` are uint8 (N, 28, 28) on the model's device; summed (not mean) values let data-parallel
@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     model = model_from_checkpoint(ckpt)
-    result = summarize(*confusion(model, images, labels))
+    matrix, loss = confusion(model, images, labels)
+    result = summarize(matrix, loss.item())
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k != "confusion_matrix"}, indent=2))
         return 0

@@ -52,6 +52,8 @@ def export_onnx(model: torch.nn.Module, path: Path) -> None:
     example = torch.zeros(2, 1, 28, 28)
     program = torch.onnx.export(model.eval(), (example,), dynamo=True, dynamic_shapes={"x": {0: "batch"}},
                                 input_names=["images"], output_names=["logits"], verbose=False)
+    if program is None:  # only the legacy exporter returns nothing
+        raise ExportError("torch.onnx.export(dynamo=True) returned no program")
     program.save(str(path))
     onnx.checker.check_model(str(path), full_check=True)
 
@@ -117,18 +119,20 @@ def calibration_images(root: str | None, count: int, seed: int = 0) -> np.ndarra
     return normalize_array(images[pick].numpy())
 
 
-def export_all(checkpoint: Path, out: Path, formats: tuple[str, ...], calibration: np.ndarray,
+def export_all(checkpoint: Path, out: Path, formats: tuple[str, ...], calibration: np.ndarray | None,
                log=print) -> dict[str, Path]:
     """Write each asked-for format into `out`; return {format: file}. AOTInductor needs a C++ compiler."""
     model = model_from_checkpoint(load_checkpoint(checkpoint))
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
+    if calibration is None and {"int8", "int8-onnx"} & set(formats):
+        raise ExportError("int8 needs calibration images (training/export.py: calibration_images)")
     steps = {
         "onnx": lambda p: export_onnx(model, p),
         "pt2": lambda p: torch.export.save(export_program(model), str(p)),
         "aoti": lambda p: compile_aoti(export_program(model), p),
-        "int8": lambda p: compile_int8(model, calibration, p),
-        "int8-onnx": lambda p: quantize_onnx(_fp32_onnx(model, out, written), p, calibration),
+        "int8": lambda p: compile_int8(model, calibration, p),  # type: ignore[arg-type]
+        "int8-onnx": lambda p: quantize_onnx(_fp32_onnx(model, out, written), p, calibration),  # type: ignore[arg-type]
     }
     for name in formats:
         path = out / FILES[name]

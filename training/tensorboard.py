@@ -69,7 +69,7 @@ class RunLog:
 
     def _digits(self, tag: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, step: int) -> None:
         images, labels = misclassified(model, x, y)
-        if labels:
+        if labels and self.writer is not None:
             self.writer.add_images(tag, images.float() / 255, step, dataformats="NCHW")
             self.writer.add_text(tag, "true→predicted, left to right: " + ", ".join(labels), step)
 

@@ -182,8 +182,10 @@ def write_plots(study: optuna.Study, folder: Path) -> list[Path]:
                 print(f"no {name} plot: {err}", file=sys.stderr)
                 continue
             path = folder / f"{name}.png"
-            axes.figure.savefig(path, dpi=100, bbox_inches="tight")
-            matplotlib.pyplot.close(axes.figure)
+            figure = axes.get_figure(root=True)
+            assert figure is not None  # optuna's plots draw on a figure of their own
+            figure.savefig(path, dpi=100, bbox_inches="tight")
+            matplotlib.pyplot.close(figure)
             written.append(path)
     return written
 
