@@ -82,7 +82,7 @@ def test_an_ensemble_archive_serves_the_average_in_the_single_model_format(tmp_p
     meta = json.loads((model_dir / "model.json").read_text())
     assert meta["ensemble"]["members"] == 3 and meta["ensemble"]["temperatures"] == TEMPERATURES
     [(status, body)] = InProcessWorker(model_dir).handle([raw(SAMPLE_7.read_bytes())])
-    assert status == 200 and set(body) == {"digit", "confidence", "probabilities"}
+    assert status == 200 and set(body) == {"digit", "confidence", "probabilities", "is_digit"}
 
     from training.preprocess import preprocess_bytes
 
