@@ -84,7 +84,7 @@ def test_ctrl_c_keeps_the_good_model_and_resume_ends_where_an_uninterrupted_run_
     saved = torch.load(interrupted / "last.pt", weights_only=True)
     assert saved["epoch"] == 1 and not saved.get("finished")
     assert (interrupted / "model.pt").read_bytes() == good
-    assert sorted(p.name for p in interrupted.iterdir()) == ["last.pt", "model.pt"]
+    assert sorted(p.name for p in interrupted.iterdir()) == ["last.pt", "model.pt", "runs"]  # runs: TensorBoard
 
     code, out, err = finish(train_cli("--resume", "--data-dir", mnist_dir, "--out-dir", interrupted))
     assert code == 0, err

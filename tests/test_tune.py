@@ -19,8 +19,9 @@ from training import train, tune
 from training.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
-# Enough to run the whole trial path (two epochs, so the pruner gets a report to act on), not to learn.
-TINY = ["--dry-run", "--epochs", "2", "--train-limit", "200", "--val-size", "200", "--threads", "1",
+# Enough to run the whole trial path (two epochs, so the pruner gets a report to act on), not to learn;
+# 2,560 images so that a batch of 256 still gives the one-cycle schedule its 5 steps (--dry-run runs 3).
+TINY = ["--dry-run", "--epochs", "2", "--train-limit", "2560", "--val-size", "200", "--threads", "1",
         "--device", "cpu", "--batch-size", "32"]
 
 

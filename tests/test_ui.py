@@ -340,9 +340,10 @@ def test_backend_answers_with_the_digit_the_model_saw(torchserve):
             status, answer = post(page.url, body)
             assert (status, answer["digit"]) == (200, 7)
             assert np.array_equal(png_of_data_url(answer["input"]), preprocess_bytes(sample))
-        # Today's handler answers /explanations with its plain prediction (no map): the backend keeps
-        # asking there, and the page shows no heatmap.
-        assert page.backend.explanations is True and "heatmap" not in answer
+        # The handler answers /explanations with the prediction and its Integrated Gradients map: the
+        # backend keeps asking there and turns the map into the page's heatmap overlay.
+        assert page.backend.explanations is True
+        assert answer["heatmap"].startswith("data:image/png;base64,")
         status, answer = post(page.url, b"seven")
         assert (status, answer) == (400, {"error": "not an image: expected PNG, JPEG, BMP, WebP or HEIC bytes",
                                           "kind": "input"})

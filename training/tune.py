@@ -22,7 +22,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -123,12 +125,25 @@ def enqueue_baseline(study: optuna.Study, base: TrainConfig) -> None:
     study.enqueue_trial(params, user_attrs={"baseline": True})
 
 
+# Set by Ctrl-C. Python raises KeyboardInterrupt wherever the main thread is, and one that lands in a
+# garbage-collector callback (SQLAlchemy has several) is printed and dropped: the flag makes the trial
+# stop at its next epoch all the same.
+INTERRUPTED = threading.Event()
+
+
+def _on_sigint(signum: int, frame: Any) -> None:
+    INTERRUPTED.set()
+    raise KeyboardInterrupt
+
+
 def objective(base: TrainConfig, trials_dir: Path, dry_run: bool):
     def run(trial: optuna.Trial) -> float:
         trial.set_user_attr("pid", os.getpid())  # which process ran it (the concurrency test reads it)
         cfg = cfglib.apply(base, {**suggest(trial), "out_dir": str(trials_dir / f"trial-{trial.number}")})
 
         def report(row: dict[str, Any]) -> None:
+            if INTERRUPTED.is_set():
+                raise KeyboardInterrupt
             trial.report(row["val_accuracy"], row["epoch"])
             # After the last epoch there is nothing left to save: the trial completes whatever it scored.
             if row["epoch"] < cfg.epochs and trial.should_prune():
@@ -219,8 +234,11 @@ def main(argv: list[str] | None = None) -> int:
               f"running up to {max(left, 0)} more in process {os.getpid()}")
         if left > 0:
             enqueue_baseline(study, base)
+            signal.signal(signal.SIGINT, _on_sigint)
             study.optimize(objective(base, folder / "trials", args.dry_run), n_trials=left, catch=(),
                            callbacks=[optuna.study.MaxTrialsCallback(args.trials, states=FINISHED)])
+            if INTERRUPTED.is_set():  # a Ctrl-C that was dropped after the last epoch's report
+                raise KeyboardInterrupt
     except KeyboardInterrupt:
         print("\ninterrupted: the running trial is marked FAIL and the study is consistent; "
               "run `make tune` again to continue it", file=sys.stderr)
