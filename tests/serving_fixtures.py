@@ -51,6 +51,13 @@ def save_tiny_checkpoint(path: Path, seed: int = 0, test_accuracy: float = 0.5) 
     return path
 
 
+def training_numbers(out: Path) -> list[dict]:
+    """history.jsonl without the timings, which differ between any two runs."""
+    rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k not in ("seconds", "images_per_second", "train_seconds")}
+            for row in rows]
+
+
 def unpack(mar: Path, dest: Path) -> Path:
     """What TorchServe does with a .mar before loading it: extract it into a folder of its own."""
     with zipfile.ZipFile(mar) as z:

@@ -9,7 +9,6 @@ worker, SIGTERM under load) are `make chaos` (bench/chaos.py).
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import struct
@@ -24,8 +23,10 @@ import torch
 
 from serving import archive
 from training import evaluate
-from training.checkpoint import atomic_save, load_checkpoint, make_checkpoint
-from training.model import ModelConfig, Net
+from training.checkpoint import load_checkpoint
+
+pytest.register_assert_rewrite("serving_fixtures")
+from serving_fixtures import save_tiny_checkpoint, training_numbers  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 # A slice big enough that an epoch lasts seconds (the signal lands inside epoch 2), small enough for
@@ -45,19 +46,6 @@ def finish(process: subprocess.Popen, timeout: float = 300) -> tuple[int, str, s
     return process.returncode, out, err
 
 
-def training_numbers(out: Path) -> list[dict]:
-    """history.jsonl without the timings, which differ between any two runs."""
-    rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in row.items() if k not in ("seconds", "images_per_second", "train_seconds")}
-            for row in rows]
-
-
-def save_checkpoint(path: Path, test_accuracy: float) -> Path:
-    """A small untrained model in the format training.train writes, claiming `test_accuracy`."""
-    torch.manual_seed(0)
-    model = Net(ModelConfig(conv1=4, conv2=8, hidden=16, dropout=0.0)).eval()
-    atomic_save(make_checkpoint(model, config={}, metrics={"test_accuracy": test_accuracy}), path)
-    return path
 
 
 @pytest.mark.slow
@@ -67,7 +55,7 @@ def test_ctrl_c_keeps_the_good_model_and_resume_ends_where_an_uninterrupted_run_
 
     # A good model.pt from an earlier run is already in the output folder.
     interrupted.mkdir()
-    good = save_checkpoint(interrupted / "model.pt", test_accuracy=0.999).read_bytes()
+    good = save_tiny_checkpoint(interrupted / "model.pt", test_accuracy=0.999).read_bytes()
     # Lowest priority for the run to interrupt: on a busy machine the test must see last.pt and send
     # SIGINT before the two remaining epochs (a second or two) are over.
     run = train_cli(*SLICE, "--data-dir", mnist_dir, "--out-dir", interrupted, preexec_fn=lambda: os.nice(19))
@@ -117,7 +105,7 @@ def run_cli(cli: str, checkpoint: Path, tmp_path: Path) -> int:
 @pytest.mark.parametrize("cli", ["archive", "evaluate"])
 @pytest.mark.parametrize("damage", list(DAMAGE))
 def test_a_damaged_checkpoint_is_refused_in_one_line(cli, damage, tmp_path, capsys):
-    checkpoint = save_checkpoint(tmp_path / "model.pt", test_accuracy=0.9)
+    checkpoint = save_tiny_checkpoint(tmp_path / "model.pt", test_accuracy=0.9)
     damaged, raised = DAMAGE[damage]
     checkpoint.write_bytes(damaged(checkpoint.read_bytes()))
     assert run_cli(cli, checkpoint, tmp_path) == 1
@@ -140,7 +128,7 @@ def flip_a_weight_byte(checkpoint: Path) -> None:
 
 @pytest.mark.parametrize("cli", ["archive", "evaluate"])
 def test_a_checkpoint_with_a_flipped_byte_is_refused(cli, tmp_path, capsys):
-    checkpoint = save_checkpoint(tmp_path / "model.pt", test_accuracy=0.9)
+    checkpoint = save_tiny_checkpoint(tmp_path / "model.pt", test_accuracy=0.9)
     flip_a_weight_byte(checkpoint)
     with zipfile.ZipFile(checkpoint) as z:
         assert z.testzip() is not None  # the damage is detectable: the stored CRC no longer matches

@@ -20,6 +20,9 @@ from training.evaluate import confusion, summarize
 from training.model import ModelConfig, Net
 from training.train import DEFAULT_CONFIG, TrainConfig, fit
 
+pytest.register_assert_rewrite("serving_fixtures")
+from serving_fixtures import training_numbers  # noqa: E402
+
 # The shipped peak lr (0.1 at batch 128) is tuned for the full run's long warm-up: squeezed into one
 # short epoch it overshoots (measured 37-87% test accuracy on 8000 images), so the slice also takes a
 # smaller batch and peak lr: 156 steps reach 94-95%. One thread: on a busy 2-core machine two threads
@@ -158,13 +161,6 @@ def resumed(request, tmp_path_factory, mnist_dir) -> tuple[Path, Path]:
     # --resume takes the config saved in last.pt; only the directories come from the command line.
     fit(shrunk(b, mnist_dir), resume=True, quiet=True)
     return a, b
-
-
-def training_numbers(out: Path) -> list[dict]:
-    """history.jsonl without the timings, which differ between any two runs."""
-    rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in row.items() if k not in ("seconds", "images_per_second", "train_seconds")}
-            for row in rows]
 
 
 @pytest.mark.slow
