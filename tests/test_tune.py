@@ -90,7 +90,10 @@ def test_two_processes_share_one_study_and_ctrl_c_leaves_it_consistent(tmp_path,
         time.sleep(0.5)
     third.send_signal(signal.SIGINT)
     output = third.communicate(timeout=300)[0]
-    assert third.returncode == 130, output
+    # 130, or death by SIGINT (-2): CPython exits by the signal itself once a KeyboardInterrupt has passed
+    # through code run by exec() (dataclasses builds __init__ that way, e.g. while triton imports),
+    # even when the program caught it. A shell reports 130 for both.
+    assert third.returncode in (130, -signal.SIGINT), output
     assert "study is consistent" in output
     after = states(load(tmp_path))
     assert after.count("FAIL") == 1 and "RUNNING" not in after
