@@ -45,7 +45,7 @@ export METRICS_ADDRESS ?= 127.0.0.1:8082
 
 help: ## list the targets
 	@echo "usage: make TARGET [ARGS=...]"
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[1m%-13s\033[0m %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[1m%-15s\033[0m %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml requirements.lock requirements-dev.lock
 	@$(PYTHON_SYS) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "Python 3.10+ is required, found " + sys.version.split()[0])'
