@@ -9,10 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import re
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,9 +23,8 @@ from training.trust import outputs
 pytest.register_assert_rewrite("serving_fixtures")
 pytest_plugins = ["serving_fixtures"]
 from serving_fixtures import SAMPLE_7, encode_png, offline_probabilities  # noqa: E402
-from test_serving import call, json_body, multipart, predict  # noqa: E402
+from test_serving import assert_a_batch_mixes_good_and_bad, call, json_body, multipart, predict  # noqa: E402
 
-UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 # Fashion-MNIST test items: the sandal and the bag among the first 500 that the full model
 # (configs/train.yaml) scores furthest from every digit. About a quarter of Fashion items still pass
 # as digits at the 0.5% threshold (README, Trust), so these are clear cases, not random draws.
@@ -92,11 +88,6 @@ def test_attributions_lie_on_the_strokes(server, mnist_test_images):
     assert positive[digit >= 128].sum() > positive[(digit > 0) & (digit < 128)].sum()  # the core, not the rim
 
 
-def _batches_in_log(run_dir: Path) -> list[set[str]]:
-    log = (run_dir / "ts_log.log").read_text(errors="replace")
-    return [set(UUID.findall(line)) for line in log.splitlines() if "[METRICS]MNISTPreprocessTime." in line]
-
-
 @pytest.mark.slow
 def test_a_mixed_batch_of_explanations_fails_only_the_bad_ones(server, trained_checkpoint, mnist_test_images):
     images, _ = mnist_test_images
@@ -108,32 +99,11 @@ def test_a_mixed_batch_of_explanations_fails_only_the_bad_ones(server, trained_c
     for i in range(8):
         requests.append((encode_png(images[i]), "image/png", expected[i]))
         requests.append(bad[i % len(bad)])
-    for _ in range(5):  # batching depends on timing; a few rounds make a mixed batch near certain
-        barrier = threading.Barrier(len(requests))
 
-        def send(request, barrier=barrier):
-            barrier.wait()
-            return explain(server, request[0], request[1])
+    def has_a_map(answer: dict) -> None:
+        assert np.asarray(answer["explanation"]["attributions"]).shape == (28, 28)
 
-        with ThreadPoolExecutor(len(requests)) as pool:
-            results = list(pool.map(send, requests))
-        good_ids, bad_ids = set(), set()
-        for (_, _, want), (status, answer, request_id) in zip(requests, results, strict=True):
-            if isinstance(want, int):
-                assert (status, answer["digit"]) == (200, want)
-                assert np.asarray(answer["explanation"]["attributions"]).shape == (28, 28)
-                good_ids.add(request_id)
-            else:
-                assert (status, answer["type"]) == (400, "InvalidInput")
-                assert answer["message"].startswith(want)
-                bad_ids.add(request_id)
-        deadline = time.monotonic() + 10  # the frontend logs the worker's metric lines asynchronously
-        while not (good_ids | bad_ids) <= set().union(*_batches_in_log(server.run_dir), set()):
-            assert time.monotonic() < deadline, "the round's requests never showed up in ts_log.log"
-            time.sleep(0.1)
-        if any(batch & good_ids and batch & bad_ids for batch in _batches_in_log(server.run_dir)):
-            return
-    pytest.fail("5 rounds of 16 concurrent explanation requests never put a good and a bad one in one batch")
+    assert_a_batch_mixes_good_and_bad(server, requests, explain, has_a_map)
 
 
 def _not_a_digit_count(server: TorchServe) -> float:
