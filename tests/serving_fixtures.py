@@ -11,6 +11,7 @@ MNIST itself comes from conftest.py's `mnist_dir` and `mnist_test_images` fixtur
 from __future__ import annotations
 
 import json
+import os
 import zipfile
 from pathlib import Path
 
@@ -58,6 +59,20 @@ def training_numbers(out: Path) -> list[dict]:
             for row in rows]
 
 
+def failing_replace(monkeypatch, fail_on: int) -> list:
+    """os.replace that raises on its `fail_on`-th call (as a full disk or a kill would stop it there)."""
+    real, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append((Path(src).name, Path(dst).name))
+        if len(calls) == fail_on:
+            raise OSError(28, "No space left on device (injected)")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    return calls
+
+
 def unpack(mar: Path, dest: Path) -> Path:
     """What TorchServe does with a .mar before loading it: extract it into a folder of its own."""
     with zipfile.ZipFile(mar) as z:
@@ -103,3 +118,17 @@ def tiny_archive(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Archiv
 
 def manifest_of(model_dir: Path) -> dict:
     return json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def trained_server(trained_archive, tmp_path_factory):
+    """A real TorchServe on free loopback ports serving the trained archive, token auth on."""
+    from serving.server import TorchServe
+
+    ts = TorchServe.on_free_ports(tmp_path_factory.mktemp("serve"), trained_archive.path.parent,
+                                  model_name="mnist", auth=True)
+    try:
+        ts.start(timeout=180)
+        yield ts
+    finally:
+        ts.stop()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import zipfile
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from training.model import build_model
 # exists once per session; helpers are imported by name, after registering for assert rewriting.
 pytest.register_assert_rewrite("serving_fixtures")
 pytest_plugins = ["serving_fixtures"]
-from serving_fixtures import ROOT, TINY_MODEL, save_tiny_checkpoint  # noqa: E402
+from serving_fixtures import ROOT, TINY_MODEL, failing_replace, save_tiny_checkpoint  # noqa: E402
 
 EXPECTED_FILES = {
     "handler.py", "weights.pt", "model.json", "index_to_name.json", "model-config.yaml",
@@ -189,20 +188,6 @@ def test_cli_reports_the_archive_and_fails_in_one_line(tmp_path, capsys):
 
 
 # --- replacing and versioning: a valid archive at every instant, kept versions never overwritten --------
-
-
-def failing_replace(monkeypatch, fail_on: int) -> list:
-    """os.replace that raises on its `fail_on`-th call (as a full disk or a kill would stop it there)."""
-    real, calls = os.replace, []
-
-    def replace(src, dst):
-        calls.append((Path(src).name, Path(dst).name))
-        if len(calls) == fail_on:
-            raise OSError(28, "No space left on device (injected)")
-        return real(src, dst)
-
-    monkeypatch.setattr(os, "replace", replace)
-    return calls
 
 
 def sha256_file(path: Path) -> str:

@@ -103,27 +103,14 @@ def test_edge_installs_in_a_fresh_venv_without_torch_and_reads_a_seven(trained_c
     assert json.loads(result.stdout)["digit"] == 7
 
 
-@pytest.fixture(scope="module")
-def live_server(trained_archive, tmp_path_factory):
-    from serving.server import TorchServe
-
-    ts = TorchServe.on_free_ports(tmp_path_factory.mktemp("edge-serve"), trained_archive.path.parent,
-                                  model_name="mnist", auth=True)
-    try:
-        ts.start(timeout=180)
-        yield ts
-    finally:
-        ts.stop()
-
-
 @pytest.mark.slow
-def test_hybrid_asks_the_server_below_the_threshold_and_answers_locally_above(live_server, trained_checkpoint,
+def test_hybrid_asks_the_server_below_the_threshold_and_answers_locally_above(trained_server, trained_checkpoint,
                                                                               tmp_path):
     model = onnx_of(trained_checkpoint, tmp_path / "model.onnx")
-    url, token = live_server.url("inference"), live_server.token("inference")
+    url, token = trained_server.url("inference"), trained_server.token("inference")
     common = ("predict", str(SAMPLE_7), "--model", str(model), "--server", url, "--token", token)
     local = json.loads(run_edge(*common, "--threshold", "0").stdout)
-    status, served = live_server.predict(SAMPLE_7.read_bytes())
+    status, served = trained_server.predict(SAMPLE_7.read_bytes())
     assert status == 200
     remote = run_edge(*common, "--threshold", "1")  # nothing is that sure: always asks
     assert remote.returncode == 0, remote.stderr

@@ -4,7 +4,6 @@ every instant. Tiny untrained checkpoints that claim their scores: no training n
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,9 @@ import torch
 
 from training.checkpoint import atomic_save, load_checkpoint, make_checkpoint, publish
 from training.model import ModelConfig, Net
+
+pytest.register_assert_rewrite("serving_fixtures")
+from serving_fixtures import failing_replace  # noqa: E402
 
 FULL_TEST = {"count": 10000, "sha256": "a" * 16}
 SLICE_TEST = {"count": 100, "sha256": "b" * 16}
@@ -104,20 +106,6 @@ def test_an_unreadable_model_pt_is_replaced_and_kept_for_inspection(tmp_path):
 
 
 # --- the swap: a failure at any step leaves a valid model.pt -------------------------------------------
-
-
-def failing_replace(monkeypatch, fail_on: int) -> list:
-    """os.replace that raises on its `fail_on`-th call (as a full disk or a kill would stop it there)."""
-    real, calls = os.replace, []
-
-    def replace(src, dst):
-        calls.append((Path(src).name, Path(dst).name))
-        if len(calls) == fail_on:
-            raise OSError(28, "No space left on device (injected)")
-        return real(src, dst)
-
-    monkeypatch.setattr(os, "replace", replace)
-    return calls
 
 
 @pytest.mark.parametrize("fail_on", [1, 2])

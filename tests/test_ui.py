@@ -128,33 +128,22 @@ def test_backend_refuses_foreign_hosts_big_bodies_and_says_when_torchserve_is_do
 # --- a real TorchServe, the page started as `make ui` does, and Chromium --------------------------
 
 @pytest.fixture(scope="module")
-def torchserve(trained_archive, tmp_path_factory):
-    ts = TorchServe.on_free_ports(tmp_path_factory.mktemp("serve"), trained_archive.path.parent,
-                                  model_name="mnist", auth=True)
-    try:
-        ts.start(timeout=180)
-        yield ts
-    finally:
-        ts.stop()
-
-
-@pytest.fixture(scope="module")
-def page_url(torchserve):
+def page_url(trained_server):
     """`python -m serving.ui start` beside the test's TorchServe (what `make ui` runs); stopped after."""
-    env = {**os.environ, "SERVE_DIR": str(torchserve.run_dir),
-           **{f"{k.upper()}_ADDRESS": v.split("://")[1] for k, v in torchserve.addresses.items()}}
+    env = {**os.environ, "SERVE_DIR": str(trained_server.run_dir),
+           **{f"{k.upper()}_ADDRESS": v.split("://")[1] for k, v in trained_server.addresses.items()}}
     cmd = [sys.executable, "-m", "serving.ui"]
     out = subprocess.run([*cmd, "start"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     url = re.search(r"page: (http://127\.0\.0\.1:\d+/)", out.stdout).group(1)
-    pid = int((torchserve.run_dir / "ui.pid").read_text())
+    pid = int((trained_server.run_dir / "ui.pid").read_text())
     try:
         yield url
     finally:
         out = subprocess.run([*cmd, "stop"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "page stopped", out
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    assert not (torchserve.run_dir / "ui.pid").exists()
+    assert not (trained_server.run_dir / "ui.pid").exists()
 
 
 def chromium_path() -> Path:
@@ -269,7 +258,7 @@ ZERO = [[(140 + 62 * np.sin(t), 140 - 92 * np.cos(t)) for t in np.linspace(0, 2 
 
 @pytest.mark.slow
 def test_page_draws_uploads_and_explains_errors_and_never_leaks_the_token(
-        browser, page_url, torchserve, trained_checkpoint, mnist_test_images, screenshots):
+        browser, page_url, trained_server, trained_checkpoint, mnist_test_images, screenshots):
     images, labels = mnist_test_images
     page, responses = open_page(browser, page_url, viewport={"width": 1100, "height": 760})
 
@@ -306,9 +295,9 @@ def test_page_draws_uploads_and_explains_errors_and_never_leaks_the_token(
     draw(page, SEVEN)  # still works after the error
     assert shown(page)["digit"] == "7"
 
-    keys = json.loads((torchserve.run_dir / "key_file.json").read_text())
+    keys = json.loads((trained_server.run_dir / "key_file.json").read_text())
     secrets = [keys[kind]["key"] for kind in ("inference", "management", "API")]
-    assert torchserve.token("inference") in secrets
+    assert trained_server.token("inference") in secrets
     paths = [url.removeprefix(page_url) for url, _ in responses]
     assert {"", "app.js", "style.css"} <= set(paths)
     assert paths.count("api/predict") >= 7  # at least one answer per drawing or upload
@@ -331,8 +320,8 @@ def test_page_fits_a_375_px_phone_screen(browser, page_url, screenshots):
 
 
 @pytest.mark.slow
-def test_backend_answers_with_the_digit_the_model_saw(torchserve):
-    page = PageServer(torchserve, quiet=True)
+def test_backend_answers_with_the_digit_the_model_saw(trained_server):
+    page = PageServer(trained_server, quiet=True)
     page.serve_in_thread()
     try:
         sample = SAMPLE_7.read_bytes()
@@ -353,11 +342,11 @@ def test_backend_answers_with_the_digit_the_model_saw(torchserve):
 
 
 @pytest.mark.slow
-def test_page_says_when_the_token_is_refused(browser, torchserve, tmp_path):
+def test_page_says_when_the_token_is_refused(browser, trained_server, tmp_path):
     # The token file of another server: TorchServe refuses its key, and the page says so.
     (tmp_path / "key_file.json").write_text(json.dumps(
         {kind: {"key": "not-the-key", "expiration time": "2999-01-01T00:00:00"} for kind in ("inference", "API")}))
-    stale = TorchServe(run_dir=tmp_path, model_store=torchserve.model_store, addresses=torchserve.addresses)
+    stale = TorchServe(run_dir=tmp_path, model_store=trained_server.model_store, addresses=trained_server.addresses)
     server = PageServer(stale, quiet=True)
     server.serve_in_thread()
     try:
