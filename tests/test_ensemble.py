@@ -13,6 +13,7 @@ import torch
 from serving.archive import build_archive
 from training.checkpoint import atomic_save, load_checkpoint, model_from_checkpoint
 from training.ensemble import METHODS, EnsembleError, build_ensemble
+from training import ensemble_train
 from training.ensemble_train import combine, load_ensemble_checkpoint
 from training.model import ModelConfig, Net
 from training.tensors import normalize
@@ -100,3 +101,17 @@ def test_an_ensemble_archive_needs_an_ensemble_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="not an ensemble"):
         build_archive(single, tmp_path / "store", "mnist", "1.0", ensemble=True)
     assert not (tmp_path / "store").exists()
+
+
+def test_members_train_concurrently_and_are_reused_afterwards(tmp_path, mnist_dir, monkeypatch, capsys):
+    monkeypatch.setenv("MNIST_DIR", str(mnist_dir))
+    config = tmp_path / "member.yaml"
+    config.write_text("epochs: 1\ntrain_limit: 2000\nval_size: 500\ntensorboard: false\nbatch_size: 64\n")
+    args = ["--members", "2", "--jobs", "2", "--config", str(config), "--out-dir", str(tmp_path / "ens"), "--dry-run"]
+    assert ensemble_train.main(args) == 0
+    first = capsys.readouterr().out
+    assert "member 0: done" in first and "member 1: done" in first
+    seeds = [load_checkpoint(tmp_path / "ens" / f"member-{k}" / "model.pt")["train_config"]["seed"] for k in (0, 1)]
+    assert seeds == [0, 1]
+    assert ensemble_train.main(args) == 0  # the same config again: nothing retrains
+    assert capsys.readouterr().out.count("reusing") == 2

@@ -4,16 +4,21 @@ The student is the same `Net` with narrower layers (`STUDENT`), so checkpoints, 
 and the handler take it unchanged. For each seed the student is trained twice with the same initial
 weights, data order and augmentation draws: once from the labels alone, once from the teacher too
 (Hinton et al. 2015: KL divergence between the softened distributions at temperature T, scaled by
-T² so its gradients keep their size, mixed with the label loss by `alpha`). The teacher's logits
-are computed once for the un-augmented training images and the students train without
-augmentation: on the shared 2-core box a teacher pass per augmented batch tripled the cost of
-every distilled run. Writes the best distilled student (by validation accuracy) to
-`artifacts/student.pt` and every finished run to `artifacts/distill.json` as it goes.
+T² so its gradients keep their size, mixed with the label loss by `alpha`).
+
+The teacher is a model.pt or an ensemble.pt (`make train-ensemble`: its averaged, calibrated
+probabilities; their log serves as logits). By default the students train without augmentation
+and the teacher's logits are computed once for the training images: on a 2-core CPU a teacher pass
+per augmented batch triples the cost of every distilled run. `--augment` trains both students with
+the trainer's random affine and asks the teacher about each augmented batch (cheap on a GPU).
+Writes the best distilled student (by validation accuracy) to `artifacts/student.pt` and every
+finished run to `artifacts/distill.json` as it goes.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -26,12 +31,27 @@ import torch
 import torch.nn.functional as F
 
 from training import config as cfglib
-from training.checkpoint import CheckpointError, atomic_save, load_checkpoint, make_checkpoint, model_from_checkpoint
+from training.checkpoint import (
+    CheckpointError,
+    atomic_save,
+    load_checkpoint,
+    make_checkpoint,
+    model_from_checkpoint,
+    read_checkpoint_file,
+)
 from training.data import DataError
 from training.distributed import Dist
 from training.model import ModelConfig, Net
 from training.tensors import normalize
-from training.train import TrainConfig, build_optimizer, build_schedule, load_data, random_affine, score
+from training.train import (
+    TrainConfig,
+    build_optimizer,
+    build_schedule,
+    load_data,
+    pick_device,
+    random_affine,
+    score,
+)
 
 STUDENT = ModelConfig(conv1=16, conv2=24, hidden=64)
 
@@ -61,9 +81,26 @@ def teacher_logits(teacher: torch.nn.Module, images: torch.Tensor, batch_size: i
                       for i in range(0, len(images), batch_size)])
 
 
-def train_student(cfg: TrainConfig, data, targets: torch.Tensor | None, temperature: float, alpha: float,
-                  dry_run: bool = False) -> tuple[Net, dict]:
-    """One student run; `targets` are the teacher's logits per training image, None for labels alone."""
+def load_teacher(path: Path) -> tuple[torch.nn.Module, ModelConfig, int]:
+    """(eval-mode teacher returning logits or log-probabilities, one member's config, all its parameters)."""
+    ckpt = read_checkpoint_file(path, f"no teacher at {path}: run `make train` or `make train-ensemble` first")
+    if isinstance(ckpt, dict) and "members" in ckpt:
+        from training.ensemble import build_ensemble
+        from training.ensemble_train import load_ensemble_checkpoint
+
+        ens = load_ensemble_checkpoint(path)
+        members = [model_from_checkpoint({"model_config": ens["model_config"], "state_dict": state})
+                   for state in ens["members"]]
+        teacher: torch.nn.Module = build_ensemble(members, ens["temperatures"])
+        return teacher, members[0].config, sum(parameters(m) for m in members)
+    single = model_from_checkpoint(load_checkpoint(path)).to(memory_format=torch.channels_last)
+    return single, single.config, parameters(single)
+
+
+def train_student(cfg: TrainConfig, data, targets: torch.Tensor | torch.nn.Module | None, temperature: float,
+                  alpha: float, dry_run: bool = False) -> tuple[Net, dict]:
+    """One student run; `targets`: the teacher's logits per training image, the teacher itself (asked
+    about each augmented batch), or None for labels alone."""
     torch.manual_seed(cfg.seed)  # same initial weights with and without the teacher
     device = data.train_x.device
     model = Net(cfg.model).to(device, memory_format=torch.channels_last)
@@ -82,7 +119,12 @@ def train_student(cfg: TrainConfig, data, targets: torch.Tensor | None, temperat
             if targets is None:
                 loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
             else:
-                loss = kd_loss(logits, targets[idx], y, temperature, alpha, cfg.label_smoothing)
+                if isinstance(targets, torch.nn.Module):
+                    with torch.no_grad():
+                        soft = targets(x)
+                else:
+                    soft = targets[idx]
+                loss = kd_loss(logits, soft, y, temperature, alpha, cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -100,15 +142,18 @@ def train_student(cfg: TrainConfig, data, targets: torch.Tensor | None, temperat
 def _save_student(best: tuple[Net, dict], base: TrainConfig, args: argparse.Namespace) -> None:
     train_config = {**cfglib.to_dict(dataclasses.replace(base, seed=best[1]["seed"])),
                     "distill": {"teacher": str(args.teacher), "temperature": args.temperature, "alpha": args.alpha}}
-    ckpt = make_checkpoint(best[0].cpu(), train_config, {k: best[1][k] for k in ("test_accuracy", "val_accuracy")})
+    metrics = {k: best[1][k] for k in ("test_accuracy", "val_accuracy")}
+    ckpt = make_checkpoint(copy.deepcopy(best[0]).cpu(), train_config, metrics)
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_save(ckpt, args.out / "student.pt")
 
 
-def _write_summary(runs: list[dict], teacher: Net, args: argparse.Namespace) -> None:
+def _write_summary(runs: list[dict], teacher_config: ModelConfig, teacher_params: int,
+                   args: argparse.Namespace) -> None:
     summary = {"student": dataclasses.asdict(STUDENT), "parameters": parameters(Net(STUDENT)),
-               "teacher_parameters": parameters(teacher), "epochs": args.epochs, "augment": False,
-               "macs_ratio": round(multiply_accumulates(teacher.config) / multiply_accumulates(STUDENT), 2),
+               "teacher": str(args.teacher), "teacher_parameters": teacher_params, "epochs": args.epochs,
+               "augment": args.augment, "device": args.device,
+               "macs_ratio": round(multiply_accumulates(teacher_config) / multiply_accumulates(STUDENT), 2),
                "temperature": args.temperature, "alpha": args.alpha, "runs": runs}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "distill.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -128,22 +173,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--temperature", type=float, default=4.0)
     parser.add_argument("--alpha", type=float, default=0.8, help="weight of the teacher's term (0: labels only)")
     parser.add_argument("--train-limit", type=int, default=0, help="use only this many training images (0: all)")
+    parser.add_argument("--augment", action="store_true",
+                        help="train the students with the trainer's augmentation, the teacher asked per batch")
+    parser.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"),
+                        help="where the students train (default cpu; auto: CUDA when there is one)")
     parser.add_argument("--data-dir", default=os.environ.get("MNIST_DIR") or "data")
     parser.add_argument("--dry-run", action="store_true", help="3 batches per epoch: a quick check of the whole path")
     args = parser.parse_args(argv)
     try:
-        teacher = model_from_checkpoint(load_checkpoint(args.teacher)).to(memory_format=torch.channels_last)
+        device = pick_device(args.device, 0)
+        teacher, teacher_config, teacher_params = load_teacher(args.teacher)
+        teacher = teacher.to(device)
         base = dataclasses.replace(TrainConfig(), data_dir=args.data_dir, epochs=args.epochs, model=STUDENT,
-                                   train_limit=args.train_limit, augment=False)
-        data = load_data(base, torch.device("cpu"))
-        targets = teacher_logits(teacher, data.train_x)
+                                   train_limit=args.train_limit, augment=args.augment)
+        data = load_data(base, device)
+        targets: torch.Tensor | torch.nn.Module = teacher if args.augment else teacher_logits(teacher, data.train_x)
     except (CheckpointError, DataError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    student_params, teacher_params = parameters(Net(STUDENT)), parameters(teacher)
-    ratio_macs = multiply_accumulates(teacher.config) / multiply_accumulates(STUDENT)
-    print(f"student {STUDENT}: {student_params:,} parameters ({student_params / teacher_params:.1%} of the "
-          f"teacher's {teacher_params:,}), {ratio_macs:.1f}× fewer multiply-accumulates; {args.epochs} epochs, "
+    student_params = parameters(Net(STUDENT))
+    member_params = parameters(Net(teacher_config))
+    ratio_macs = multiply_accumulates(teacher_config) / multiply_accumulates(STUDENT)
+    print(f"student {STUDENT}: {student_params:,} parameters ({student_params / member_params:.1%} of one "
+          f"teacher CNN's {member_params:,}), {ratio_macs:.1f}× fewer multiply-accumulates; teacher {args.teacher} "
+          f"({teacher_params:,} parameters); {args.epochs} epochs, augment {args.augment}, {device}, "
           f"T={args.temperature}, alpha={args.alpha}")
     runs, best = [], None
     for seed in range(args.seeds):
@@ -157,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
             if soft is not None and (best is None or row["val_accuracy"] > best[1]["val_accuracy"]):
                 best = (model, row)
                 _save_student(best, base, args)
-            _write_summary(runs, teacher, args)
+            _write_summary(runs, teacher_config, teacher_params, args)
     for distilled in (False, True):
         accs = [r["test_accuracy"] for r in runs if r["distilled"] == distilled]
         name = "distilled" if distilled else "labels only"

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+import yaml
 
 from training import config as cfglib
 from training.checkpoint import (
@@ -114,17 +117,43 @@ def combine(paths: list[Path], data_dir: str, method: str = "grouped") -> dict[s
 
 
 def train_members(bases: list[TrainConfig], n: int, out_dir: Path, quiet: bool = False,
-                  dry_run: bool = False) -> list[Path]:
-    paths = []
-    for k in range(n):
-        cfg = member_config(bases[k % len(bases)], out_dir, k)
+                  dry_run: bool = False, jobs: int = 1) -> list[Path]:
+    """Train (or reuse) the members; with jobs > 1, that many at once, each in its own process."""
+    configs, todo = [member_config(bases[k % len(bases)], out_dir, k) for k in range(n)], []
+    for k, cfg in enumerate(configs):
         if trained_with(cfg):
             print(f"member {k}: reusing {cfg.out_dir}/model.pt (seed {cfg.seed})")
-        else:
+        elif jobs <= 1:
             print(f"member {k}: training seed {cfg.seed} into {cfg.out_dir}/")
             fit(cfg, quiet=quiet, dry_run=dry_run, force=True, run_name=f"ensemble-member-{k}")
-        paths.append(Path(cfg.out_dir) / "model.pt")
-    return paths
+        else:
+            todo.append((k, cfg))
+    if todo:
+        _train_concurrently(todo, jobs, dry_run)
+    return [Path(cfg.out_dir) / "model.pt" for cfg in configs]
+
+
+def _train_concurrently(todo: list[tuple[int, TrainConfig]], jobs: int, dry_run: bool) -> None:
+    """`python -m training.train` per member, `jobs` at a time: one process cannot keep a GPU busy
+    with a model this small (it waits on kernel launches), several can. Each member's exact config
+    goes through a YAML file, so `trained_with` recognises the result; output goes to its train.log."""
+
+    def train(k: int, cfg: TrainConfig) -> str | None:
+        out = Path(cfg.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "member.yaml").write_text(yaml.safe_dump(cfglib.to_dict(cfg), sort_keys=False))
+        cmd = [sys.executable, "-m", "training.train", "--config", str(out / "member.yaml"), "--quiet", "--force",
+               *(["--dry-run"] if dry_run else [])]
+        print(f"member {k}: training seed {cfg.seed} into {out}/", flush=True)
+        with (out / "train.log").open("w") as log:
+            code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+        print(f"member {k}: " + ("done" if code == 0 else f"FAILED (exit {code})"), flush=True)
+        return None if code == 0 else f"member {k} (exit {code}; see {out}/train.log)"
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        failed = [f for f in pool.map(lambda item: train(*item), todo) if f]
+    if failed:
+        raise EnsembleError("training failed for " + ", ".join(failed))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--method", default="grouped", choices=("grouped", "vmap", "loop"))
     parser.add_argument("--checkpoints", type=Path, nargs="+", default=None, metavar="MODEL_PT",
                         help="combine these trained checkpoints instead of training members")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="train this many members at once, one process each (a GPU: up to --members)")
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--dry-run", action="store_true", help="3 batches per epoch per member")
     args = parser.parse_args(argv)
@@ -149,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = cfglib.apply(TrainConfig(), cfglib.load_yaml(path))
             bases.append(cfglib.apply(cfg, {"seed": args.seed, **({"data_dir": data_dir} if data_dir else {})}))
         paths = args.checkpoints or train_members(bases, args.members, args.out_dir, quiet=args.quiet,
-                                                  dry_run=args.dry_run)
+                                                  dry_run=args.dry_run, jobs=args.jobs)
         ensemble = combine(paths, bases[0].data_dir, args.method)
     except (ValueError, CheckpointError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -1,0 +1,46 @@
+"""make distill: the student learns from a model.pt or an ensemble.pt, with and without augmentation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from training import distill
+from training.checkpoint import atomic_save, load_checkpoint
+from training.ensemble_train import combine
+
+pytest.register_assert_rewrite("serving_fixtures")
+from serving_fixtures import save_tiny_checkpoint  # noqa: E402
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_distill_writes_a_student_and_both_runs_per_seed(tmp_path, mnist_dir, augment):
+    teacher = save_tiny_checkpoint(tmp_path / "model.pt")
+    args = ["--teacher", str(teacher), "--out", str(tmp_path / "out"), "--seeds", "1", "--epochs", "1",
+            "--train-limit", "2000", "--data-dir", str(mnist_dir), "--dry-run"] + (["--augment"] if augment else [])
+    assert distill.main(args) == 0
+    summary = json.loads((tmp_path / "out" / "distill.json").read_text())
+    assert [r["distilled"] for r in summary["runs"]] == [False, True]
+    assert summary["augment"] is augment
+    student = load_checkpoint(tmp_path / "out" / "student.pt")
+    assert student["model_config"]["conv1"] == distill.STUDENT.conv1
+
+
+def test_an_ensemble_teaches_with_its_averaged_probabilities(tmp_path, mnist_dir):
+    members = [save_tiny_checkpoint(tmp_path / f"m{k}.pt", seed=k) for k in range(2)]
+    atomic_save(combine(members, str(mnist_dir)), tmp_path / "ensemble.pt")
+    teacher, config, params = distill.load_teacher(tmp_path / "ensemble.pt")
+    single, _, one = distill.load_teacher(members[0])
+    assert params == 2 * one and config == single.config
+    log_p = teacher(torch.zeros(3, 1, 28, 28))
+    assert torch.allclose(log_p.exp().sum(1), torch.ones(3), atol=1e-5)  # log-probabilities: softmax is identity
+    assert distill.main(["--teacher", str(tmp_path / "ensemble.pt"), "--out", str(tmp_path / "out"), "--seeds", "1",
+                         "--epochs", "1", "--train-limit", "2000", "--data-dir", str(mnist_dir), "--dry-run",
+                         "--augment"]) == 0
+
+
+def test_a_missing_teacher_is_one_line(tmp_path, capsys):
+    assert distill.main(["--teacher", str(tmp_path / "nope.pt"), "--out", str(tmp_path)]) == 1
+    assert "no teacher at" in capsys.readouterr().err
