@@ -27,7 +27,7 @@ from serving.archive import build_archive
 from serving.handler import DEFAULT_VARIANT
 from serving.server import TorchServe
 from serving.signing import sign_archive
-from training.checkpoint import load_checkpoint, model_from_checkpoint
+from training.checkpoint import atomic_save, load_checkpoint, model_from_checkpoint
 from training.data import load_split, sha256_of
 from training.tensors import normalize
 
@@ -194,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", default="1,8,64,256")
     parser.add_argument("--seconds", type=int, default=10, help="per concurrency point")
     parser.add_argument("--setups", default="baseline,project,project-onnx",
-                        help="baseline, project (the default variant), project-onnx, project-int8")
+                        help="baseline, project (the default variant), project-onnx, project-int8, project-no-trust "
+                             "(the same without temperature and \"not a digit\" detector: what they cost)")
     parser.add_argument("--digits", type=int, default=200, help="distinct MNIST test digits cycled through")
     parser.add_argument("--out", default="artifacts/bench", type=Path)
     parser.add_argument("--variants-only", action="store_true", help="only the in-process variant table")
@@ -244,6 +245,12 @@ def main(argv: list[str] | None = None) -> int:
             setup_store, answers = store, expected
             if setup == "baseline":
                 baseline_archive(args.checkpoint, store, work / "baseline")
+            elif setup == "project-no-trust":  # the same weights without temperature and "not a digit" detector
+                setup_store = work / f"store-{setup}"
+                bare = {k: v for k, v in load_checkpoint(args.checkpoint).items() if k not in ("ood", "temperature")}
+                atomic_save(bare, work / "no-trust.pt")
+                build_archive(work / "no-trust.pt", setup_store, "mnist", "1.0", variant,
+                              model_config=args.model_config)
             elif setup.startswith("project-"):  # project-onnx, project-int8: the same server, another variant
                 setup_store = work / f"store-{setup}"
                 build_archive(args.checkpoint, setup_store, "mnist", "1.0", setup.removeprefix("project-"))
