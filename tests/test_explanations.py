@@ -25,10 +25,9 @@ pytest_plugins = ["serving_fixtures"]
 from serving_fixtures import SAMPLE_7, encode_png, offline_probabilities  # noqa: E402
 from test_serving import assert_a_batch_mixes_good_and_bad, call, json_body, multipart, predict  # noqa: E402
 
-# Fashion-MNIST test items: the sandal and the bag among the first 500 that the full model
-# (configs/train.yaml) scores furthest from every digit. About a quarter of Fashion items still pass
-# as digits at the 0.5% threshold (README, Trust), so these are clear cases, not random draws.
-SANDAL, BAG = 288, 126
+# Fashion-MNIST classes (FASHION_CLASSES): the first three sandals and bags of its test set, in order,
+# not picked by score. The served detector lets 0.4% of Fashion items through (README, Trust).
+SANDAL, BAG = 5, 8
 
 
 def explain(server: TorchServe, body: bytes, content_type: str) -> tuple[int, dict, str]:
@@ -120,8 +119,9 @@ def test_what_is_not_a_digit_says_so(server, trained_checkpoint, mnist_test_imag
     others = {"noise": noise_images(1)[0], "texture": texture_images(1)[0]}
     if FASHION_DEFAULT_DIR.is_dir():
         fashion, labels = load_fashion(train=False)
-        assert (int(labels[SANDAL]), int(labels[BAG])) == (5, 8)  # FASHION_CLASSES: Sandal, Bag
-        others.update({"sandal": fashion[SANDAL].numpy(), "bag": fashion[BAG].numpy()})
+        for name, label in (("sandal", SANDAL), ("bag", BAG)):
+            first = (labels == label).nonzero().flatten()[:3].tolist()
+            others.update({f"{name} #{i}": fashion[i].numpy() for i in first})
     for name, image in others.items():
         status, body, _ = predict(server, encode_png(image), "image/png")
         assert (status, body["is_digit"]) == (200, False), name
