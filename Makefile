@@ -41,7 +41,7 @@ export METRICS_ADDRESS ?= 127.0.0.1:8082
         eval-wild calibrate trust-eval explain explain-eval latency keygen archive serve predict status token ui stop \
         demo kserve-bundle deploy promote rollback versions undeploy compare monitor rollout-check test test-fast lint \
         bench bench-train bench-serve gpu-check chaos export distill bench-compress bench-hybrid edge-install \
-        docker-build docker-run docker-train docker-test clean
+        docker-build docker-run docker-train docker-archive docker-test clean
 
 help: ## list the targets
 	@echo "usage: make TARGET [ARGS=...]"
@@ -225,11 +225,14 @@ chaos: $(STAMP) ## faults on a live server: bad input, kill a worker, SIGTERM, 5
 docker-build: ## build the image (docker, or buildah where no Docker engine runs)
 	docker/build.sh
 
-docker-run: ## serve from the image on 127.0.0.1 (adds --gpus all when the NVIDIA runtime is present)
+docker-run: ## serve from the image on 127.0.0.1, trusting your public keys (mounted read-only; --gpus with NVIDIA)
 	docker/run.sh serve
 
 docker-train: ## train inside the image, artifacts/ mounted
-	docker/run.sh train
+	docker/run.sh train $(ARGS)
+
+docker-archive: ## archive artifacts/model.pt inside the image, signed with your key dir (mounted, mode 0700)
+	docker/run.sh archive $(ARGS)
 
 docker-test: $(STAMP) ## lint, build and run the image for real (slow: see README)
 	docker/test.sh

@@ -1,11 +1,14 @@
 #!/bin/sh
 # The image's front door: `serve` (default) | train | archive | demo | health, or any other command as is.
-#   serve    archive artifacts/model.pt if the store has no $MODEL_NAME.mar, then run TorchServe in the
-#            foreground until SIGTERM/SIGINT (serving/server.py stops it and its workers cleanly)
+#   serve    archive artifacts/model.pt if the store has no $MODEL_NAME.mar (only with a key dir mounted), then
+#            run TorchServe in the foreground until SIGTERM/SIGINT (serving/server.py stops it and its workers cleanly)
 #   train    python -m training.train ARGS       (artifacts/ and data/ are worth mounting)
-#   archive  python -m serving.archive ARGS      (artifacts/model.pt → model_store/$MODEL_NAME.mar)
+#   archive  python -m serving.archive ARGS      (artifacts/model.pt → model_store/$MODEL_NAME.mar, signed)
 #   demo     train → archive → serve, reusing a checkpoint or archive that is already there
 #   health   exit 0 only when every worker of the model is READY (the HEALTHCHECK)
+# Signing needs the key dir $MNIST_SERVE_KEY_DIR (/app/keys) mounted from the host: a key made inside
+# the container would die with it, and every archive it signed would be refused after a restart.
+# Serving needs only the public keys: $MNIST_SERVE_TRUSTED_DIR (/app/trusted), mounted read-only.
 set -eu
 
 MODEL_NAME=${MODEL_NAME:-mnist}
@@ -16,13 +19,19 @@ MAR=model_store/$MODEL_NAME.mar
 die() { echo "entrypoint: $*" >&2; exit 1; }
 
 archive() {
+    key_dir=${MNIST_SERVE_KEY_DIR:-}
+    [ -d "${key_dir:-/nonexistent}" ] || die "no signing key dir at ${key_dir:-\$MNIST_SERVE_KEY_DIR}: mount the" \
+        "host's (docker/run.sh archive does: -v ~/.config/mnist-serve:/app/keys); a key made here would die with the container"
+    # The first archive creates the key there; later ones read it (mode 0700/0600: only its owner can).
+    [ -r "$key_dir/signing-key.pem" ] || [ -w "$key_dir" ] || die "the signing key dir $key_dir is not" \
+        "usable by uid $(id -u): run the container as its owner (docker run --user \$(id -u):0; compose: MNIST_UID=\$(id -u))"
     python -m serving.archive --checkpoint "$CHECKPOINT" --model-name "$MODEL_NAME" --version "$MODEL_VERSION" "$@"
 }
 
 serve() {
     if [ ! -f "$MAR" ]; then
         [ -f "$CHECKPOINT" ] || die "no $MAR and no $CHECKPOINT to archive: mount a model store" \
-            "(-v \$PWD/model_store:/app/model_store) or a checkpoint (-v \$PWD/artifacts:/app/artifacts), or run 'demo'"
+            "(-v \$PWD/model_store:/app/model_store:ro) or archive first (docker/run.sh archive)"
         echo "entrypoint: no $MAR: archiving $CHECKPOINT"
         archive
     fi
