@@ -201,3 +201,32 @@ def test_hybrid_asks_the_server_below_the_threshold_and_answers_locally_above(tr
     refused = json.loads(run_edge(*common[:-1], "wrong-token", "--threshold", "1").stdout)
     # TorchServe 0.12 answers a wrong token with 400 InvalidKeyException (not 401).
     assert refused["source"] == "edge (server failed)" and "InvalidKeyException" in refused["server_error"]
+
+
+def test_the_hybrid_table_counts_each_path_on_known_answers():
+    from bench.hybrid import REFUSED, hybrid_table
+
+    confidence = np.array([0.99, 0.95, 0.6, 0.3, 0.0])
+    local = np.array([1, 2, 3, 4, REFUSED])  # the last one the edge could not read
+    labels = np.array([1, 2, 0, 4, 5])
+    server = {0: 1, 1: 2, 2: 0, 3: 9, 4: 5}  # the server's answer for each image below the highest threshold
+    rows = hybrid_table(confidence, local, server, labels, (0.5, 0.9, 1.0))
+    assert rows == [
+        {"threshold": 0.5, "local_share": 0.6, "local_accuracy": 2 / 3, "server_accuracy": 0.5, "forwarded": 2,
+         "overall_accuracy": 0.6},
+        {"threshold": 0.9, "local_share": 0.4, "local_accuracy": 1.0, "server_accuracy": 2 / 3, "forwarded": 3,
+         "overall_accuracy": 0.8},
+        {"threshold": 1.0, "local_share": 0.0, "local_accuracy": None, "server_accuracy": 0.8, "forwarded": 5,
+         "overall_accuracy": 0.8},
+    ]
+
+
+def test_the_hybrid_bench_says_when_the_wild_set_is_absent(monkeypatch):
+    from bench.hybrid import load_wild
+
+    images, labels = np.zeros((3, 28, 28), np.uint8), np.array([0, 1, 2])
+    assert load_wild(images, labels, 0, 0) == (None, "wild set: left out (--wild-limit 0)")
+    monkeypatch.setitem(sys.modules, "training.wild", None)  # as in a tree without training/wild.py
+    wild, note = load_wild(images, labels, 3, 0)
+    assert wild is None
+    assert note.startswith("wild set: ABSENT (") and note.endswith("), so the table is MNIST only")
