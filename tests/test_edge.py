@@ -185,12 +185,18 @@ def test_edge_installs_in_a_fresh_venv_without_torch_and_reads_a_seven(trained_c
 @pytest.mark.slow
 def test_hybrid_asks_the_server_below_the_threshold_and_answers_locally_above(trained_server, trained_checkpoint,
                                                                               tmp_path):
-    model = onnx_of(trained_checkpoint, tmp_path / "model.onnx")
+    # `make export`'s path: the ONNX file carries the trained checkpoint's fitted temperature.
+    model = export_all(trained_checkpoint, tmp_path, ("onnx",), calibration=None, log=lambda _: None)["onnx"]
     url, token = trained_server.url("inference"), trained_server.token("inference")
     common = ("predict", str(SAMPLE_7), "--model", str(model), "--server", url, "--token", token)
-    local = json.loads(run_edge(*common, "--threshold", "0").stdout)
+    answered = run_edge(*common, "--threshold", "0")
+    assert answered.stderr == ""  # no "carries no temperature" note
+    local = json.loads(answered.stdout)
     status, served = trained_server.predict(SAMPLE_7.read_bytes())
     assert status == 200
+    # Calibrated alike: the edge's softmax(logits / T) is the server's (archive temperature) to fp32 rounding.
+    assert [local["probabilities"][str(d)] for d in range(10)] == \
+        pytest.approx([served["probabilities"][str(d)] for d in range(10)], abs=1e-5)
     remote = run_edge(*common, "--threshold", "1")  # nothing is that sure: always asks
     assert remote.returncode == 0, remote.stderr
     body = json.loads(remote.stdout)
