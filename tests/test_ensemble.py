@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from serving.archive import build_archive
+from training import ensemble_train
 from training.checkpoint import atomic_save, load_checkpoint, model_from_checkpoint
 from training.ensemble import METHODS, EnsembleError, build_ensemble
-from training import ensemble_train
 from training.ensemble_train import combine, load_ensemble_checkpoint
 from training.model import ModelConfig, Net
 from training.tensors import normalize
