@@ -190,7 +190,7 @@ distill: $(STAMP) ## train a 5x smaller student from CHECKPOINT (SEEDS=3, with a
 bench-compress: $(STAMP) ## the compression table: size, accuracy, 1-thread latency/throughput, memory per format
 	$(PY) -m bench.compress $(ARGS)
 
-bench-hybrid: $(STAMP) ## edge-first, server-when-unsure on the MNIST test set, against a live TorchServe
+bench-hybrid: $(STAMP) ## edge first, server when unsure (calibrated): MNIST test + wild sets, live TorchServe
 	$(PY) -m bench.hybrid --checkpoint $(CHECKPOINT) $(ARGS)
 
 edge-install: ## install the torch-free edge client (edge/) into the active Python: `mnist-edge predict IMAGE`

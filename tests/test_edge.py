@@ -9,9 +9,10 @@ import sys
 import venv
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from training.export import export_onnx
+from training.export import export_all, export_onnx, onnx_temperature
 from training.formats import load_runner, softmax
 from training.preprocess import normalize_array, preprocess_bytes
 
@@ -51,15 +52,93 @@ def test_the_edge_preprocessing_is_training_preprocess_py_itself(name):
     assert shipped.resolve() == (ROOT / "training" / name).resolve()
 
 
+def sample_logits(checkpoint: Path) -> np.ndarray:
+    """The eager (torch) model's logits for SAMPLE_7 through training's preprocessing."""
+    return load_runner(checkpoint)(normalize_array(preprocess_bytes(SAMPLE_7.read_bytes())))[0]
+
+
 def test_edge_predicts_without_torch_what_the_training_path_computes(tiny_onnx):
     checkpoint, model = tiny_onnx
     result = run_edge("predict", str(SAMPLE_7), "--model", str(model))
     assert result.returncode == 0, result.stderr
     body = json.loads(result.stdout)
-    expected = softmax(load_runner(checkpoint)(normalize_array(preprocess_bytes(SAMPLE_7.read_bytes()))))[0]
+    expected = softmax(sample_logits(checkpoint)[None])[0]
     assert body["source"] == "edge"
     assert body["digit"] == int(expected.argmax())
     assert [body["probabilities"][str(d)] for d in range(10)] == pytest.approx(expected.tolist(), abs=1e-5)
+    # export_onnx alone stores no temperature: the edge says it falls back to the raw softmax (T = 1).
+    assert result.stderr == (f"note: {model} carries no temperature (exported from an uncalibrated checkpoint or "
+                             "before `make export` stored one): the confidence is the raw softmax (T = 1), not the "
+                             "calibrated one\n")
+
+
+@pytest.fixture(scope="module")
+def calibrated_onnx(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny checkpoint with a fitted temperature, exported by `make export`'s own code."""
+    from training.checkpoint import atomic_save, load_checkpoint
+
+    base = tmp_path_factory.mktemp("edge-calibrated")
+    checkpoint = save_tiny_checkpoint(base / "model.pt")
+    atomic_save({**load_checkpoint(checkpoint), "temperature": TEMPERATURE}, checkpoint)
+    written = export_all(checkpoint, base / "export", ("onnx",), calibration=None, log=lambda _: None)
+    return checkpoint, written["onnx"]
+
+
+# Far from 1 so that the calibrated and the raw softmax of an untrained tiny model differ visibly.
+TEMPERATURE = 0.125
+
+
+def test_export_stores_the_checkpoint_temperature_in_the_onnx_metadata(calibrated_onnx, tiny_onnx):
+    assert onnx_temperature(calibrated_onnx[1]) == TEMPERATURE
+    assert onnx_temperature(tiny_onnx[1]) is None
+
+
+def test_export_says_when_the_checkpoint_has_no_temperature(tiny_onnx, tmp_path):
+    lines: list[str] = []
+    export_all(tiny_onnx[0], tmp_path, ("onnx",), calibration=None, log=lines.append)
+    assert lines[0] == (f"note: {tiny_onnx[0]} has no fitted temperature, so its ONNX files carry none and the edge "
+                        "client's confidence is the raw softmax (T = 1); `make calibrate "
+                        f"CHECKPOINT={tiny_onnx[0]}` fits one")
+    assert onnx_temperature(tmp_path / "model.onnx") is None
+
+
+def test_edge_confidence_is_the_softmax_of_logits_over_the_stored_temperature(calibrated_onnx):
+    checkpoint, model = calibrated_onnx
+    result = run_edge("predict", str(SAMPLE_7), "--model", str(model))
+    assert (result.returncode, result.stderr) == (0, "")
+    body = json.loads(result.stdout)
+    logits = sample_logits(checkpoint)
+    calibrated, raw = softmax(logits[None] / TEMPERATURE)[0], softmax(logits[None])[0]
+    assert [body["probabilities"][str(d)] for d in range(10)] == pytest.approx(calibrated.tolist(), abs=1e-5)
+    assert body["confidence"] == pytest.approx(float(calibrated.max()), abs=1e-6)
+    assert body["digit"] == int(calibrated.argmax()) == int(raw.argmax())  # T rescales, never reorders
+    assert abs(body["confidence"] - float(raw.max())) > 1e-3  # so the check above could tell the two apart
+
+
+def test_the_hybrid_threshold_compares_the_calibrated_confidence(calibrated_onnx):
+    """Just above the calibrated confidence the edge asks the server; at it, it answers alone."""
+    from serving.ports import free_port
+
+    checkpoint, model = calibrated_onnx
+    confidence = float(softmax(sample_logits(checkpoint)[None] / TEMPERATURE)[0].max())
+    server = f"http://127.0.0.1:{free_port()}"  # nothing listens: a forwarded image comes back marked
+    for threshold, source in ((confidence - 1e-4, "edge"), (confidence + 1e-4, "edge (server failed)")):
+        result = run_edge("predict", str(SAMPLE_7), "--model", str(model), "--server", server,
+                          "--threshold", repr(threshold))
+        assert json.loads(result.stdout)["source"] == source
+
+
+@pytest.mark.parametrize(("value", "error"), [("0", "must be positive and finite"), ("-1", "must be positive"),
+                                              ("inf", "must be positive"), ("hot", "is not a number")])
+def test_a_broken_stored_temperature_is_refused(value, error):
+    sys.path.insert(0, str(EDGE))
+    try:
+        from mnist_edge.cli import EdgeError, model_temperature
+    finally:
+        sys.path.remove(str(EDGE))
+    assert model_temperature({"temperature": "0.5"}, "m.onnx") == (0.5, None)
+    with pytest.raises(EdgeError, match=error):
+        model_temperature({"temperature": value}, "m.onnx")
 
 
 def test_edge_errors_are_one_line(tiny_onnx, tmp_path):
@@ -106,12 +185,18 @@ def test_edge_installs_in_a_fresh_venv_without_torch_and_reads_a_seven(trained_c
 @pytest.mark.slow
 def test_hybrid_asks_the_server_below_the_threshold_and_answers_locally_above(trained_server, trained_checkpoint,
                                                                               tmp_path):
-    model = onnx_of(trained_checkpoint, tmp_path / "model.onnx")
+    # `make export`'s path: the ONNX file carries the trained checkpoint's fitted temperature.
+    model = export_all(trained_checkpoint, tmp_path, ("onnx",), calibration=None, log=lambda _: None)["onnx"]
     url, token = trained_server.url("inference"), trained_server.token("inference")
     common = ("predict", str(SAMPLE_7), "--model", str(model), "--server", url, "--token", token)
-    local = json.loads(run_edge(*common, "--threshold", "0").stdout)
+    answered = run_edge(*common, "--threshold", "0")
+    assert answered.stderr == ""  # no "carries no temperature" note
+    local = json.loads(answered.stdout)
     status, served = trained_server.predict(SAMPLE_7.read_bytes())
     assert status == 200
+    # Calibrated alike: the edge's softmax(logits / T) is the server's (archive temperature) to fp32 rounding.
+    assert [local["probabilities"][str(d)] for d in range(10)] == \
+        pytest.approx([served["probabilities"][str(d)] for d in range(10)], abs=1e-5)
     remote = run_edge(*common, "--threshold", "1")  # nothing is that sure: always asks
     assert remote.returncode == 0, remote.stderr
     body = json.loads(remote.stdout)
@@ -122,3 +207,32 @@ def test_hybrid_asks_the_server_below_the_threshold_and_answers_locally_above(tr
     refused = json.loads(run_edge(*common[:-1], "wrong-token", "--threshold", "1").stdout)
     # TorchServe 0.12 answers a wrong token with 400 InvalidKeyException (not 401).
     assert refused["source"] == "edge (server failed)" and "InvalidKeyException" in refused["server_error"]
+
+
+def test_the_hybrid_table_counts_each_path_on_known_answers():
+    from bench.hybrid import REFUSED, hybrid_table
+
+    confidence = np.array([0.99, 0.95, 0.6, 0.3, 0.0])
+    local = np.array([1, 2, 3, 4, REFUSED])  # the last one the edge could not read
+    labels = np.array([1, 2, 0, 4, 5])
+    server = {0: 1, 1: 2, 2: 0, 3: 9, 4: 5}  # the server's answer for each image below the highest threshold
+    rows = hybrid_table(confidence, local, server, labels, (0.5, 0.9, 1.0))
+    assert rows == [
+        {"threshold": 0.5, "local_share": 0.6, "local_accuracy": 2 / 3, "server_accuracy": 0.5, "forwarded": 2,
+         "overall_accuracy": 0.6},
+        {"threshold": 0.9, "local_share": 0.4, "local_accuracy": 1.0, "server_accuracy": 2 / 3, "forwarded": 3,
+         "overall_accuracy": 0.8},
+        {"threshold": 1.0, "local_share": 0.0, "local_accuracy": None, "server_accuracy": 0.8, "forwarded": 5,
+         "overall_accuracy": 0.8},
+    ]
+
+
+def test_the_hybrid_bench_says_when_the_wild_set_is_absent(monkeypatch):
+    from bench.hybrid import load_wild
+
+    images, labels = np.zeros((3, 28, 28), np.uint8), np.array([0, 1, 2])
+    assert load_wild(images, labels, 0, 0) == (None, "wild set: left out (--wild-limit 0)")
+    monkeypatch.setitem(sys.modules, "training.wild", None)  # as in a tree without training/wild.py
+    wild, note = load_wild(images, labels, 3, 0)
+    assert wild is None
+    assert note.startswith("wild set: ABSENT (") and note.endswith("), so the table is MNIST only")

@@ -52,6 +52,7 @@ from training.train import (
     random_affine,
     score,
 )
+from training.trust import fit_trust
 
 STUDENT = ModelConfig(conv1=16, conv2=24, hidden=64)
 
@@ -139,11 +140,16 @@ def train_student(cfg: TrainConfig, data, targets: torch.Tensor | torch.nn.Modul
                    "test_accuracy": test["accuracy"], "seconds": round(time.perf_counter() - start, 1)}
 
 
-def _save_student(best: tuple[Net, dict], base: TrainConfig, args: argparse.Namespace) -> None:
+def _save_student(best: tuple[Net, dict], base: TrainConfig, args: argparse.Namespace, data) -> None:
     train_config = {**cfglib.to_dict(dataclasses.replace(base, seed=best[1]["seed"])),
                     "distill": {"teacher": str(args.teacher), "temperature": args.temperature, "alpha": args.alpha}}
-    metrics = {k: best[1][k] for k in ("test_accuracy", "val_accuracy")}
-    ckpt = make_checkpoint(copy.deepcopy(best[0]).cpu(), train_config, metrics)
+    # Calibrated as training.train calibrates the default model: the fitted temperature (not the
+    # distillation's T) is what `make export` stamps into the student's ONNX for mnist-edge's hybrid
+    # threshold, and the "not a digit" detector makes the student archive like any checkpoint.
+    trust, trust_metrics = fit_trust(best[0].eval(), (data.train_x, data.train_y), (data.val_x, data.val_y),
+                                     (data.test_x, data.test_y))
+    metrics = {**{k: best[1][k] for k in ("test_accuracy", "val_accuracy")}, **trust_metrics}
+    ckpt = {**make_checkpoint(copy.deepcopy(best[0]).cpu(), train_config, metrics), **trust}
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_save(ckpt, args.out / "student.pt")
 
@@ -209,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
             if soft is not None and (best is None or row["val_accuracy"] > best[1]["val_accuracy"]):
                 best = (model, row)
-                _save_student(best, base, args)
+                _save_student(best, base, args, data)
             _write_summary(runs, teacher_config, teacher_params, args)
     for distilled in (False, True):
         accs = [r["test_accuracy"] for r in runs if r["distilled"] == distilled]

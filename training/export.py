@@ -7,7 +7,9 @@ Writes into `artifacts/export/` (or --out):
   model_int8.pt2   static int8 of every conv and linear (PT2E + X86InductorQuantizer from torchao),
                    calibrated on training images, compiled by AOTInductor for a batch of 32 (see compile_int8)
   model_int8.onnx  ONNX Runtime's static int8 (QDQ, per-channel weights), same calibration images
-and prints one parity line per file against the eager model on the MNIST test set.
+and prints one parity line per file against the eager model on the MNIST test set. Each .onnx file
+carries the checkpoint's fitted temperature in its metadata (TEMPERATURE_KEY): the edge client's
+calibrated confidence is softmax(logits / T) with it.
 """
 
 from __future__ import annotations
@@ -31,6 +33,11 @@ FILES = {"onnx": "model.onnx", "pt2": "model.pt2", "aoti": "model_aoti.pt2", "in
          "int8-onnx": "model_int8.onnx"}
 MAX_BATCH = 1024
 INT8_BATCH = 32
+# The temperature travels inside the .onnx file (ModelProto.metadata_props), not in a JSON sidecar:
+# one file to copy onto a device, so a model can never be paired with another model's temperature,
+# and ONNX Runtime reads it back without a dependency (session.get_modelmeta().custom_metadata_map).
+# The edge client (edge/mnist_edge/cli.py) reads this very key.
+TEMPERATURE_KEY = "temperature"
 
 
 class ExportError(RuntimeError):
@@ -56,6 +63,26 @@ def export_onnx(model: torch.nn.Module, path: Path) -> None:
         raise ExportError("torch.onnx.export(dynamo=True) returned no program")
     program.save(str(path))
     onnx.checker.check_model(str(path), full_check=True)
+
+
+def stamp_temperature(path: Path, temperature: float) -> None:
+    """Write `temperature` into the ONNX file's metadata (replacing any earlier one); the graph is unchanged."""
+    import onnx
+
+    model = onnx.load(str(path))
+    kept = [p for p in model.metadata_props if p.key != TEMPERATURE_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    model.metadata_props.add(key=TEMPERATURE_KEY, value=repr(float(temperature)))
+    onnx.save(model, str(path))
+
+
+def onnx_temperature(path: Path) -> float | None:
+    """The temperature an exported ONNX file carries, or None (exported from an uncalibrated checkpoint)."""
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    return float(props[TEMPERATURE_KEY]) if TEMPERATURE_KEY in props else None
 
 
 def compile_aoti(program: torch.export.ExportedProgram, path: Path, freezing: bool = False) -> None:
@@ -122,7 +149,12 @@ def calibration_images(root: str | None, count: int, seed: int = 0) -> np.ndarra
 def export_all(checkpoint: Path, out: Path, formats: tuple[str, ...], calibration: np.ndarray | None,
                log=print) -> dict[str, Path]:
     """Write each asked-for format into `out`; return {format: file}. AOTInductor needs a C++ compiler."""
-    model = model_from_checkpoint(load_checkpoint(checkpoint))
+    ckpt = load_checkpoint(checkpoint)
+    model = model_from_checkpoint(ckpt)
+    temperature = ckpt.get("temperature")
+    if temperature is None and {"onnx", "int8-onnx"} & set(formats):
+        log(f"note: {checkpoint} has no fitted temperature, so its ONNX files carry none and the edge client's "
+            f"confidence is the raw softmax (T = 1); `make calibrate CHECKPOINT={checkpoint}` fits one")
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
     if calibration is None and {"int8", "int8-onnx"} & set(formats):
@@ -132,7 +164,8 @@ def export_all(checkpoint: Path, out: Path, formats: tuple[str, ...], calibratio
         "pt2": lambda p: torch.export.save(export_program(model), str(p)),
         "aoti": lambda p: compile_aoti(export_program(model), p),
         "int8": lambda p: compile_int8(model, calibration, p),  # type: ignore[arg-type]
-        "int8-onnx": lambda p: quantize_onnx(_fp32_onnx(model, out, written), p, calibration),  # type: ignore[arg-type]
+        "int8-onnx": lambda p: quantize_onnx(_fp32_onnx(model, out, written, temperature), p,
+                                                  calibration),  # type: ignore[arg-type]
     }
     for name in formats:
         path = out / FILES[name]
@@ -141,14 +174,19 @@ def export_all(checkpoint: Path, out: Path, formats: tuple[str, ...], calibratio
             steps[name](path)
         except Exception as err:  # each exporter raises its own types; report which format failed and go on
             raise ExportError(f"{name}: {type(err).__name__}: {str(err).strip().splitlines()[0][:300]}") from err
+        if path.suffix == ".onnx" and temperature is not None:
+            stamp_temperature(path, float(temperature))
         written[name] = path
-        log(f"wrote {path}  ({path.stat().st_size / 1e6:.2f} MB, {time.perf_counter() - start:.0f}s)")
+        stamp = f", temperature {float(temperature):.4f}" if path.suffix == ".onnx" and temperature is not None else ""
+        log(f"wrote {path}  ({path.stat().st_size / 1e6:.2f} MB, {time.perf_counter() - start:.0f}s{stamp})")
     return written
 
 
-def _fp32_onnx(model: torch.nn.Module, out: Path, written: dict[str, Path]) -> Path:
-    if "onnx" not in written:
+def _fp32_onnx(model: torch.nn.Module, out: Path, written: dict[str, Path], temperature: float | None) -> Path:
+    if "onnx" not in written:  # left beside the int8 file: stamped like it, so either can go to a device
         export_onnx(model, out / FILES["onnx"])
+        if temperature is not None:
+            stamp_temperature(out / FILES["onnx"], float(temperature))
     return out / FILES["onnx"]
 
 

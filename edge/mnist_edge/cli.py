@@ -1,9 +1,11 @@
 """`mnist-edge predict IMAGE`: read a digit on this device; with --server, ask TorchServe when unsure.
 
 The local answer is the exported ONNX model run by ONNX Runtime on the preprocessing the server
-uses (preprocess.py is training/preprocess.py itself). Hybrid mode answers locally when the local
-model's top probability is at least --threshold and otherwise sends the image to the server, whose
-answer then wins; if the server cannot be reached the local answer is returned, marked as such.
+uses (preprocess.py is training/preprocess.py itself). Its confidence is calibrated as the server's
+is: softmax(logits / T), with the temperature T fitted after training and carried in the ONNX file's
+metadata by `make export` (a file without one: T = 1, and a note on stderr says so). Hybrid mode
+answers locally when that confidence is at least --threshold and otherwise sends the image to the
+server, whose answer then wins; if the server cannot be reached the local answer is returned, marked.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import numpy as np
 from mnist_edge.preprocess import PreprocessError, normalize_array, preprocess_bytes
 
 DEFAULT_MODEL = "artifacts/export/model.onnx"
+# The metadata key training/export.py writes (TEMPERATURE_KEY there; this package cannot import training).
+TEMPERATURE_KEY = "temperature"
 CLASSES = [str(d) for d in range(10)]
 
 
@@ -41,12 +45,27 @@ class EdgeModel:
         options.inter_op_num_threads = 1
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0].name
+        self.temperature, self.note = model_temperature(self.session.get_modelmeta().custom_metadata_map, path)
 
     def probabilities(self, digits: np.ndarray) -> np.ndarray:
-        """28×28 uint8 digits (one or a batch) → (N, 10) probabilities."""
-        logits = self.session.run(None, {self.input: normalize_array(digits)})[0]
+        """28×28 uint8 digits (one or a batch) → (N, 10) calibrated probabilities: softmax(logits / T)."""
+        logits = self.session.run(None, {self.input: normalize_array(digits)})[0] / self.temperature
         z = np.exp(logits - logits.max(axis=1, keepdims=True))
         return z / z.sum(axis=1, keepdims=True)
+
+
+def model_temperature(metadata: dict[str, str], path: str | os.PathLike) -> tuple[float, str | None]:
+    """(T, note): the temperature in the model's metadata, or 1.0 and a note saying why it is missing."""
+    if TEMPERATURE_KEY not in metadata:
+        return 1.0, (f"{path} carries no temperature (exported from an uncalibrated checkpoint or before "
+                     "`make export` stored one): the confidence is the raw softmax (T = 1), not the calibrated one")
+    try:
+        temperature = float(metadata[TEMPERATURE_KEY])
+    except ValueError:
+        raise EdgeError(f"{path}: temperature {metadata[TEMPERATURE_KEY]!r} is not a number") from None
+    if not 0.0 < temperature < float("inf"):
+        raise EdgeError(f"{path}: temperature {temperature} must be positive and finite")
+    return temperature, None
 
 
 def answer(probabilities: np.ndarray, source: str) -> dict:
@@ -74,8 +93,9 @@ def ask_server(url: str, data: bytes, model_name: str = "mnist", token: str | No
 def predict(data: bytes, model: EdgeModel, server: str | None = None, threshold: float = 0.0,
             token: str | None = None, model_name: str = "mnist") -> dict:
     """One image: the local answer if it is confident enough (or there is no server), else the server's."""
-    local = answer(model.probabilities(preprocess_bytes(data))[0], "edge")
-    if server is None or local["confidence"] >= threshold:
+    probabilities = model.probabilities(preprocess_bytes(data))[0]
+    local = answer(probabilities, "edge")
+    if server is None or float(probabilities.max()) >= threshold:  # unrounded: the bench compares the same
         return local
     try:
         remote = ask_server(server, data, model_name, token)
@@ -101,10 +121,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--threshold must be in [0, 1]")
     try:
         data = args.image.read_bytes()
-        result = predict(data, EdgeModel(args.model), args.server, args.threshold, args.token, args.model_name)
+        model = EdgeModel(args.model)
+        result = predict(data, model, args.server, args.threshold, args.token, args.model_name)
     except (OSError, PreprocessError, EdgeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    if model.note:  # with the answer it qualifies, on stderr: stdout stays one JSON object
+        print(f"note: {model.note}", file=sys.stderr)
     print(json.dumps(result))
     return 0
 
