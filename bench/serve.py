@@ -97,15 +97,16 @@ def bench_setup(label: str, server: TorchServe, script_path: Path, digits: list[
 
 def variant_model(checkpoint: Path, variant: str, work: Path):
     """The model exactly as a worker of a `variant` archive runs it (one thread)."""
-    from serving.handler import ONNX_FILES, onnx_model, serving_model
+    from serving.handler import ONNX_FILES, serving_model
     from training.export import calibration_images, export_all
+    from training.formats import OnnxModel
 
     if variant not in ONNX_FILES:
         return serving_model(model_from_checkpoint(load_checkpoint(checkpoint)), variant)
     fmt = "int8-onnx" if variant == "int8" else "onnx"
     calibration = calibration_images(None, 512) if variant == "int8" else None  # what serving/archive.py uses
     export_all(checkpoint, work, (fmt,), calibration, log=lambda _: None)
-    return onnx_model(work / ONNX_FILES[variant], threads=1)
+    return OnnxModel(work / ONNX_FILES[variant], threads=1, use_features=variant == "onnx")
 
 
 def _ms_per_batch(model, x: torch.Tensor, runs: int) -> float:

@@ -36,7 +36,7 @@ from serving import oip  # noqa: E402  (Open Inference Protocol v2: KServe)
 from training import precision  # noqa: E402
 from training.ensemble import load_ensemble  # noqa: E402
 from training.explain import IG_STEPS, integrated_gradients  # noqa: E402
-from training.formats import load_runner  # noqa: E402
+from training.formats import OnnxModel  # noqa: E402  (TorchServe: one class per handler module)
 from training.model import build_model, fuse_batch_norm  # noqa: E402
 from training.ood import features_and_logits, is_digit, ood_score  # noqa: E402
 from training.preprocess import PreprocessError, from_pixels, preprocess_bytes, to_mnist  # noqa: E402
@@ -95,12 +95,6 @@ def serving_model(model: torch.nn.Module, variant: str, device: torch.device | s
     their offline answers are computed exactly the way the server computes them.
     """
     return optimize(model.eval(), variant).to(device, memory_format=torch.channels_last)
-
-
-def onnx_model(path: Path, threads: int):
-    """An exported model run by ONNX Runtime, called like the torch module: tensor batch in, logits out."""
-    run = load_runner(path, threads)
-    return lambda x: torch.from_numpy(run(x.cpu().contiguous().numpy()))
 
 
 def to_model_input(digits: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -251,7 +245,8 @@ class MNISTHandler(BaseHandler):
             if float_model is not None:
                 float_model.load_state_dict(state_dict)
             if variant in ONNX_FILES:
-                self.model = onnx_model(model_dir / ONNX_FILES[variant], torch.get_num_threads())
+                self.model = OnnxModel(model_dir / ONNX_FILES[variant], torch.get_num_threads(),
+                                       use_features=variant == "onnx")  # training/formats.py
             else:
                 self.model = serving_model(model, variant, self.device)
             self.explainer = self.model if float_model is None else serving_model(float_model, "eager", self.device)
@@ -310,7 +305,9 @@ class MNISTHandler(BaseHandler):
             with torch.inference_mode():
                 if hasattr(self.model, "features"):  # the CNN itself: one pass gives both
                     features, logits = features_and_logits(self.model, x)
-                else:  # ONNX, bf16, an ensemble: logits only; the detector reads the float model's features
+                elif getattr(self.model, "has_features", False) and self.detector is not None:  # ONNX with both
+                    features, logits = self.model.features_and_logits(x)
+                else:  # older ONNX, bf16, an ensemble: logits only; the detector reads the float model's features
                     logits = self.model(x)
                     features = features_and_logits(self.explainer, x)[0] if self.detector is not None else logits
                 probabilities = torch.softmax(logits.float() / self.temperature, dim=1)

@@ -22,8 +22,12 @@ from ts.service import Service
 
 from serving.archive import build_archive
 from serving.handler import DEFAULT_VARIANT, LOW_CONFIDENCE, MNISTHandler, decode_request
+from training.checkpoint import load_checkpoint, model_from_checkpoint
+from training.ood import is_digit, ood_score
+from training.ood_data import noise_images
 from training.preprocess import PreprocessError
 from training.tensors import normalize
+from training.trust import outputs
 
 # Shared fixtures (tiny_archive, trained_archive, trained_checkpoint) load as a plugin, so each
 # exists once per session; helpers are imported by name, after registering for assert rewriting.
@@ -74,15 +78,18 @@ class InProcessWorker:
             assert self.context.get_response_headers(i)["X-Model-Version"] == "1.0"  # every answer, errors too
         return [(self.context.get_response_status(i)[0], json.loads(b)) for i, b in enumerate(bodies)]
 
-    def digits(self, pngs: list[bytes]) -> list[int]:
-        """Predictions for many images, in batches of the worker's batch size as the server sends them."""
+    def answers(self, pngs: list[bytes]) -> list[dict]:
+        """Answers for many images, in batches of the worker's batch size as the server sends them."""
         size = self.context.system_properties["batch_size"]
         out = []
         for start in range(0, len(pngs), size):
             answers = self.handle([raw(p) for p in pngs[start : start + size]])
             assert [status for status, _ in answers] == [200] * len(answers)
-            out += [body["digit"] for _, body in answers]
+            out += [body for _, body in answers]
         return out
+
+    def digits(self, pngs: list[bytes]) -> list[int]:
+        return [body["digit"] for body in self.answers(pngs)]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -341,14 +348,25 @@ def test_every_variant_serves_the_trained_model(variant, trained_checkpoint, mni
     archive = build_archive(trained_checkpoint, tmp_path / "store", "mnist", "1.0", variant)
     worker = InProcessWorker(unpack(archive.path, tmp_path / "model"))
     images, _ = mnist_test_images
-    digits = worker.digits(mnist_pngs)
+    noise = [encode_png(image) for image in noise_images(20)]
+    answers = worker.answers(mnist_pngs + noise)
     offline = offline_probabilities(trained_checkpoint, images[:1000]).argmax(1).tolist()
-    disagree = sum(a != b for a, b in zip(digits, offline, strict=True))
+    disagree = sum(a["digit"] != b for a, b in zip(answers, offline, strict=False))
     # eager, fused and onnx compute the same function (fused folds batch norm into the convs): same digits.
     # int8 quantises weights and activations, bf16 rounds every weight and activation to 8 bits of
     # mantissa (or falls back to fused fp32 where slower): approximations, allowed a few borderline digits.
-    assert disagree <= (5 if variant.startswith("int8") or variant == "bf16" else 0), \
-        f"{variant}: {disagree} of 1000 digits differ"
+    approximate = variant.startswith("int8") or variant == "bf16"
+    assert disagree <= (5 if approximate else 0), f"{variant}: {disagree} of 1000 digits differ"
+    # "Not a digit": the fp32 model's verdicts, whichever model computed the detector's features.
+    ckpt = load_checkpoint(trained_checkpoint)
+    checked = torch.cat([images[:1000], torch.from_numpy(noise_images(20))])
+    features, logits = outputs(model_from_checkpoint(ckpt), checked)
+    verdicts = is_digit(ckpt["ood"], ood_score(ckpt["ood"], features, logits)).tolist()
+    differ = sum(a["is_digit"] != v for a, v in zip(answers, verdicts, strict=True))
+    assert differ <= (5 if approximate else 0), f"{variant}: {differ} of 1020 is_digit verdicts differ"
+    assert not any(a["is_digit"] for a in answers[1000:])  # the noise
+    if variant in ("onnx", "int8"):  # fp32 ONNX: the detector's features from the file's own second output
+        assert worker.handler.model.has_features == (variant == "onnx")
 
 
 def test_an_archive_without_a_variant_gets_the_one_default(tiny_archive, tmp_path):

@@ -26,6 +26,8 @@ import torch
 from training.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from training.data import DataError, data_dir, load_split
 from training.formats import FormatError, Runner, load_runner, softmax
+from training.model import Net
+from training.ood import features_and_logits
 from training.preprocess import normalize_array
 
 FORMATS = ("onnx", "pt2", "aoti", "int8", "int8-onnx")
@@ -53,12 +55,29 @@ def export_program(model: torch.nn.Module) -> torch.export.ExportedProgram:
     return torch.export.export(model.eval(), (example,), dynamic_shapes=_batch_dim())
 
 
+class _WithFeatures(torch.nn.Module):
+    """The CNN with a second output: what the "not a digit" detector reads (training/ood.py), from the
+    same forward pass. A served ONNX or int8 model then needs no float model beside it for the score."""
+
+    def __init__(self, model: Net) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features, logits = features_and_logits(self.model, x)
+        return logits, features
+
+
 def export_onnx(model: torch.nn.Module, path: Path) -> None:
+    """Outputs `logits` (first: every runner reads output 0) and, for the CNN, the detector's `features`."""
     import onnx
 
     example = torch.zeros(2, 1, 28, 28)
-    program = torch.onnx.export(model.eval(), (example,), dynamo=True, dynamic_shapes={"x": {0: "batch"}},
-                                input_names=["images"], output_names=["logits"], verbose=False)
+    with_features = isinstance(model, Net)
+    wrapped = _WithFeatures(model.eval()) if isinstance(model, Net) else model.eval()
+    outputs = ["logits", "features"] if with_features else ["logits"]
+    program = torch.onnx.export(wrapped, (example,), dynamo=True, dynamic_shapes={"x": {0: "batch"}},
+                                input_names=["images"], output_names=outputs, verbose=False)
     if program is None:  # only the legacy exporter returns nothing
         raise ExportError("torch.onnx.export(dynamo=True) returned no program")
     program.save(str(path))
