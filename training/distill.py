@@ -181,8 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-limit", type=int, default=0, help="use only this many training images (0: all)")
     parser.add_argument("--augment", action="store_true",
                         help="train the students with the trainer's augmentation, the teacher asked per batch")
-    parser.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"),
-                        help="where the students train (default cpu; auto: CUDA when there is one)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="where the students train (default auto: CUDA when there is one)")
     parser.add_argument("--data-dir", default=os.environ.get("MNIST_DIR") or "data")
     parser.add_argument("--dry-run", action="store_true", help="3 batches per epoch: a quick check of the whole path")
     args = parser.parse_args(argv)
