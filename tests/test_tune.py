@@ -77,7 +77,10 @@ def test_two_processes_share_one_study_and_ctrl_c_leaves_it_consistent(tmp_path,
     assert [first.returncode, second.returncode] == [0, 0], outputs
     study = load(tmp_path)
     trials = study.get_trials(deepcopy=False)
-    assert states(study).count("COMPLETE") >= 4 and "RUNNING" not in states(study)
+    # Four finished between them (a pruned trial is finished too: which ones the median pruner stops
+    # depends on the sampled values); it prunes nothing before 3 trials complete (n_startup_trials).
+    finished = states(study).count("COMPLETE") + states(study).count("PRUNED")
+    assert finished >= 4 and states(study).count("COMPLETE") >= 3 and "RUNNING" not in states(study)
     assert {t.user_attrs["pid"] for t in trials} == {first.pid, second.pid}  # both worked on the one study
     assert sorted(t.number for t in trials) == list(range(len(trials)))
 
