@@ -5,7 +5,7 @@ Archives the checkpoint into a temporary model store, starts the project's Torch
 Markdown report. Every loop is bounded in time and stops by itself.
 
   inputs   a corpus of bad requests: status and message of each; the worker must survive them all
-  kill     kill -9 the worker under steady load: every request's outcome, time to full throughput
+  kill     kill -9 a worker under steady load: every request's outcome, time to full throughput
   sigterm  SIGTERM the frontend under load: time until every process is gone, then a clean restart
            on the same run directory and ports
   soak     ~70% of measured capacity for --soak-seconds: errors, p50/p99 per minute, RSS start/end

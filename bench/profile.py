@@ -12,11 +12,15 @@ import argparse
 import collections
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+
+import psutil
 
 from bench.load import WRK_SCRIPT, run_wrk, write_digits
 from bench.report import machine_line
@@ -29,11 +33,12 @@ _VENV_SPY = Path(sys.executable).with_name("py-spy")
 PY_SPY = str(_VENV_SPY) if _VENV_SPY.is_file() else "py-spy"
 # (bucket, substrings of a stack frame "function (file:line)"); first match wins, checked from the leaf.
 BUCKETS = (
-    ("model forward", ("torch/nn/", "forward (", "_call_impl")),
+    ("model forward", ("torch/nn/", "forward (", "_call_impl", "features_and_logits (", "ood_score (")),
     ("decode (PNG → 28×28)", ("preprocess.py", "imdecode")),
     ("normalise + batch", ("to_model_input", "normalize", "stack (")),
     ("JSON response", ("prediction_body", "json/encoder", "json/__init__")),
     ("metrics", ("_record_metrics", "ts/metrics/")),
+    ("handler's own Python (batch loop, response headers)", ("MNISTHandler.handle (", "set_response_")),
     ("TorchServe protocol (socket, (un)pickling)", ("ts/protocol/", "otf_message_handler", "recv", "sendall",
                                                     "model_service_worker")),
 )
@@ -48,35 +53,54 @@ def bucket_of(stack: str) -> str:
     return "other"
 
 
+def cpu_seconds(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return times.user + times.system
+
+
 def profile(store: Path, run_dir: Path, digits: list[Path], concurrency: int, seconds: int,
-            rate: int) -> tuple[dict, collections.Counter, collections.Counter]:
+            rate: int) -> tuple[dict, collections.Counter, collections.Counter, dict[str, float]]:
+    """(wrk's result, samples per bucket, samples per leaf frame, CPU cores each process used under load)."""
     server = TorchServe.on_free_ports(run_dir, store, model_name="mnist")
     server.start(timeout=180)
     try:
-        pid = server.describe()["workers"][0]["pid"]
+        pids = [w["pid"] for w in server.describe()["workers"]]  # every worker: their samples add up
         script = run_dir / "load.lua"
         script.with_suffix(".txt").write_text("\n".join(str(p) for p in digits) + "\n")
         script.write_text(WRK_SCRIPT % {"list": script.with_suffix(".txt"), "token": server.token("inference") or ""})
         run_wrk(server, script, 8, 2)  # warm-up
-        raw = run_dir / "samples.txt"
-        spy = subprocess.Popen([PY_SPY, "record", "--pid", str(pid), "--duration", str(seconds), "--rate", str(rate),
-                                "--format", "raw", "--output", str(raw), "--nonblocking"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        raws = [run_dir / f"samples-{pid}.txt" for pid in pids]
+        spies = [subprocess.Popen([PY_SPY, "record", "--pid", str(pid), "--duration", str(seconds), "--rate",
+                                   str(rate), "--format", "raw", "--output", str(raw), "--nonblocking"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                 for pid, raw in zip(pids, raws, strict=True)]
+        # Who used the cores during the load: the Java frontend, each worker, and wrk (a child of this
+        # process, so in RUSAGE_CHILDREN once it has ended). py-spy's own share is the rest.
+        processes = {"frontend (Java)": psutil.Process(server.running_pid()),
+                     **{f"worker {i + 1}": psutil.Process(pid) for i, pid in enumerate(pids)}}
+        before = {name: cpu_seconds(p) for name, p in processes.items()}
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        started = time.monotonic()
         result = run_wrk(server, script, concurrency, seconds)
-        _, err = spy.communicate(timeout=seconds + 60)
-        if spy.returncode != 0:
-            raise SystemExit(f"error: py-spy failed ({spy.returncode}): {err.strip()[-300:]}")
+        elapsed = time.monotonic() - started
+        cores = {name: (cpu_seconds(p) - before[name]) / elapsed for name, p in processes.items()}
+        done = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cores["wrk"] = (done.ru_utime + done.ru_stime - children.ru_utime - children.ru_stime) / elapsed
+        for spy in spies:
+            _, err = spy.communicate(timeout=seconds + 60)
+            if spy.returncode != 0:
+                raise SystemExit(f"error: py-spy failed ({spy.returncode}): {err.strip()[-300:]}")
     finally:
         server.stop()
     buckets: collections.Counter = collections.Counter()
     leaves: collections.Counter = collections.Counter()
-    for line in raw.read_text().splitlines():
+    for line in (line for raw in raws for line in raw.read_text().splitlines()):
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
             continue
         buckets[bucket_of(stack)] += int(count)
         leaves[stack.split(";")[-1]] += int(count)
-    return result, buckets, leaves
+    return result, buckets, leaves, cores
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,19 +122,24 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         digits, _, _ = write_digits(work / "digits", 200, None)
         build_archive(args.checkpoint, work / "store", "mnist", "1.0", args.variant, model_config=args.model_config)
-        result, buckets, leaves = profile(work / "store", work / "run", digits, args.concurrency, args.seconds,
-                                          args.rate)
+        result, buckets, leaves, cores = profile(work / "store", work / "run", digits, args.concurrency,
+                                                 args.seconds, args.rate)
     total = sum(buckets.values()) or 1
     print(f"\n{result['rps']:,.0f} req/s at c={args.concurrency}, p50 {result['p50']:.1f} ms, "
-          f"p99 {result['p99']:.1f} ms; variant {args.variant}; {total} samples of the worker; load average "
+          f"p99 {result['p99']:.1f} ms; variant {args.variant}; {total} samples of {len(cores) - 2} worker(s); "
+          "load average "
           f"{'/'.join(f'{x:.1f}' for x in os.getloadavg())}\n")
-    print("| stage of the worker | share of samples |\n|---|---:|")
+    print(f"| process | CPU cores used under load (of {os.cpu_count()}) |\n|---|---:|")
+    for name, used in cores.items():
+        print(f"| {name} | {used:.2f} |")
+    print(f"| all of them | {sum(cores.values()):.2f} |\n")
+    print("| stage of the workers | share of samples |\n|---|---:|")
     for name, n in buckets.most_common():
         print(f"| {name} | {n / total:.0%} |")
     print(f"\ntop {args.top} functions by own samples:")
     for frame, n in leaves.most_common(args.top):
         print(f"  {n / total:5.1%}  {frame}")
-    print(json.dumps({"buckets": dict(buckets)}))
+    print(json.dumps({"buckets": dict(buckets), "cores": {k: round(v, 3) for k, v in cores.items()}}))
     return 0
 
 

@@ -32,7 +32,7 @@ _HERE = Path(__file__).resolve().parent
 if (_HERE / "training").is_dir() and str(_HERE) not in sys.path[:1]:
     sys.path.insert(0, str(_HERE))
 
-from serving import oip  # noqa: E402  (Open Inference Protocol v2: KServe)
+from serving import oip, worker_io  # noqa: E402  (KServe v2 protocol; buffered reads of the worker socket)
 from training import precision  # noqa: E402
 from training.ensemble import load_ensemble  # noqa: E402
 from training.explain import IG_STEPS, integrated_gradients  # noqa: E402
@@ -270,6 +270,7 @@ class MNISTHandler(BaseHandler):
                              torch.zeros(1, dtype=torch.long, device=self.device))
         self.context = context
         self.initialized = True
+        worker_io.install()  # from the next message on: README, Benchmarks (serving overhead)
         logger.info("MNIST model loaded on %s (variant %s, batch size %d)", self.device, variant, self.batch_size)
 
     def handle(self, data: list[dict[str, Any]], context) -> list[bytes]:

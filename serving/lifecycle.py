@@ -37,6 +37,19 @@ def manifest_version(mar: Path) -> str | None:
         return None
 
 
+def archive_workers(mar: Path) -> int:
+    """minWorkers of the model-config.yaml packed in the archive (configs/model-config.yaml: 2), else 1.
+    A registration names its workers itself (`initial_workers`, TorchServe ignores the packed value), so
+    a deployed version gets as many as the archive asks for, like the version loaded at start."""
+    try:
+        with zipfile.ZipFile(mar) as z:
+            text = z.read("model-config.yaml").decode()
+    except (OSError, KeyError, UnicodeDecodeError, zipfile.BadZipFile):
+        return 1
+    found = re.search(r"^minWorkers:\s*(\d+)", text, re.MULTILINE)
+    return max(1, int(found[1])) if found else 1
+
+
 def same_version(a: str, b: str) -> bool:
     """`2` and `2.0` name the same version (`make deploy VERSION=2` for an archive built as 2.0)."""
     def norm(v: str) -> str:
@@ -79,9 +92,10 @@ def _call(client: ServerClient, method: str, path: str, timeout: float = 120) ->
     return answer
 
 
-def deploy(client: ServerClient, store: Path, version: str, workers: int = 1, timeout: float = 180) -> str:
+def deploy(client: ServerClient, store: Path, version: str, workers: int | None = None, timeout: float = 180) -> str:
     mar, signer = checked_archive(store, client.model_name, version)
     version = manifest_version(mar) or version
+    workers = workers or archive_workers(mar)
     # Asynchronous, then polled: a synchronous registration holds one of the frontend's netty threads
     # until the new worker has loaded, and the inference connections served by that thread stall as
     # long (measured: requests to the serving version timed out during a 20-s deploy).

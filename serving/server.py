@@ -66,7 +66,8 @@ class TorchServe(ServerClient):
             **{k: str(v) for k, v in self.grpc_ports.items()},
             # The worker's unix socket lives in java.io.tmpdir (/tmp/.ts.sock.9000 by default) and a new
             # worker deletes an existing one: per-run, so two servers never share or remove each other's.
-            "vmargs": f"{template_value('vmargs')} -Djava.io.tmpdir={self.run_dir.resolve() / 'tmp'}",
+            "vmargs": f"{template_value('vmargs')} -Djava.io.tmpdir={self.run_dir.resolve() / 'tmp'} "
+                      f"-Dlog4j.configurationFile={ROOT / 'configs' / 'log4j2.xml'}",  # one file per line
             # TorchServe's default system-metrics command passes the GPU count, and with a GPU it imports
             # nvgpu/pynvml (not installed: nvgpu is unmaintained) and fails every minute, taking the CPU and
             # memory gauges with it. The same collector with --gpu 0 keeps those; GPU load is nvidia-smi's job.

@@ -90,6 +90,10 @@ def test_deploy_promote_rollback_undeploy(server):
     assert answered_by(server) == (200, "1.0", 7)
     assert answered_by(server, "/predictions/mnist/2.0") == (200, "2.0", 7)  # shadow: reachable, not default
     assert answered_by(server, "/predictions/mnist/1.0") == (200, "1.0", 7)
+    # As many workers as the archive's model-config.yaml asks for, like the version loaded at start.
+    _, body = server.request("management", "/models/mnist/2.0")
+    workers = [w["status"] for w in json.loads(body)[0]["workers"]]
+    assert workers == ["READY"] * lifecycle.archive_workers(server.model_store / "mnist-2.0.mar") == ["READY"] * 2
 
     assert lifecycle.promote(server, "2") == "mnist 2.0 is the default (was 1.0; `make rollback` returns to it)"
     assert answered_by(server) == (200, "2.0", 7)

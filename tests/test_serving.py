@@ -72,10 +72,18 @@ def json_body(obj: object) -> tuple[bytes, str]:
     return json.dumps(obj).encode(), "application/json"
 
 
-def worker_pid(server: TorchServe) -> int:
-    (worker,) = server.describe()["workers"]
-    assert worker["status"] == "READY"
-    return worker["pid"]
+def workers_of_the_archive() -> int:
+    """minWorkers of configs/model-config.yaml, which `make archive` packs (the CPU profile: 2)."""
+    (line,) = [x for x in (ROOT / "configs" / "model-config.yaml").read_text().splitlines()
+               if x.startswith("minWorkers:")]
+    return int(line.split(":")[1].split("#")[0])
+
+
+def worker_pids(server: TorchServe) -> set[int]:
+    """The pids of the model's workers, every one READY: the same set before and after means no restart."""
+    workers = server.describe()["workers"]
+    assert [w["status"] for w in workers] == ["READY"] * workers_of_the_archive(), workers
+    return {w["pid"] for w in workers}
 
 
 # --- no server needed ----------------------------------------------------------------------------
@@ -139,7 +147,7 @@ def server(trained_archive, tmp_path_factory):
         frontend = psutil.Process(pid)
         processes = [frontend, *frontend.children(recursive=True)]
         workers = [p for p in processes if "model_service_worker" in " ".join(p.cmdline())]
-        assert len(workers) == 1, [p.cmdline() for p in processes]
+        assert len(workers) == workers_of_the_archive(), [p.cmdline() for p in processes]
     finally:
         stopped = ts.stop()
     assert stopped
@@ -161,7 +169,9 @@ def test_server_runs_the_archived_model_config(server):
     info = server.describe()
     summary = (info["modelName"], info["modelVersion"], info["batchSize"], info["maxBatchDelay"])
     assert summary == ("mnist", "1.0", 32, 5)  # configs/model-config.yaml, packed in the .mar
-    assert [w["status"] for w in info["workers"]] == ["READY"]
+    assert [w["status"] for w in info["workers"]] == ["READY"] * workers_of_the_archive() == ["READY"] * 2
+    # serving/worker_io.py: each worker reads TorchServe's frames through one buffer, once loaded.
+    assert server.log_tail("model_log.log", 10_000).count("reads frames through a 256 KiB buffer") == 2
 
 
 @pytest.mark.slow
@@ -197,19 +207,19 @@ BAD_INPUTS = handler_rejections(SAMPLE_7.read_bytes())  # name: BadInput(body, c
 @pytest.mark.parametrize("name", list(BAD_INPUTS))
 def test_bad_input_is_a_400_that_leaves_the_worker_alone(server, name):
     bad = BAD_INPUTS[name]
-    pid = worker_pid(server)
+    pids = worker_pids(server)
     status, answer, _ = predict(server, bad.body, bad.content_type)
     assert status == 400
     assert (answer["code"], answer["type"]) == (400, "InvalidInput")
     assert answer["message"].startswith(bad.message), answer["message"]
     status, answer, _ = predict(server, SAMPLE_7.read_bytes(), "image/png")
     assert (status, answer["digit"]) == (200, 7)
-    assert worker_pid(server) == pid  # no crash, no restart
+    assert worker_pids(server) == pids  # no crash, no restart
 
 
 @pytest.mark.slow
 def test_oversized_body_is_refused_by_the_frontend(server):
-    pid = worker_pid(server)
+    pids = worker_pids(server)
     # Announced with `Expect: 100-continue`, as curl does for large bodies, the frontend refuses it on
     # the headers. (A client that just streams the body sees the 413 or, when the frontend closes the
     # connection mid-upload, a connection reset: about 1 in 4 here.)
@@ -227,17 +237,17 @@ def test_oversized_body_is_refused_by_the_frontend(server):
         connection.close()
     status, answer, _ = predict(server, SAMPLE_7.read_bytes(), "image/png")
     assert (status, answer["digit"]) == (200, 7)
-    assert worker_pid(server) == pid
+    assert worker_pids(server) == pids
 
 
 @pytest.mark.slow
 def test_binary_body_sent_as_a_form_is_refused_by_the_frontend(server):
     # curl's default for --data-binary is application/x-www-form-urlencoded. TorchServe's frontend
     # then tries to parse the image as a form and fails with a 500 before the handler sees it.
-    pid = worker_pid(server)
+    pids = worker_pids(server)
     status, answer, _ = predict(server, SAMPLE_7.read_bytes(), "application/x-www-form-urlencoded")
     assert (status, answer["type"]) == (500, "ErrorDataDecoderException")
-    assert worker_pid(server) == pid
+    assert worker_pids(server) == pids
 
 
 def _batches_in_log(run_dir: Path) -> list[set[str]]:
@@ -316,7 +326,7 @@ def test_models_cannot_be_registered_or_removed_at_run_time(server):
                          ("DELETE", "/models/mnist")]:
         status, raw = server.request("management", path, method=method)
         assert (status, json.loads(raw)["type"]) == (405, "MethodNotAllowedException"), (method, path)
-    assert worker_pid(server) > 0  # still served
+    assert worker_pids(server)  # still served
 
 
 def _prometheus(server: TorchServe) -> dict[tuple[str, frozenset], float]:
@@ -371,7 +381,11 @@ def test_cli_predicts_and_reports_status_against_the_running_server(server):
     lines = result.stdout.splitlines()
     assert lines[0] == "model mnist version 1.0  batch 32  max delay 5 ms"
     # A GPU host gives the worker a GPU (gpu True): both are a healthy worker.
-    assert re.fullmatch(rf"  worker \d+  READY  pid {worker_pid(server)}  gpu (True|False)  memory \d+", lines[1])
+    pids = worker_pids(server)
+    for line in lines[1:]:
+        found = re.fullmatch(r"  worker \d+  READY  pid (\d+)  gpu (True|False)  memory \d+", line)
+        assert found and int(found[1]) in pids, line
+    assert len(lines) == 1 + len(pids)
 
 
 @pytest.mark.slow
@@ -395,6 +409,30 @@ def test_tokens_never_reach_the_logs(server):
         text = path.read_bytes()
         for kind, key in keys.items():
             assert key.encode() not in text, f"the {kind} key is in {path}"
+
+
+@pytest.mark.slow
+def test_each_log_line_goes_to_one_rotated_file(server):
+    # configs/log4j2.xml: after the requests above, each is one line in access_log.log and none in
+    # console.log (not rotated) or, twice, in ts_log.log; the frontend logs at INFO, not DEBUG.
+    def text(name: str) -> str:
+        return (server.run_dir / name).read_text(errors="replace")
+
+    def answered() -> int:
+        return sum('"POST /predictions/mnist HTTP/1.1" 200' in line for line in text("access_log.log").splitlines())
+
+    before = answered()
+    for _ in range(10):
+        assert predict(server, SAMPLE_7.read_bytes(), "image/png")[0] == 200
+    deadline = time.monotonic() + 10
+    while answered() < before + 10 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert answered() == before + 10
+    assert "ACCESS_LOG" not in text("console.log") and "MODEL_LOG" not in text("console.log")
+    frontend = text("ts_log.log")
+    assert "ACCESS_LOG" not in frontend and "[DEBUG]" not in frontend
+    started = [line for line in frontend.splitlines() if "Inference API bind to" in line]
+    assert len(started) == 1, started  # once, not once per appender
 
 
 @pytest.mark.slow
