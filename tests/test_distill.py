@@ -28,6 +28,20 @@ def test_distill_writes_a_student_and_both_runs_per_seed(tmp_path, mnist_dir, au
     assert student["model_config"]["conv1"] == distill.STUDENT.conv1
 
 
+def test_the_student_widths_are_an_option(tmp_path, mnist_dir, capsys):
+    teacher = save_tiny_checkpoint(tmp_path / "model.pt")
+    assert distill.main(["--teacher", str(teacher), "--out", str(tmp_path / "out"), "--seeds", "1", "--epochs", "1",
+                         "--train-limit", "2000", "--data-dir", str(mnist_dir), "--dry-run",
+                         "--student", "8,12,16"]) == 0
+    config = load_checkpoint(tmp_path / "out" / "student.pt")["model_config"]
+    assert (config["conv1"], config["conv2"], config["hidden"]) == (8, 12, 16)
+    assert json.loads((tmp_path / "out" / "distill.json").read_text())["student"]["hidden"] == 16
+    for bad in ("8,12", "8,x,16", "8,0,16"):
+        with pytest.raises(SystemExit):
+            distill.main(["--teacher", str(teacher), "--student", bad])
+        assert "--student" in capsys.readouterr().err
+
+
 def test_an_ensemble_teaches_with_its_averaged_probabilities(tmp_path, mnist_dir):
     members = [save_tiny_checkpoint(tmp_path / f"m{k}.pt", seed=k) for k in range(2)]
     atomic_save(combine(members, str(mnist_dir)), tmp_path / "ensemble.pt")

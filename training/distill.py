@@ -156,10 +156,10 @@ def _save_student(best: tuple[Net, dict], base: TrainConfig, args: argparse.Name
 
 def _write_summary(runs: list[dict], teacher_config: ModelConfig, teacher_params: int,
                    args: argparse.Namespace) -> None:
-    summary = {"student": dataclasses.asdict(STUDENT), "parameters": parameters(Net(STUDENT)),
+    summary = {"student": dataclasses.asdict(args.student), "parameters": parameters(Net(args.student)),
                "teacher": str(args.teacher), "teacher_parameters": teacher_params, "epochs": args.epochs,
                "augment": args.augment, "device": args.device,
-               "macs_ratio": round(multiply_accumulates(teacher_config) / multiply_accumulates(STUDENT), 2),
+               "macs_ratio": round(multiply_accumulates(teacher_config) / multiply_accumulates(args.student), 2),
                "temperature": args.temperature, "alpha": args.alpha, "runs": runs}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "distill.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -168,6 +168,16 @@ def _write_summary(runs: list[dict], teacher_config: ModelConfig, teacher_params
 def _mean_std(values: list[float]) -> str:
     spread = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.mean(values):.2%} ± {spread:.2%}"
+
+
+def _student(text: str) -> ModelConfig:
+    try:
+        conv1, conv2, hidden = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected three widths like 16,24,64, got {text!r}") from None
+    if min(conv1, conv2, hidden) < 1:
+        raise argparse.ArgumentTypeError(f"widths must be positive, got {text!r}")
+    return dataclasses.replace(STUDENT, conv1=conv1, conv2=conv2, hidden=hidden)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -183,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="train the students with the trainer's augmentation, the teacher asked per batch")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                         help="where the students train (default auto: CUDA when there is one)")
+    parser.add_argument("--student", type=_student, default=STUDENT, metavar="CONV1,CONV2,HIDDEN",
+                        help=f"the student's widths (default {STUDENT.conv1},{STUDENT.conv2},{STUDENT.hidden})")
     parser.add_argument("--data-dir", default=os.environ.get("MNIST_DIR") or "data")
     parser.add_argument("--dry-run", action="store_true", help="3 batches per epoch: a quick check of the whole path")
     args = parser.parse_args(argv)
@@ -190,17 +202,17 @@ def main(argv: list[str] | None = None) -> int:
         device = pick_device(args.device, 0)
         teacher, teacher_config, teacher_params = load_teacher(args.teacher)
         teacher = teacher.to(device)
-        base = dataclasses.replace(TrainConfig(), data_dir=args.data_dir, epochs=args.epochs, model=STUDENT,
+        base = dataclasses.replace(TrainConfig(), data_dir=args.data_dir, epochs=args.epochs, model=args.student,
                                    train_limit=args.train_limit, augment=args.augment)
         data = load_data(base, device)
         targets: torch.Tensor | torch.nn.Module = teacher if args.augment else teacher_logits(teacher, data.train_x)
     except (CheckpointError, DataError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    student_params = parameters(Net(STUDENT))
+    student_params = parameters(Net(args.student))
     member_params = parameters(Net(teacher_config))
-    ratio_macs = multiply_accumulates(teacher_config) / multiply_accumulates(STUDENT)
-    print(f"student {STUDENT}: {student_params:,} parameters ({student_params / member_params:.1%} of one "
+    ratio_macs = multiply_accumulates(teacher_config) / multiply_accumulates(args.student)
+    print(f"student {args.student}: {student_params:,} parameters ({student_params / member_params:.1%} of one "
           f"teacher CNN's {member_params:,}), {ratio_macs:.1f}× fewer multiply-accumulates; teacher {args.teacher} "
           f"({teacher_params:,} parameters); {args.epochs} epochs, augment {args.augment}, {device}, "
           f"T={args.temperature}, alpha={args.alpha}")
