@@ -21,6 +21,8 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from serving.client import ROOT, ServerClient
 from serving.errors import ServerError
 from serving.server import verify_checksum
@@ -43,11 +45,10 @@ def archive_workers(mar: Path) -> int:
     a deployed version gets as many as the archive asks for, like the version loaded at start."""
     try:
         with zipfile.ZipFile(mar) as z:
-            text = z.read("model-config.yaml").decode()
-    except (OSError, KeyError, UnicodeDecodeError, zipfile.BadZipFile):
+            settings = yaml.safe_load(z.read("model-config.yaml"))
+        return max(1, int(settings["minWorkers"]))
+    except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError, zipfile.BadZipFile):
         return 1
-    found = re.search(r"^minWorkers:\s*(\d+)", text, re.MULTILINE)
-    return max(1, int(found[1])) if found else 1
 
 
 def same_version(a: str, b: str) -> bool:

@@ -69,13 +69,12 @@ def install() -> bool:
     original: Callable = module.retrieve_msg
     if getattr(original, "buffered", False):
         return True
-    readers: dict[int, BufferedSocket] = {}
+    reader: BufferedSocket | None = None
 
     def retrieve_msg(conn: socket.socket) -> Any:
-        reader = readers.get(id(conn))
-        if reader is None or reader._sock is not conn:
-            readers.clear()  # one connection per worker; a new one starts with an empty buffer
-            reader = readers[id(conn)] = BufferedSocket(conn)
+        nonlocal reader
+        if reader is None or reader._sock is not conn:  # one connection per worker; a new one, a new buffer
+            reader = BufferedSocket(conn)
         return original(reader)
 
     retrieve_msg.buffered = True  # type: ignore[attr-defined]

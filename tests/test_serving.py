@@ -24,6 +24,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import yaml
 
 from bench.inputs import handler_rejections
 from serving.server import ServerError, TorchServe, free_port
@@ -74,9 +75,7 @@ def json_body(obj: object) -> tuple[bytes, str]:
 
 def workers_of_the_archive() -> int:
     """minWorkers of configs/model-config.yaml, which `make archive` packs (the CPU profile: 2)."""
-    (line,) = [x for x in (ROOT / "configs" / "model-config.yaml").read_text().splitlines()
-               if x.startswith("minWorkers:")]
-    return int(line.split(":")[1].split("#")[0])
+    return int(yaml.safe_load((ROOT / "configs" / "model-config.yaml").read_text())["minWorkers"])
 
 
 def worker_pids(server: TorchServe) -> set[int]:
