@@ -26,7 +26,7 @@ from bench.load import WRK_SCRIPT, run_wrk, write_digits
 from bench.report import machine_line
 from serving.archive import MODEL_CONFIG, build_archive
 from serving.handler import DEFAULT_VARIANT
-from serving.server import TorchServe
+from serving.server import LOG4J, TorchServe
 
 # The venv's own py-spy first: `make` runs without the venv on PATH.
 _VENV_SPY = Path(sys.executable).with_name("py-spy")
@@ -58,10 +58,16 @@ def cpu_seconds(process: psutil.Process) -> float:
     return times.user + times.system
 
 
-def profile(store: Path, run_dir: Path, digits: list[Path], concurrency: int, seconds: int,
-            rate: int) -> tuple[dict, collections.Counter, collections.Counter, dict[str, float]]:
-    """(wrk's result, samples per bucket, samples per leaf frame, CPU cores each process used under load)."""
-    server = TorchServe.on_free_ports(run_dir, store, model_name="mnist")
+def log_bytes(run_dir: Path) -> int:
+    return sum(p.stat().st_size for p in run_dir.rglob("*.log"))
+
+
+def profile(store: Path, run_dir: Path, digits: list[Path], concurrency: int, seconds: int, rate: int,
+            stock_logging: bool = False) -> tuple[dict, collections.Counter, collections.Counter, dict[str, float],
+                                                  float]:
+    """(wrk's result, samples per bucket, samples per leaf frame, CPU cores each process used under load and
+    the MB/s of log lines the server wrote meanwhile)."""
+    server = TorchServe.on_free_ports(run_dir, store, model_name="mnist", log_config=None if stock_logging else LOG4J)
     server.start(timeout=180)
     try:
         pids = [w["pid"] for w in server.describe()["workers"]]  # every worker: their samples add up
@@ -80,12 +86,14 @@ def profile(store: Path, run_dir: Path, digits: list[Path], concurrency: int, se
                      **{f"worker {i + 1}": psutil.Process(pid) for i, pid in enumerate(pids)}}
         before = {name: cpu_seconds(p) for name, p in processes.items()}
         children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        logged = log_bytes(run_dir)
         started = time.monotonic()
         result = run_wrk(server, script, concurrency, seconds)
         elapsed = time.monotonic() - started
         cores = {name: (cpu_seconds(p) - before[name]) / elapsed for name, p in processes.items()}
         done = resource.getrusage(resource.RUSAGE_CHILDREN)
         cores["wrk"] = (done.ru_utime + done.ru_stime - children.ru_utime - children.ru_stime) / elapsed
+        log_rate = (log_bytes(run_dir) - logged) / elapsed / 1e6
         for spy in spies:
             _, err = spy.communicate(timeout=seconds + 60)
             if spy.returncode != 0:
@@ -100,7 +108,7 @@ def profile(store: Path, run_dir: Path, digits: list[Path], concurrency: int, se
             continue
         buckets[bucket_of(stack)] += int(count)
         leaves[stack.split(";")[-1]] += int(count)
-    return result, buckets, leaves, cores
+    return result, buckets, leaves, cores, log_rate
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
     parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--stock-logging", action="store_true",
+                        help="TorchServe's own log4j2.xml instead of configs/log4j2.xml (what it costs)")
     args = parser.parse_args(argv)
     for tool in ("wrk", PY_SPY):
         if shutil.which(tool) is None:
@@ -122,8 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         digits, _, _ = write_digits(work / "digits", 200, None)
         build_archive(args.checkpoint, work / "store", "mnist", "1.0", args.variant, model_config=args.model_config)
-        result, buckets, leaves, cores = profile(work / "store", work / "run", digits, args.concurrency,
-                                                 args.seconds, args.rate)
+        result, buckets, leaves, cores, log_rate = profile(work / "store", work / "run", digits, args.concurrency,
+                                                           args.seconds, args.rate, args.stock_logging)
     total = sum(buckets.values()) or 1
     print(f"\n{result['rps']:,.0f} req/s at c={args.concurrency}, p50 {result['p50']:.1f} ms, "
           f"p99 {result['p99']:.1f} ms; variant {args.variant}; {total} samples of {len(cores) - 2} worker(s); "
@@ -133,13 +143,16 @@ def main(argv: list[str] | None = None) -> int:
     for name, used in cores.items():
         print(f"| {name} | {used:.2f} |")
     print(f"| all of them | {sum(cores.values()):.2f} |\n")
+    logging_config = "TorchServe's stock log4j2.xml" if args.stock_logging else "configs/log4j2.xml"
+    print(f"log lines written under load: {log_rate:.1f} MB/s ({logging_config})\n")
     print("| stage of the workers | share of samples |\n|---|---:|")
     for name, n in buckets.most_common():
         print(f"| {name} | {n / total:.0%} |")
     print(f"\ntop {args.top} functions by own samples:")
     for frame, n in leaves.most_common(args.top):
         print(f"  {n / total:5.1%}  {frame}")
-    print(json.dumps({"buckets": dict(buckets), "cores": {k: round(v, 3) for k, v in cores.items()}}))
+    print(json.dumps({"buckets": dict(buckets), "cores": {k: round(v, 3) for k, v in cores.items()},
+                      "log_mb_per_s": round(log_rate, 2)}))
     return 0
 
 

@@ -29,6 +29,7 @@ from training.data import sha256_of
 __all__ = ["ServerError", "TorchServe", "free_port", "port_is_free", "verify_checksum"]
 
 TEMPLATE = ROOT / "configs" / "config.properties"
+LOG4J = ROOT / "configs" / "log4j2.xml"  # each log line in one rotated file (README, Tuning)
 
 
 @dataclass
@@ -37,6 +38,7 @@ class TorchServe(ServerClient):
     grpc_ports: dict[str, int] = field(default_factory=lambda: {
         k: int(os.environ.get(k.upper(), v)) for k, v in DEFAULT_GRPC_PORTS.items()})
     extra_properties: dict[str, str] = field(default_factory=dict)
+    log_config: Path | None = LOG4J  # None: the log4j2.xml inside TorchServe's jar (bench.profile compares)
     # Where ts_log.log ended when this start began: a crash loop is counted from there, not over the
     # whole log, which survives restarts.
     _log_offset: int = field(default=0, init=False, repr=False)
@@ -66,8 +68,8 @@ class TorchServe(ServerClient):
             **{k: str(v) for k, v in self.grpc_ports.items()},
             # The worker's unix socket lives in java.io.tmpdir (/tmp/.ts.sock.9000 by default) and a new
             # worker deletes an existing one: per-run, so two servers never share or remove each other's.
-            "vmargs": f"{template_value('vmargs')} -Djava.io.tmpdir={self.run_dir.resolve() / 'tmp'} "
-                      f"-Dlog4j.configurationFile={ROOT / 'configs' / 'log4j2.xml'}",  # one file per line
+            "vmargs": f"{template_value('vmargs')} -Djava.io.tmpdir={self.run_dir.resolve() / 'tmp'}"
+                      + (f" -Dlog4j.configurationFile={self.log_config}" if self.log_config else ""),
             # TorchServe's default system-metrics command passes the GPU count, and with a GPU it imports
             # nvgpu/pynvml (not installed: nvgpu is unmaintained) and fails every minute, taking the CPU and
             # memory gauges with it. The same collector with --gpu 0 keeps those; GPU load is nvidia-smi's job.

@@ -21,6 +21,7 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from xml.etree import ElementTree
 
 import psutil
 import pytest
@@ -98,6 +99,14 @@ def test_default_config_is_loopback_only_with_auth_on(tmp_path, monkeypatch):
     assert props["disable_token_authorization"] == "false"
     assert props["enable_model_api"] == "false"
     assert props["max_request_size"] == str(MAX_REQUEST_SIZE)
+
+
+def test_the_log4j_config_parses():
+    # A malformed file (e.g. "--" inside an XML comment) makes log4j fall back to its own console-only
+    # defaults without failing the start: no ts_log.log, no access_log.log.
+    root = ElementTree.parse(ROOT / "configs" / "log4j2.xml").getroot()
+    assert {a.get("name") for a in root.iter("RollingFile")} == {
+        "access_log", "model_log", "model_metrics", "ts_log", "ts_metrics"}
 
 
 @pytest.fixture
