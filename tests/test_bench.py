@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from bench.plain import plain_net
 from bench.report import serving_table
 from bench.train import table
@@ -37,3 +39,15 @@ def test_serving_table_gives_the_share_of_in_process_throughput():
     lines = serving_table([base, row]).splitlines()
     assert lines[2] == "| baseline | 64 | 60 | 10.0 | 12.0 | 20.0 | 0 | 0/50 |  |  |"
     assert lines[3] == "| project | 64 | 900 | 10.0 | 12.0 | 20.0 | 0 | 0/50 | 50% | 15.0x |"
+
+
+def test_decode_bench_bodies_are_what_the_handler_accepts():
+    # bench.decode times these: each must decode to a digit, not take the error path.
+    from bench.decode import bodies
+    from serving.handler import decode_request
+
+    digits = np.zeros((2, 28, 28), np.uint8)
+    digits[:, 6:22, 12:16] = 255  # a "1"
+    for name, requests in bodies(digits).items():
+        for request in requests:
+            assert decode_request(request).shape == (28, 28), name

@@ -7,7 +7,9 @@ cannot pass. Lossless encodings are compared exactly; lossy ones (JPEG, HEIC) by
 from __future__ import annotations
 
 import io
+import zlib
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
@@ -123,3 +125,96 @@ def test_truncated_heic_is_refused():
 
 def test_a_broken_orientation_value_is_ignored():
     assert np.array_equal(load_image(encode_pil(upright(), "PNG", 9)), upright())
+
+
+# --- the PNG header fast path ----------------------------------------------------------------------
+
+def png_chunk(kind: bytes, body: bytes) -> bytes:
+    return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+
+
+def with_chunk(png: bytes, kind: bytes, body: bytes) -> bytes:
+    """`png` with one more chunk right after IHDR (signature 8 bytes + IHDR 25)."""
+    return png[:33] + png_chunk(kind, body) + png[33:]
+
+
+def pil_header(data: bytes) -> tuple[str, int, int, int] | str:
+    """What `_read_header` answered before the fast path: PIL's parse, or PIL's error message."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            exif = image.info.get("exif")
+            return str(image.format), *image.size, decode._orientation(exif)
+    except Exception:
+        return "refused"
+
+
+def plain_pngs() -> dict[str, bytes]:
+    gray, rng = upright(), np.random.default_rng(0)
+    colour = rng.integers(0, 256, (30, 20, 3), dtype=np.uint8)
+    return {
+        "opencv gray": cv2.imencode(".png", gray)[1].tobytes(),
+        "opencv bgr": cv2.imencode(".png", colour)[1].tobytes(),
+        "opencv bgra": cv2.imencode(".png", np.dstack([colour, colour[:, :, :1]]))[1].tobytes(),
+        "opencv 16-bit": cv2.imencode(".png", gray.astype(np.uint16) * 257)[1].tobytes(),
+        "pil gray": encode_pil(gray, "PNG"),
+        "pil palette": _palette_png(gray),
+        "pil with dpi (pHYs)": encode_pil(gray, "PNG", dpi=(96, 96)),
+        "pil interlaced": _interlaced_png(gray),
+        "with gAMA, sRGB and cHRM": with_chunk(with_chunk(with_chunk(
+            encode_pil(gray, "PNG"), b"gAMA", (45455).to_bytes(4, "big")), b"sRGB", b"\0"), b"cHRM", bytes(32)),
+    }
+
+
+def _palette_png(gray: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(gray).convert("P").save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _interlaced_png(gray: np.ndarray) -> bytes:
+    # PIL writes no Adam7; the IHDR's interlace byte is set by hand (valid header, pixels not decoded here).
+    png = bytearray(encode_pil(gray, "PNG"))
+    png[28] = 1
+    png[29:33] = zlib.crc32(bytes(png[12:29])).to_bytes(4, "big")
+    return bytes(png)
+
+
+@pytest.mark.parametrize("name", list(plain_pngs()))
+def test_plain_pngs_take_the_fast_path_and_answer_as_pil_does(name):
+    data = plain_pngs()[name]
+    assert decode._plain_png_size(data) is not None
+    assert decode._read_header(data) == pil_header(data)
+
+
+@pytest.mark.parametrize("change", ["exif", "text", "trns", "bad crc", "short gama", "no idat", "ihdr not first",
+                                    "bad depth", "filter method"])
+def test_other_pngs_go_through_pil(change):
+    png = encode_pil(upright(), "PNG")
+    data = {
+        "exif": encode_pil(unorient(upright(), 6), "PNG", 6),
+        "text": with_chunk(png, b"tEXt", b"Comment\0hello"),
+        "trns": with_chunk(png, b"tRNS", b"\0\0"),
+        "bad crc": png[:29] + bytes(4) + png[33:],
+        "short gama": with_chunk(png, b"gAMA", b"\0\0"),
+        "no idat": png[:33],
+        "ihdr not first": png[:8] + png_chunk(b"sRGB", b"\0") + png[8:],
+        "bad depth": png[:24] + b"\x03" + png[25:29] + zlib.crc32(png[12:24] + b"\x03" + png[25:29]).to_bytes(4, "big")
+        + png[33:],
+        "filter method": png[:27] + b"\x01" + png[28:29] + zlib.crc32(png[12:27] + b"\x01" + png[28:29])
+        .to_bytes(4, "big") + png[33:],
+    }[change]
+    assert decode._plain_png_size(data) is None
+    expected = pil_header(data)
+    if expected == "refused":
+        with pytest.raises(PreprocessError, match=r"^not an image"):
+            decode._read_header(data)
+    else:
+        assert decode._read_header(data) == expected
+    if change == "exif":
+        assert np.array_equal(load_image(data), upright())  # the orientation still applies
+
+
+def test_a_corrupt_header_checksum_is_refused_as_before():
+    png = encode_pil(upright(), "PNG")
+    with pytest.raises(PreprocessError, match=r"^not an image"):
+        load_image(png[:29] + bytes(4) + png[33:])
