@@ -74,7 +74,7 @@ def export_onnx(model: torch.nn.Module, path: Path) -> None:
 
     example = torch.zeros(2, 1, 28, 28)
     with_features = isinstance(model, Net)
-    wrapped = _WithFeatures(model.eval()) if isinstance(model, Net) else model.eval()
+    wrapped = (_WithFeatures(model) if isinstance(model, Net) else model).eval()  # the wrapper too: no warning
     outputs = ["logits", "features"] if with_features else ["logits"]
     program = torch.onnx.export(wrapped, (example,), dynamo=True, dynamic_shapes={"x": {0: "batch"}},
                                 input_names=["images"], output_names=outputs, verbose=False)
