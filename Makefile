@@ -202,9 +202,9 @@ test: $(STAMP) ## the whole test suite, slow ones included (training, torchrun, 
 test-fast: $(STAMP) ## unit tests only: no training, no server, no Java, no download (MNIST tests skip without data)
 	MNIST_OFFLINE=1 $(PY) -m pytest -m "not slow" $(ARGS)
 
-lint: $(STAMP) ## ruff over the code, mypy over training/ and serving/, promtool over the Prometheus config and rules
+lint: $(STAMP) ## ruff over the code, mypy over training/, serving/ and bench/, promtool over the Prometheus config and rules
 	$(VENV)/bin/ruff check training serving tests bench deploy edge
-	$(VENV)/bin/mypy training serving
+	$(VENV)/bin/mypy training serving bench
 	promtool check config configs/prometheus.yml
 	promtool check rules configs/alerts.yml
 

@@ -18,6 +18,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -72,8 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             for name in scenarios:
                 say(f"scenario {name}")
-                run = {"inputs": scenario_inputs, "kill": scenario_kill, "sigterm": scenario_sigterm,
-                       "soak": lambda h: scenario_soak(h, args.soak_seconds)}[name]
+                runs: dict[str, Callable[[Harness], list[str]]] = {
+                    "inputs": scenario_inputs, "kill": scenario_kill, "sigterm": scenario_sigterm,
+                    "soak": lambda h: scenario_soak(h, args.soak_seconds)}
+                run = runs[name]
                 report += ["", *run(h)]
         finally:
             h.server.stop()

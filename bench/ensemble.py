@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             x = torch.randn(batch, 1, 28, 28).contiguous(memory_format=torch.channels_last)
             ms = timed({"single": members[0], **models}, x, args.repeats)
             single = ms.pop("single")
-            best = min(ms, key=ms.get)
+            best = min(ms, key=ms.__getitem__)
             print(f"| {n} | {batch} | {single:.2f} | " + " | ".join(f"{ms[m]:.2f}" for m in METHODS) + f" | {best} |")
     return 0
 

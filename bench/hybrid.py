@@ -49,7 +49,7 @@ def hybrid_table(confidence: np.ndarray, local: np.ndarray, server: dict[int, in
         here = confidence >= t
         away = np.flatnonzero(~here)
         final = local.copy()
-        final[away] = [server[i] for i in away]
+        final[away] = [server[int(i)] for i in away]
         rows.append({"threshold": t, "local_share": float(here.mean()),
                      "local_accuracy": float((local[here] == labels[here]).mean()) if here.any() else None,
                      "server_accuracy": float((final[away] == labels[away]).mean()) if len(away) else None,

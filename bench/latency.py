@@ -26,6 +26,7 @@ from serving.handler import serving_model, to_model_input
 from serving.server import TorchServe
 from training.checkpoint import load_checkpoint, model_from_checkpoint
 from training.data import load_split
+from training.model import Net
 from training.ood import features_and_logits, is_digit, ood_score
 
 
@@ -53,6 +54,7 @@ def added_cost(checkpoint: Path, digits: np.ndarray, repeats: int = 50, rounds: 
     """
     ckpt = load_checkpoint(checkpoint)
     model = serving_model(model_from_checkpoint(ckpt), "fused")
+    assert isinstance(model, Net)  # fused: the CNN itself, batch norm folded
     detector, temperature = ckpt.get("ood"), float(ckpt.get("temperature", 1.0))
     x = to_model_input(digits[:32])
     torch.set_num_threads(1)  # as a worker runs
@@ -94,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         server.start(timeout=180)
         try:
             token = server.token("inference")
+            assert token is not None  # started with auth=True
             for endpoint in ("/predictions/mnist", "/explanations/mnist"):
                 for png in pngs[:10]:  # warm-up
                     _post(server, endpoint, png, token)

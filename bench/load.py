@@ -127,7 +127,7 @@ class Load:
     def __init__(self, server: TorchServe, pngs: list[bytes], expected: list[int], threads: int,
                  max_seconds: float, timeout: float):
         url = urlsplit(server.url("inference"))
-        self.host, self.port = url.hostname, url.port
+        self.host, self.port = url.hostname or "127.0.0.1", url.port
         self.path = f"/predictions/{server.model_name}"
         self.headers = {"Content-Type": "application/octet-stream",
                         "Authorization": f"Bearer {server.token('inference')}"}
@@ -155,7 +155,9 @@ class Load:
         return sorted(self.records, key=lambda r: r.start)
 
     def _client(self, seed: int) -> None:
-        rng, conn = random.Random(seed), None
+        rng = random.Random(seed)
+        conn: http.client.HTTPConnection | None = None
+        status: int | str
         while not self.stopping.is_set() and time.monotonic() < self.deadline:
             i = rng.randrange(len(self.pngs))
             start = time.monotonic()
@@ -168,7 +170,8 @@ class Load:
                 version = response.getheader("X-Model-Version", "")
             except (OSError, http.client.HTTPException) as err:
                 status, body, version = type(err).__name__, str(err).encode(), ""
-                conn.close()
+                if conn is not None:
+                    conn.close()
                 conn = None
             seconds = time.monotonic() - start
             detail = "" if status == 200 else " ".join(body[:160].decode(errors="replace").split())

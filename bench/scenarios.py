@@ -61,9 +61,9 @@ def scenario_inputs(h: Harness, rounds: int = 5) -> list[str]:
         answer = f"digit {digit_of(raw)}" if status == 200 else \
             " ".join(raw[:120].decode(errors="replace").split()) or "(empty body)"
         lines.append(f"| {name} | {content_type.split(';')[0]} | {status} | `{answer}` |")
-    status, answer = h.server.predict(h.pngs[0])
+    status, prediction = h.server.predict(h.pngs[0])
     after = h.server.describe()["workers"][0]
-    lines += ["", f"- then a valid digit: {status}, digit {answer.get('digit')} (offline model: {h.expected[0]}); "
+    lines += ["", f"- then a valid digit: {status}, digit {prediction.get('digit')} (offline model: {h.expected[0]}); "
               f"worker pid {worker['pid']} before, {after['pid']} after, status {after['status']}"]
 
     # Does a bad request fail only itself? It is sent at the same moment as 15 good digits, so that
@@ -137,9 +137,9 @@ def scenario_kill(h: Harness, warm: float = 3, before: float = 5, max_after: flo
              f"{sum(r.status != 200 for r in after)} failed", "",
              "| s after kill | ok | failed |", "|---:|---:|---:|"]
     for second in range(-2, int((recovered_at or killed_at + 5) - killed_at) + 3):
-        window = [r for r in records if second <= r.end - killed_at < second + 1]
-        ok = sum(r.status == 200 for r in window)
-        lines.append(f"| {second} | {ok} | {len(window) - ok} |")
+        in_second = [r for r in records if second <= r.end - killed_at < second + 1]
+        ok = sum(r.status == 200 for r in in_second)
+        lines.append(f"| {second} | {ok} | {len(in_second) - ok} |")
     return lines
 
 

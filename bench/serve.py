@@ -214,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.checkpoint.is_file():
             print(f"error: no checkpoint at {args.checkpoint}: run `make train` first", file=sys.stderr)
             return 1
-        table = variant_table(args.checkpoint, *load_split(None, train=False), compiled=not args.no_compile)
+        images, labels = load_split(None, train=False)
+        table = variant_table(args.checkpoint, images, labels, compiled=not args.no_compile)
         print(f"\n{machine_line()}\n\n{table}")
         return 0
     if shutil.which("wrk") is None:
@@ -275,8 +276,10 @@ def main(argv: list[str] | None = None) -> int:
         for row in rows:
             row["in_process_rps"] = ceiling if row["setup"] == "project" else None
     table = serving_table(rows)
-    variants = "" if args.no_variants else variant_table(args.checkpoint, *load_split(None, train=False),
-                                                         compiled=not args.no_compile)
+    variants = ""
+    if not args.no_variants:
+        images, labels = load_split(None, train=False)
+        variants = variant_table(args.checkpoint, images, labels, compiled=not args.no_compile)
     (args.out / "serving.json").write_text(json.dumps(rows, indent=2) + "\n")
     plot_serving(rows, args.out / "serving.png")
     print(f"\n{machine}\nat the end: load average {'/'.join(f'{x:.1f}' for x in os.getloadavg())}")

@@ -40,11 +40,11 @@ def run_once(flags: list[str], seed: int, out: Path) -> dict:
 
 
 def _mean_sd(values: list[float | None], fmt: str) -> str:
-    if any(v is None for v in values):
-        hit = [v for v in values if v is not None]
+    hit = [v for v in values if v is not None]
+    if len(hit) < len(values):
         return f"{len(hit)}/{len(values)} runs" + (f", {fmt.format(statistics.mean(hit))}" if hit else "")
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{fmt.format(statistics.mean(values))} ± {fmt.format(sd)}"
+    sd = statistics.stdev(hit) if len(hit) > 1 else 0.0
+    return f"{fmt.format(statistics.mean(hit))} ± {fmt.format(sd)}"
 
 
 def _peak(values: list[float | None]) -> str:
