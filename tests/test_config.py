@@ -167,3 +167,10 @@ def test_an_unknown_yaml_key_makes_main_print_one_line_and_return_2(tmp_path, ca
     err = capsys.readouterr().err
     assert err.startswith("error: unknown config key 'bogus' (known: ")
     assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize("name", ["train.yaml", "tuned.yaml", "ensemble-member.yaml", "ensemble-wide.yaml"])
+def test_every_shipped_train_config_loads(name):
+    # `make train CONFIG=configs/<name>` must not fail on an unknown key or a bad value.
+    cfg = cfglib.apply(TrainConfig(), cfglib.load_yaml(Path(__file__).parent.parent / "configs" / name))
+    cfg.model.validate()
