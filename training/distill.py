@@ -185,9 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--teacher", default="artifacts/model.pt", type=Path)
     parser.add_argument("--out", default="artifacts", type=Path)
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--temperature", type=float, default=4.0)
-    parser.add_argument("--alpha", type=float, default=0.8, help="weight of the teacher's term (0: labels only)")
+    # T = 1, alpha 0.5: the setting best by validation accuracy in the README's H100 table, and the one
+    # that gained over labels-only on every seed with the wider ensemble as teacher (README, Distillation).
+    parser.add_argument("--epochs", type=int, default=8, help="default 8, as configs/train.yaml")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--alpha", type=float, default=0.5, help="weight of the teacher's term (0: labels only)")
     parser.add_argument("--train-limit", type=int, default=0, help="use only this many training images (0: all)")
     parser.add_argument("--augment", action="store_true",
                         help="train the students with the trainer's augmentation, the teacher asked per batch")
