@@ -36,6 +36,11 @@ def test_the_student_widths_are_an_option(tmp_path, mnist_dir, capsys):
     config = load_checkpoint(tmp_path / "out" / "student.pt")["model_config"]
     assert (config["conv1"], config["conv2"], config["hidden"]) == (8, 12, 16)
     assert json.loads((tmp_path / "out" / "distill.json").read_text())["student"]["hidden"] == 16
+    assert distill.main(["--teacher", str(teacher), "--out", str(tmp_path / "more"), "--seeds", "2", "--first-seed",
+                         "3", "--epochs", "1", "--train-limit", "2000", "--data-dir", str(mnist_dir), "--dry-run",
+                         "--student", "8,12,16"]) == 0  # more seeds later, without redoing the first ones
+    runs = json.loads((tmp_path / "more" / "distill.json").read_text())["runs"]
+    assert [r["seed"] for r in runs] == [3, 3, 4, 4]
     for bad in ("8,12", "8,x,16", "8,0,16"):
         with pytest.raises(SystemExit):
             distill.main(["--teacher", str(teacher), "--student", bad])

@@ -185,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--teacher", default="artifacts/model.pt", type=Path)
     parser.add_argument("--out", default="artifacts", type=Path)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
     # T = 1, alpha 0.5: the setting best by validation accuracy in the README's H100 table, and the one
     # that gained over labels-only on every seed with the wider ensemble as teacher (README, Distillation).
     parser.add_argument("--epochs", type=int, default=8, help="default 8, as configs/train.yaml")
@@ -219,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
           f"({teacher_params:,} parameters); {args.epochs} epochs, augment {args.augment}, {device}, "
           f"T={args.temperature}, alpha={args.alpha}")
     runs, best = [], None
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         cfg = dataclasses.replace(base, seed=seed)
         for soft in (None, targets):
             model, row = train_student(cfg, data, soft, args.temperature, args.alpha, args.dry_run)
