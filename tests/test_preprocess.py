@@ -252,3 +252,17 @@ def test_normalize_refuses_other_dtypes_and_shapes(images, message):
     with pytest.raises(PreprocessError) as err:
         normalize(images)
     assert str(err.value) == message
+
+
+def test_the_polarity_test_is_numpys_median_of_the_border():
+    # to_mnist's 28×28 path decides dark-on-light by the border's median, computed from one sort.
+    from training.preprocess import _border_median_above
+
+    rng = np.random.default_rng(0)
+    for i in range(2000):
+        h, w = (int(v) for v in rng.integers(1, 40, 2))
+        levels = rng.integers(0, 256, (h, w)) if i % 2 else rng.choice([0, 127, 128, 255], (h, w))
+        gray = levels.astype(np.uint8)
+        border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+        for level in (126, 127, 128):
+            assert _border_median_above(gray, level) == (np.median(border) > level)

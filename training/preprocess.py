@@ -92,11 +92,10 @@ def to_mnist(gray: np.ndarray) -> np.ndarray:
 def _border_median_above(gray: np.ndarray, level: int) -> bool:
     """np.median(border) > level for the outermost ring of pixels (each side taken whole, corners
     twice), from a sort: np.median's generic path costs more than the rest of a 28×28 request's
-    preprocessing. An even count's median is the mean of the two middle values."""
+    preprocessing. The ring has 2·(height + width) pixels, an even count: its median is the mean of
+    the two middle values."""
     ring = np.sort(np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]]))
     middle = len(ring) // 2
-    if len(ring) % 2:
-        return int(ring[middle]) > level
     return int(ring[middle - 1]) + int(ring[middle]) > 2 * level
 
 
