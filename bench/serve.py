@@ -142,12 +142,13 @@ def in_process_rps(checkpoint: Path, variant: str, images: torch.Tensor, threads
         torch.set_num_threads(saved)
 
 
-def variant_table(checkpoint: Path, images: torch.Tensor, labels: torch.Tensor, compiled: bool = True) -> str:
+def variant_table(checkpoint: Path, compiled: bool = True) -> str:
     """Each archive variant as a worker runs it (one thread, channels_last): accuracy, argmax agreement with
     fp32 (fused) on the whole test set, and batch latency; `+compile`: the same under torch.compile."""
     from serving.archive import VARIANTS
     from serving.handler import serving_model, to_model_input
 
+    images, labels = load_split(None, train=False)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     lines = ["| variant | test accuracy | argmax = fp32 | ms per batch of 1 | ms per batch of 32 |",
@@ -214,8 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.checkpoint.is_file():
             print(f"error: no checkpoint at {args.checkpoint}: run `make train` first", file=sys.stderr)
             return 1
-        images, labels = load_split(None, train=False)
-        table = variant_table(args.checkpoint, images, labels, compiled=not args.no_compile)
+        table = variant_table(args.checkpoint, compiled=not args.no_compile)
         print(f"\n{machine_line()}\n\n{table}")
         return 0
     if shutil.which("wrk") is None:
@@ -276,10 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         for row in rows:
             row["in_process_rps"] = ceiling if row["setup"] == "project" else None
     table = serving_table(rows)
-    variants = ""
-    if not args.no_variants:
-        images, labels = load_split(None, train=False)
-        variants = variant_table(args.checkpoint, images, labels, compiled=not args.no_compile)
+    variants = "" if args.no_variants else variant_table(args.checkpoint, compiled=not args.no_compile)
     (args.out / "serving.json").write_text(json.dumps(rows, indent=2) + "\n")
     plot_serving(rows, args.out / "serving.png")
     print(f"\n{machine}\nat the end: load average {'/'.join(f'{x:.1f}' for x in os.getloadavg())}")

@@ -133,6 +133,14 @@ def png_chunk(kind: bytes, body: bytes) -> bytes:
     return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
 
 
+def with_ihdr_byte(png: bytes, offset: int, value: int) -> bytes:
+    """`png` with one byte of its IHDR body changed (8 bit depth, 9 colour type, 10 compression, 11 filter
+    method, 12 interlace), its checksum recomputed: a valid chunk with other contents."""
+    body = bytearray(png[16:29])
+    body[offset] = value
+    return png[:8] + png_chunk(b"IHDR", bytes(body)) + png[33:]
+
+
 def with_chunk(png: bytes, kind: bytes, body: bytes) -> bytes:
     """`png` with one more chunk right after IHDR (signature 8 bytes + IHDR 25)."""
     return png[:33] + png_chunk(kind, body) + png[33:]
@@ -159,7 +167,7 @@ def plain_pngs() -> dict[str, bytes]:
         "pil gray": encode_pil(gray, "PNG"),
         "pil palette": _palette_png(gray),
         "pil with dpi (pHYs)": encode_pil(gray, "PNG", dpi=(96, 96)),
-        "pil interlaced": _interlaced_png(gray),
+        "interlaced": with_ihdr_byte(encode_pil(gray, "PNG"), 12, 1),  # PIL writes no Adam7; pixels not read here
         "with gAMA, sRGB and cHRM": with_chunk(with_chunk(with_chunk(
             encode_pil(gray, "PNG"), b"gAMA", (45455).to_bytes(4, "big")), b"sRGB", b"\0"), b"cHRM", bytes(32)),
     }
@@ -169,14 +177,6 @@ def _palette_png(gray: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(gray).convert("P").save(buffer, "PNG")
     return buffer.getvalue()
-
-
-def _interlaced_png(gray: np.ndarray) -> bytes:
-    # PIL writes no Adam7; the IHDR's interlace byte is set by hand (valid header, pixels not decoded here).
-    png = bytearray(encode_pil(gray, "PNG"))
-    png[28] = 1
-    png[29:33] = zlib.crc32(bytes(png[12:29])).to_bytes(4, "big")
-    return bytes(png)
 
 
 @pytest.mark.parametrize("name", list(plain_pngs()))
@@ -198,10 +198,8 @@ def test_other_pngs_go_through_pil(change):
         "short gama": with_chunk(png, b"gAMA", b"\0\0"),
         "no idat": png[:33],
         "ihdr not first": png[:8] + png_chunk(b"sRGB", b"\0") + png[8:],
-        "bad depth": png[:24] + b"\x03" + png[25:29] + zlib.crc32(png[12:24] + b"\x03" + png[25:29]).to_bytes(4, "big")
-        + png[33:],
-        "filter method": png[:27] + b"\x01" + png[28:29] + zlib.crc32(png[12:27] + b"\x01" + png[28:29])
-        .to_bytes(4, "big") + png[33:],
+        "bad depth": with_ihdr_byte(png, 8, 3),  # 3-bit grey does not exist
+        "filter method": with_ihdr_byte(png, 11, 1),
     }[change]
     assert decode._plain_png_size(data) is None
     expected = pil_header(data)

@@ -175,9 +175,12 @@ def _student(text: str) -> ModelConfig:
         conv1, conv2, hidden = (int(v) for v in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected three widths like 16,24,64, got {text!r}") from None
-    if min(conv1, conv2, hidden) < 1:
-        raise argparse.ArgumentTypeError(f"widths must be positive, got {text!r}")
-    return dataclasses.replace(STUDENT, conv1=conv1, conv2=conv2, hidden=hidden)
+    student = dataclasses.replace(STUDENT, conv1=conv1, conv2=conv2, hidden=hidden)
+    try:
+        student.validate()  # the model's own check: every width positive
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{err}, got {text!r}") from None
+    return student
 
 
 def main(argv: list[str] | None = None) -> int:
