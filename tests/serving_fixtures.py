@@ -45,10 +45,11 @@ def encode_png(image: np.ndarray | torch.Tensor) -> bytes:
     return buffer.tobytes()
 
 
-def save_tiny_checkpoint(path: Path, seed: int = 0, test_accuracy: float = 0.5) -> Path:
-    """An untrained TINY_MODEL in the checkpoint format training.train writes."""
+def save_tiny_checkpoint(path: Path, seed: int = 0, test_accuracy: float = 0.5,
+                         model: ModelConfig = TINY_MODEL) -> Path:
+    """An untrained TINY_MODEL (or `model`) in the checkpoint format training.train writes."""
     torch.manual_seed(seed)
-    atomic_save(make_checkpoint(Net(TINY_MODEL).eval(), config={}, metrics={"test_accuracy": test_accuracy}), path)
+    atomic_save(make_checkpoint(Net(model).eval(), config={}, metrics={"test_accuracy": test_accuracy}), path)
     return path
 
 

@@ -10,6 +10,7 @@ import torch
 from training import distill
 from training.checkpoint import atomic_save, load_checkpoint
 from training.ensemble_train import combine
+from training.model import ModelConfig, Net
 
 pytest.register_assert_rewrite("serving_fixtures")
 from serving_fixtures import save_tiny_checkpoint  # noqa: E402
@@ -63,3 +64,22 @@ def test_an_ensemble_teaches_with_its_averaged_probabilities(tmp_path, mnist_dir
 def test_a_missing_teacher_is_one_line(tmp_path, capsys):
     assert distill.main(["--teacher", str(tmp_path / "nope.pt"), "--out", str(tmp_path)]) == 1
     assert "no teacher at" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("config", [ModelConfig(), distill.STUDENT, ModelConfig(conv1=8, conv2=16, hidden=32, convs=2)],
+                         ids=["default", "student", "two-convs"])
+def test_the_multiply_accumulate_count_matches_the_layers_a_forward_runs(config):
+    counted = []
+
+    def count(module, inputs, output):
+        if isinstance(module, torch.nn.Conv2d):
+            counted.append(output.numel() * module.in_channels // module.groups * module.kernel_size[0] ** 2)
+        elif isinstance(module, torch.nn.Linear):
+            counted.append(module.in_features * module.out_features)
+
+    model = Net(config).eval()
+    for module in model.modules():
+        module.register_forward_hook(count)
+    with torch.no_grad():
+        model(torch.zeros(1, 1, 28, 28))
+    assert distill.multiply_accumulates(config) == sum(counted)

@@ -5,6 +5,7 @@ single model's response format with those averaged probabilities.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -27,12 +28,12 @@ SMALL = ModelConfig(conv1=4, conv2=8, hidden=16)
 TEMPERATURES = [1.0, 2.0, 0.5]
 
 
-def members(n: int = 3) -> list[Net]:
+def members(n: int = 3, config: ModelConfig = SMALL) -> list[Net]:
     """Untrained members with batch-norm statistics far from the identity, so folding them matters."""
     nets = []
     for seed in range(n):
         torch.manual_seed(seed)
-        net = Net(SMALL)
+        net = Net(config)
         for bn in (m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)):
             bn.running_mean.uniform_(-0.5, 0.5)
             bn.running_var.uniform_(0.5, 2.0)
@@ -47,9 +48,10 @@ def one_by_one(nets: list[Net], x: torch.Tensor, temperatures: list[float]) -> t
         return torch.stack([torch.softmax(m(x) / t, 1) for m, t in zip(nets, temperatures, strict=True)]).mean(0)
 
 
+@pytest.mark.parametrize("convs", [1, 2])
 @pytest.mark.parametrize("method", METHODS)
-def test_each_batched_forward_averages_the_members_calibrated_probabilities(method):
-    nets = members()
+def test_each_batched_forward_averages_the_members_calibrated_probabilities(method, convs):
+    nets = members(config=dataclasses.replace(SMALL, convs=convs))
     x = normalize(torch.randint(0, 256, (16, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)))
     with torch.inference_mode():
         out = build_ensemble(nets, TEMPERATURES, method)(x)

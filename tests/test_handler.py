@@ -6,6 +6,7 @@ The end-to-end tests through a real TorchServe are in test_serving.py.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import logging
 import re
@@ -33,7 +34,9 @@ from training.trust import outputs
 # exists once per session; helpers are imported by name, after registering for assert rewriting.
 pytest.register_assert_rewrite("serving_fixtures")
 pytest_plugins = ["serving_fixtures"]
-from serving_fixtures import METRICS_YAML, ROOT, SAMPLE_7, encode_png, manifest_of, offline_probabilities, unpack  # noqa: E402
+from serving_fixtures import (  # noqa: E402
+    METRICS_YAML, ROOT, SAMPLE_7, TINY_MODEL, encode_png, manifest_of, offline_probabilities, save_tiny_checkpoint, unpack,
+)
 
 Request = list[dict]  # TorchServe's parameters of one request: name, contentType, value
 
@@ -367,6 +370,25 @@ def test_every_variant_serves_the_trained_model(variant, trained_checkpoint, mni
     assert not any(a["is_digit"] for a in answers[1000:])  # the noise
     if variant in ("onnx", "int8"):  # fp32 ONNX: the detector's features from the file's own second output
         assert worker.handler.model.has_features == (variant == "onnx")
+
+
+@pytest.mark.parametrize("variant", ["eager", "fused", "onnx", "int8"])
+def test_a_two_convs_per_block_model_serves_in_every_exact_variant(variant, tmp_path, mnist_test_images, mnist_pngs):
+    # Net(convs=2) goes through the same archive and handler; fused folds all four batch norms.
+    checkpoint = save_tiny_checkpoint(tmp_path / "model.pt", model=dataclasses.replace(TINY_MODEL, convs=2))
+    worker = InProcessWorker(unpack(build_archive(checkpoint, tmp_path / "store", "mnist", "1.0", variant).path,
+                                    tmp_path / "model"))
+    images, _ = mnist_test_images
+    expected = offline_probabilities(checkpoint, images[:64])
+    answers = worker.answers(mnist_pngs[:64])
+    if variant == "int8":  # an untrained model's quantised answers are noise: it serves, and says so in full
+        assert len(answers) == 64 and all(len(a["probabilities"]) == 10 for a in answers)
+        return
+    assert [a["digit"] for a in answers] == expected.argmax(1).tolist()
+    for answer, probabilities in zip(answers, expected, strict=True):
+        assert list(answer["probabilities"].values()) == pytest.approx(probabilities.tolist(), abs=1e-4)
+    if variant == "fused":
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in worker.handler.model.modules())
 
 
 def test_an_archive_without_a_variant_gets_the_one_default(tiny_archive, tmp_path):

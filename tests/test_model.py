@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from training.model import ModelConfig, Net, build_model
+from training.model import ModelConfig, Net, build_model, fuse_batch_norm
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,12 +29,16 @@ def test_logits_have_shape_n_by_10(n):
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every parameter's shape, from the architecture the docstring states and the config's sizes."""
     shapes: dict[str, tuple[int, ...]] = {}
+    per_conv = 3 if config.batch_norm else 2  # conv, (batch norm,) ReLU
     for block, (c_in, c_out) in enumerate([(1, config.conv1), (config.conv1, config.conv2)]):
-        shapes[f"features.{block}.0.weight"] = (c_out, c_in, 3, 3)
-        if config.batch_norm:  # batch norm's shift replaces the conv's bias
-            shapes[f"features.{block}.1.weight"] = shapes[f"features.{block}.1.bias"] = (c_out,)
-        else:
-            shapes[f"features.{block}.0.bias"] = (c_out,)
+        for k in range(config.convs):
+            conv = f"features.{block}.{k * per_conv}"
+            shapes[f"{conv}.weight"] = (c_out, c_in if k == 0 else c_out, 3, 3)
+            if config.batch_norm:  # batch norm's shift replaces the conv's bias
+                bn = f"features.{block}.{k * per_conv + 1}"
+                shapes[f"{bn}.weight"] = shapes[f"{bn}.bias"] = (c_out,)
+            else:
+                shapes[f"{conv}.bias"] = (c_out,)
     shapes["classifier.1.weight"] = (config.hidden, config.conv2 * 7 * 7)  # two 2× poolings: 28 → 7
     shapes["classifier.1.bias"] = (config.hidden,)
     shapes["classifier.4.weight"] = (config.num_classes, config.hidden)
@@ -44,7 +48,8 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 @pytest.mark.parametrize("config", [
     ModelConfig(), ModelConfig(batch_norm=False), ModelConfig(conv1=8, conv2=16, hidden=32, num_classes=5),
-], ids=["default", "no-batch-norm", "small"])
+    ModelConfig(convs=2), ModelConfig(convs=3, batch_norm=False),
+], ids=["default", "no-batch-norm", "small", "two-convs", "three-convs-no-batch-norm"])
 def test_every_parameter_has_the_shape_the_architecture_states(config):
     model = build_model(config)
     assert {name: tuple(p.shape) for name, p in model.named_parameters()} == expected_shapes(config)
@@ -62,6 +67,24 @@ def test_every_conv_is_followed_by_batch_norm_relu_and_pooling():
     assert layer_types == [[nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d]] * 2
     assert [type(layer) for layer in build_model().classifier] == [nn.Flatten, nn.Linear, nn.ReLU, nn.Dropout,
                                                                     nn.Linear]
+    deeper = [[type(layer) for layer in block] for block in build_model(ModelConfig(convs=2)).features]
+    assert deeper == [[nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d]] * 2
+
+
+@pytest.mark.parametrize("convs", [1, 2])
+def test_folding_batch_norm_keeps_the_function_and_leaves_no_batch_norm(convs):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(conv1=8, conv2=16, hidden=32, convs=convs)).eval()
+    for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):  # statistics far from identity
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        expected = model(x)
+        fused = fuse_batch_norm(model)
+        torch.testing.assert_close(fused(x), expected, rtol=1e-4, atol=1e-5)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    assert sum(isinstance(m, nn.Conv2d) for m in fused.modules()) == 2 * convs
 
 
 def test_a_dict_config_builds_the_same_model_as_a_model_config():
@@ -89,6 +112,7 @@ def test_no_config_means_the_default_config():
         ({"dropout": -0.1}, r"^model.dropout must be in \[0, 1\), got -0.1$"),
         ({"conv1": 0}, "must be positive"),
         ({"hidden": -4}, "must be positive"),
+        ({"convs": 0}, "must be positive"),
     ],
 )
 def test_an_invalid_config_is_refused(config, message):

@@ -59,8 +59,9 @@ STUDENT = ModelConfig(conv1=16, conv2=24, hidden=64)
 
 def multiply_accumulates(config: ModelConfig) -> int:
     """Multiply-accumulates of one forward pass on a 28×28 image (convs and linears; the rest is noise)."""
-    conv1 = 28 * 28 * config.conv1 * 9
-    conv2 = 14 * 14 * config.conv2 * config.conv1 * 9
+    extra = config.convs - 1  # width-keeping convs after each block's first
+    conv1 = 28 * 28 * config.conv1 * 9 * (1 + extra * config.conv1)
+    conv2 = 14 * 14 * config.conv2 * 9 * (config.conv1 + extra * config.conv2)
     return conv1 + conv2 + config.conv2 * 7 * 7 * config.hidden + config.hidden * config.num_classes
 
 

@@ -85,20 +85,24 @@ class StackedEnsemble(nn.Module):
         return _average(torch.vmap(one, in_dims=(0, 0, None))(params, buffers, x), self.temperature)
 
 
-def _conv_bias(block: nn.Sequential) -> tuple[torch.Tensor, torch.Tensor]:
-    """A conv block's weight and bias with any batch norm folded in (eval mode)."""
-    conv = block[0]
-    if isinstance(block[1], nn.BatchNorm2d):
-        conv = torch.nn.utils.fusion.fuse_conv_bn_eval(copy.deepcopy(conv).eval(), block[1].eval())
-    return conv.weight.detach(), conv.bias.detach()
+def _conv_biases(block: nn.Sequential) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each conv of a block as (weight, bias) with the batch norm after it folded in (eval mode)."""
+    out = []
+    for i, layer in enumerate(block):
+        if isinstance(layer, nn.Conv2d):
+            after = block[i + 1]
+            if isinstance(after, nn.BatchNorm2d):
+                layer = torch.nn.utils.fusion.fuse_conv_bn_eval(copy.deepcopy(layer).eval(), after.eval())
+            out.append((layer.weight.detach(), layer.bias.detach()))
+    return out
 
 
 class GroupedEnsemble(nn.Module):
     """The members of `training.model.Net` as one network N times wider: grouped convs and bmm.
 
-    conv1 reads the same 1-channel input for every member, so its filters simply stack; conv2 sees
-    each member's own channels only (groups=N); the two linear layers become batched matmuls.
-    Eval only (batch norm folded, dropout off).
+    The first conv reads the same 1-channel input for every member, so its filters simply stack;
+    every later conv sees each member's own channels only (groups=N); the two linear layers become
+    batched matmuls. Eval only (batch norm folded, dropout off).
     """
 
     def __init__(self, members: Sequence[nn.Module], temperatures: Sequence[float] | None = None) -> None:
@@ -109,23 +113,30 @@ class GroupedEnsemble(nn.Module):
         if len(configs) != 1 or not hasattr(members[0], "features"):
             raise EnsembleError("grouped ensembles need members of one training.model.Net architecture")
         self.n = len(members)
-        convs = [[_conv_bias(m.features[i]) for m in members] for i in (0, 1)]
+        # blocks[b][k] = conv k of block b, one (weight, bias) per member.
+        blocks = [list(zip(*(_conv_biases(m.features[b]) for m in members), strict=True))
+                  for b in range(len(members[0].features))]
+        self.layout = [len(convs) for convs in blocks]  # convs per block; a max-pool after each block
         fc1 = [m.classifier[1] for m in members]
         fc2 = [m.classifier[4] for m in members]
         # channels_last filters: oneDNN's fast CPU convolutions (the inputs are channels_last too).
         cl = torch.channels_last
-        self.register_buffer("w1", torch.cat([w for w, _ in convs[0]]).contiguous(memory_format=cl))
-        self.register_buffer("b1", torch.cat([b for _, b in convs[0]]))
-        self.register_buffer("w2", torch.cat([w for w, _ in convs[1]]).contiguous(memory_format=cl))
-        self.register_buffer("b2", torch.cat([b for _, b in convs[1]]))
+        for i, conv in enumerate((conv for convs in blocks for conv in convs), start=1):
+            self.register_buffer(f"w{i}", torch.cat([w for w, _ in conv]).contiguous(memory_format=cl))
+            self.register_buffer(f"b{i}", torch.cat([b for _, b in conv]))
         self.register_buffer("fc1_w", torch.stack([f.weight.detach().t() for f in fc1]))  # (N, in, hidden)
         self.register_buffer("fc1_b", torch.stack([f.bias.detach() for f in fc1]).unsqueeze(1))
         self.register_buffer("fc2_w", torch.stack([f.weight.detach().t() for f in fc2]))
         self.register_buffer("fc2_b", torch.stack([f.bias.detach() for f in fc2]).unsqueeze(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.max_pool2d(F.relu(F.conv2d(x, self.w1, self.b1, padding=1)), 2)
-        h = F.max_pool2d(F.relu(F.conv2d(h, self.w2, self.b2, padding=1, groups=self.n)), 2)
+        h, i = x, 1
+        for convs in self.layout:
+            for _ in range(convs):
+                groups = 1 if i == 1 else self.n
+                h = F.relu(F.conv2d(h, getattr(self, f"w{i}"), getattr(self, f"b{i}"), padding=1, groups=groups))
+                i += 1
+            h = F.max_pool2d(h, 2)
         # (B, N·C, 7, 7) → (N, B, C·7·7): flatten each member's channels in Net's (C, H, W) order.
         h = h.reshape(h.shape[0], self.n, -1).transpose(0, 1)
         h = F.relu(torch.baddbmm(self.fc1_b, h, self.fc1_w))

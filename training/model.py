@@ -16,25 +16,34 @@ class ModelConfig:
     num_classes: int = 10
     batch_norm: bool = True
     dropout: float = 0.1
+    convs: int = 1  # 3×3 convolutions per block before its pooling (2: conv1 → conv1 → pool → conv2 → conv2)
 
     def validate(self) -> None:
-        if min(self.conv1, self.conv2, self.hidden, self.num_classes) < 1:
-            raise ValueError("model: conv1, conv2, hidden and num_classes must be positive")
+        if min(self.conv1, self.conv2, self.hidden, self.num_classes, self.convs) < 1:
+            raise ValueError("model: conv1, conv2, hidden, num_classes and convs must be positive")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
 
 
-def _conv_block(c_in: int, c_out: int, batch_norm: bool) -> nn.Sequential:
-    # With batch norm after it, the conv's bias is redundant (BN's shift replaces it).
-    layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, 3, padding=1, bias=not batch_norm)]
-    if batch_norm:
-        layers.append(nn.BatchNorm2d(c_out))
-    layers += [nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+def _conv_block(c_in: int, c_out: int, batch_norm: bool, convs: int = 1) -> nn.Sequential:
+    """[conv → (batch norm) → ReLU] × convs → max-pool, as one flat Sequential (with convs=1 its
+    state-dict keys are those of every checkpoint written before `convs` existed)."""
+    layers: list[nn.Module] = []
+    for i in range(convs):
+        # With batch norm after it, the conv's bias is redundant (BN's shift replaces it).
+        layers.append(nn.Conv2d(c_in if i == 0 else c_out, c_out, 3, padding=1, bias=not batch_norm))
+        if batch_norm:
+            layers.append(nn.BatchNorm2d(c_out))
+        layers.append(nn.ReLU(inplace=True))
+    layers.append(nn.MaxPool2d(2))
     return nn.Sequential(*layers)
 
 
 class Net(nn.Module):
     """conv(1→32) → ReLU → pool → conv(32→64) → ReLU → pool → fc(64·7·7→128) → ReLU → fc(128→10).
+
+    Batch norm after each conv when `batch_norm`; `convs` 3×3 convs per block (the first changes
+    the width, the rest keep it).
 
     Input: normalised images of shape (N, 1, 28, 28). Output: logits of shape (N, num_classes).
     """
@@ -44,8 +53,8 @@ class Net(nn.Module):
         config.validate()
         self.config = config
         self.features = nn.Sequential(
-            _conv_block(1, config.conv1, config.batch_norm),
-            _conv_block(config.conv1, config.conv2, config.batch_norm),
+            _conv_block(1, config.conv1, config.batch_norm, config.convs),
+            _conv_block(config.conv1, config.conv2, config.batch_norm, config.convs),
         )
         self.classifier = nn.Sequential(
             nn.Flatten(),
@@ -69,9 +78,10 @@ def build_model(config: dict | ModelConfig | None = None) -> Net:
 
 
 def fuse_batch_norm(model: Net) -> Net:
-    """Fold each batch norm into the conv before it (eval mode): one op fewer per block, same function."""
+    """Fold each batch norm into the conv before it (eval mode): one op fewer per conv, same function."""
     for block in model.features:
-        if isinstance(block[1], nn.BatchNorm2d):
-            block[0] = nn.utils.fusion.fuse_conv_bn_eval(block[0], block[1])
-            block[1] = nn.Identity()
+        for i in range(len(block) - 1):
+            if isinstance(block[i], nn.Conv2d) and isinstance(block[i + 1], nn.BatchNorm2d):
+                block[i] = nn.utils.fusion.fuse_conv_bn_eval(block[i], block[i + 1])
+                block[i + 1] = nn.Identity()
     return model
