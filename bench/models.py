@@ -1,7 +1,8 @@
 """Which model to serve: `make report-models` (`python -m bench.models`).
 
 Trains (or reuses) the default config over seeds, the tuned config (configs/tuned.yaml) over
-seeds, and scores ensembles of the first 3 and 5 default members; prints one Markdown table of
+seeds, and scores ensembles of the first 3 and 5 default members (or, with `--member-config`,
+of members trained with another config, e.g. configs/ensemble-deep.yaml); prints one Markdown table of
 test accuracy mean ± std, training time per model and in-process serving throughput (images/s of
 the model as a TorchServe worker runs it: fused variant, one thread, channels_last, batches of 32;
 for throughput over HTTP, `make bench-serve ARGS="--ensemble artifacts/report/default/ensemble-5.pt"`).
@@ -62,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=3, help="seeds for the single-model rows (default 3)")
     parser.add_argument("--members", type=int, default=5, help="largest ensemble (default 5; 3 is also reported)")
     parser.add_argument("--tuned", type=Path, default=Path("configs/tuned.yaml"))
+    parser.add_argument("--member-config", type=Path, default=None,
+                        help="train the ensemble members with this config (default: the default members)")
     parser.add_argument("--out", type=Path, default=Path("artifacts/report"))
     parser.add_argument("--dry-run", action="store_true", help="tiny runs on a slice: checks the path, not the models")
     args = parser.parse_args(argv)
@@ -74,6 +77,12 @@ def main(argv: list[str] | None = None) -> int:
         default = train_members([configs["default"]], max(args.seeds, args.members), args.out / "default",
                                 quiet=True, dry_run=args.dry_run)
         tuned = train_members([configs["tuned"]], args.seeds, args.out / "tuned", quiet=True, dry_run=args.dry_run)
+        members, member_label = default, "default"
+        if args.member_config is not None:
+            cfg = cfglib.apply(TrainConfig(), {**cfglib.load_yaml(args.member_config), "data_dir": data_dir})
+            member_label = args.member_config.stem
+            members = train_members([cfglib.apply(cfg, DRY) if args.dry_run else cfg], args.members,
+                                    args.out / member_label, quiet=True, dry_run=args.dry_run)
     except (ValueError, CheckpointError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -86,13 +95,13 @@ def main(argv: list[str] | None = None) -> int:
                      spread([c["metrics"]["test_accuracy"] for c in ckpts]),
                      statistics.mean(c["metrics"]["train_seconds"] for c in ckpts), throughput(model, test_x)))
     for n in sorted({min(3, args.members), args.members}):
-        ensemble = combine(default[:n], data_dir)
-        atomic_save(ensemble, args.out / "default" / f"ensemble-{n}.pt")
-        members = [serving_model(model_from_checkpoint(load_checkpoint(p)), "fused") for p in default[:n]]
-        model = build_ensemble(members, ensemble["temperatures"], "grouped")
-        seconds = sum(load_checkpoint(p)["metrics"]["train_seconds"] for p in default[:n])
-        rows.append((f"ensemble of {n} (default, seeds 0-{n - 1})", spread([ensemble["metrics"]["test_accuracy"]]),
-                     seconds, throughput(model, test_x)))
+        ensemble = combine(members[:n], data_dir)
+        atomic_save(ensemble, args.out / member_label / f"ensemble-{n}.pt")
+        nets = [serving_model(model_from_checkpoint(load_checkpoint(p)), "fused") for p in members[:n]]
+        model = build_ensemble(nets, ensemble["temperatures"], "grouped")
+        seconds = sum(load_checkpoint(p)["metrics"]["train_seconds"] for p in members[:n])
+        rows.append((f"ensemble of {n} ({member_label}, seeds 0-{n - 1})",
+                     spread([ensemble["metrics"]["test_accuracy"]]), seconds, throughput(model, test_x)))
     print(f"\n{torch.get_num_threads()} threads for training, torch {torch.__version__}"
           + (" — DRY RUN: tiny slices, the numbers say nothing about the models" if args.dry_run else "") + "\n")
     print("| model | test accuracy | training s (per model; ensembles: sum) | worker img/s (1 thread, batch 32) |")

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-import numpy as np
+from pathlib import Path
 
+import numpy as np
+import pytest
+
+from bench import models
 from bench.plain import plain_net
 from bench.report import serving_table
 from bench.train import table
+from training.checkpoint import load_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_plain_recipe_is_the_mission_cnn_without_batch_norm_or_dropout():
@@ -51,3 +58,16 @@ def test_decode_bench_bodies_are_what_the_handler_accepts():
     for name, requests in bodies(digits).items():
         for request in requests:
             assert decode_request(request).shape == (28, 28), name
+
+
+@pytest.mark.slow
+def test_report_models_dry_run_prints_a_row_per_model_and_ensemble(tmp_path, mnist_dir, monkeypatch, capsys):
+    monkeypatch.setenv("MNIST_DIR", str(mnist_dir))
+    argv = ["--dry-run", "--seeds", "1", "--members", "2", "--out", str(tmp_path),
+            "--member-config", str(ROOT / "configs" / "ensemble-deep.yaml")]
+    assert models.main(argv) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
+    assert [row.split(" | ")[0] for row in rows[1:]] == [
+        "| default (train.yaml)", "| tuned (configs/tuned.yaml)", "| ensemble of 2 (ensemble-deep, seeds 0-1)"]
+    assert (tmp_path / "ensemble-deep" / "ensemble-2.pt").is_file()
+    assert load_checkpoint(tmp_path / "ensemble-deep" / "member-1" / "model.pt")["model_config"]["convs"] == 2

@@ -35,7 +35,15 @@ from training.trust import outputs
 pytest.register_assert_rewrite("serving_fixtures")
 pytest_plugins = ["serving_fixtures"]
 from serving_fixtures import (  # noqa: E402
-    METRICS_YAML, ROOT, SAMPLE_7, TINY_MODEL, encode_png, manifest_of, offline_probabilities, save_tiny_checkpoint, unpack,
+    METRICS_YAML,
+    ROOT,
+    SAMPLE_7,
+    TINY_MODEL,
+    encode_png,
+    manifest_of,
+    offline_probabilities,
+    save_tiny_checkpoint,
+    unpack,
 )
 
 Request = list[dict]  # TorchServe's parameters of one request: name, contentType, value
