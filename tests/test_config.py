@@ -169,8 +169,19 @@ def test_an_unknown_yaml_key_makes_main_print_one_line_and_return_2(tmp_path, ca
     assert err.count("\n") == 1
 
 
-@pytest.mark.parametrize("name", ["train.yaml", "tuned.yaml", "ensemble-member.yaml", "ensemble-wide.yaml"])
+CONFIGS = Path(__file__).parent.parent / "configs"
+# Every YAML file in configs/ is a train config except TorchServe's (metrics, model-config*).
+TRAIN_CONFIGS = sorted(p.name for p in CONFIGS.glob("*.yaml")
+                       if p.name != "metrics.yaml" and not p.name.startswith("model-config"))
+
+
+def test_the_train_configs_are_found():
+    assert {"train.yaml", "tuned.yaml", "ensemble-member.yaml", "ensemble-wide.yaml",
+            "ensemble-deep.yaml"} <= set(TRAIN_CONFIGS)
+
+
+@pytest.mark.parametrize("name", TRAIN_CONFIGS)
 def test_every_shipped_train_config_loads(name):
     # `make train CONFIG=configs/<name>` must not fail on an unknown key or a bad value.
-    cfg = cfglib.apply(TrainConfig(), cfglib.load_yaml(Path(__file__).parent.parent / "configs" / name))
+    cfg = cfglib.apply(TrainConfig(), cfglib.load_yaml(CONFIGS / name))
     cfg.model.validate()
