@@ -38,7 +38,7 @@ def test_an_unknown_key_is_an_error_that_names_it(updates, name):
 def test_the_error_for_an_unknown_nested_key_lists_the_nested_fields():
     with pytest.raises(ConfigError) as err:
         apply(TrainConfig(), {"model": {"bogus": 1}})
-    assert str(err.value).endswith("(known: batch_norm, conv1, conv2, dropout, hidden, num_classes)")
+    assert str(err.value).endswith("(known: batch_norm, conv1, conv2, convs, dropout, hidden, num_classes)")
 
 
 @pytest.mark.parametrize(
