@@ -74,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         for label, path in (("default", DEFAULT_CONFIG), ("tuned", args.tuned)):
             cfg = cfglib.apply(cfglib.apply(TrainConfig(), cfglib.load_yaml(path)), {"data_dir": data_dir})
             configs[label] = cfglib.apply(cfg, DRY) if args.dry_run else cfg
-        default = train_members([configs["default"]], max(args.seeds, args.members), args.out / "default",
+        # The default members double as the ensemble's unless --member-config trains others.
+        n_default = args.seeds if args.member_config is not None else max(args.seeds, args.members)
+        default = train_members([configs["default"]], n_default, args.out / "default",
                                 quiet=True, dry_run=args.dry_run)
         tuned = train_members([configs["tuned"]], args.seeds, args.out / "tuned", quiet=True, dry_run=args.dry_run)
         members, member_label = default, "default"
@@ -97,9 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     for n in sorted({min(3, args.members), args.members}):
         ensemble = combine(members[:n], data_dir)
         atomic_save(ensemble, args.out / member_label / f"ensemble-{n}.pt")
-        nets = [serving_model(model_from_checkpoint(load_checkpoint(p)), "fused") for p in members[:n]]
-        model = build_ensemble(nets, ensemble["temperatures"], "grouped")
-        seconds = sum(load_checkpoint(p)["metrics"]["train_seconds"] for p in members[:n])
+        ckpts = [load_checkpoint(p) for p in members[:n]]
+        model = build_ensemble([serving_model(model_from_checkpoint(c), "fused") for c in ckpts],
+                               ensemble["temperatures"], "grouped")
+        seconds = sum(c["metrics"]["train_seconds"] for c in ckpts)
         rows.append((f"ensemble of {n} ({member_label}, seeds 0-{n - 1})",
                      spread([ensemble["metrics"]["test_accuracy"]]), seconds, throughput(model, test_x)))
     print(f"\n{torch.get_num_threads()} threads for training, torch {torch.__version__}"

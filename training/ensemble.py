@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, stack_module_state
 
+from training.model import build_model, fuse_batch_norm
+
 METHODS = ("grouped", "vmap", "loop")
 
 
@@ -86,15 +88,8 @@ class StackedEnsemble(nn.Module):
 
 
 def _conv_biases(block: nn.Sequential) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Each conv of a block as (weight, bias) with the batch norm after it folded in (eval mode)."""
-    out = []
-    for i, layer in enumerate(block):
-        if isinstance(layer, nn.Conv2d):
-            after = block[i + 1]
-            if isinstance(after, nn.BatchNorm2d):
-                layer = torch.nn.utils.fusion.fuse_conv_bn_eval(copy.deepcopy(layer).eval(), after.eval())
-            out.append((layer.weight.detach(), layer.bias.detach()))
-    return out
+    """Each conv of a block (of a member already through `fuse_batch_norm`) as (weight, bias)."""
+    return [(layer.weight.detach(), layer.bias.detach()) for layer in block if isinstance(layer, nn.Conv2d)]
 
 
 class GroupedEnsemble(nn.Module):
@@ -113,12 +108,14 @@ class GroupedEnsemble(nn.Module):
         if len(configs) != 1 or not hasattr(members[0], "features"):
             raise EnsembleError("grouped ensembles need members of one training.model.Net architecture")
         self.n = len(members)
+        # Batch norm folded into each conv (copies: the members stay as they are).
+        fused = [fuse_batch_norm(copy.deepcopy(m).eval()) for m in members]
         # blocks[b][k] = conv k of block b, one (weight, bias) per member.
-        blocks = [list(zip(*(_conv_biases(m.features[b]) for m in members), strict=True))
-                  for b in range(len(members[0].features))]
+        blocks = [list(zip(*(_conv_biases(m.features[b]) for m in fused), strict=True))
+                  for b in range(len(fused[0].features))]
         self.layout = [len(convs) for convs in blocks]  # convs per block; a max-pool after each block
-        fc1 = [m.classifier[1] for m in members]
-        fc2 = [m.classifier[4] for m in members]
+        fc1 = [m.classifier[1] for m in fused]
+        fc2 = [m.classifier[4] for m in fused]
         # channels_last filters: oneDNN's fast CPU convolutions (the inputs are channels_last too).
         cl = torch.channels_last
         for i, conv in enumerate((conv for convs in blocks for conv in convs), start=1):
@@ -161,8 +158,6 @@ def load_ensemble(weights: dict, meta: dict, prepare: Callable[[nn.Module], nn.M
 
     `prepare` turns each eval-mode member into its serving form (the handler's variant) first.
     """
-    from training.model import build_model
-
     info = meta["ensemble"]
     members = []
     for state_dict in weights["members"]:
