@@ -77,6 +77,7 @@ def test_an_ensemble_archive_serves_the_average_in_the_single_model_format(tmp_p
         atomic_save({**load_checkpoint(path), "temperature": temperature}, path)
     ensemble = combine(paths, str(mnist_dir))
     assert ensemble["temperatures"] == TEMPERATURES and len(ensemble["members"]) == 3
+    assert len(ensemble["metrics"]["test_wrong_in_k_members"]) == 3  # k = 1, 2, 3
     atomic_save(ensemble, tmp_path / "ensemble.pt")
     assert load_ensemble_checkpoint(tmp_path / "ensemble.pt")["metrics"]["members"] == 3
 
@@ -117,3 +118,12 @@ def test_members_train_concurrently_and_are_reused_afterwards(tmp_path, mnist_di
     assert seeds == [0, 1]
     assert ensemble_train.main(args) == 0  # the same config again: nothing retrains
     assert capsys.readouterr().out.count("reusing") == 2
+
+
+def test_wrong_in_counts_digits_by_how_many_members_get_them_wrong():
+    labels = torch.tensor([0, 1, 2, 3, 4])
+    predictions = torch.tensor([[0, 9, 9, 9, 4],   # member 0: wrong on 1, 2, 3
+                                [0, 1, 9, 9, 4],   # member 1: wrong on 2, 3
+                                [0, 1, 2, 9, 5]])  # member 2: wrong on 3, 4
+    # digit 1 and 4: one member wrong; digit 2: two; digit 3: all three; digit 0: none (not counted)
+    assert ensemble_train.wrong_in(predictions, labels) == [2, 1, 1]

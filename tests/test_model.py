@@ -61,6 +61,17 @@ def test_the_readme_states_the_default_models_parameter_count():
     assert f"; {count:,} parameters." in (ROOT / "README.md").read_text()
 
 
+def test_the_readme_states_the_deeper_members_size():
+    from training.config import load_yaml
+    from training.distill import multiply_accumulates
+
+    deep = ModelConfig(**load_yaml(ROOT / "configs" / "ensemble-deep.yaml")["model"])
+    count = parameter_count(build_model(deep))
+    ratio = multiply_accumulates(deep) / multiply_accumulates(ModelConfig())
+    assert (count, round(ratio, 1)) == (870_826, 4.5)
+    assert f"{ratio:.1f}× the multiply-accumulates, {count:,} parameters" in (ROOT / "README.md").read_text()
+
+
 def test_every_conv_is_followed_by_batch_norm_relu_and_pooling():
     # The drift TorchServe's MNIST example suffered (a ReLU lost after conv2) would show here.
     layer_types = [[type(layer) for layer in block] for block in build_model().features]

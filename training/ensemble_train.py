@@ -14,6 +14,7 @@ import argparse
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,21 @@ def score_ensemble(model: torch.nn.Module, images: torch.Tensor, labels: torch.T
     return summarize(matrix, loss)
 
 
+def wrong_in(predictions: torch.Tensor, labels: torch.Tensor) -> list[int]:
+    """(members, images) predicted digits → how many images exactly k members get wrong, k = 1..members:
+    errors that only some members make, an average can outvote; those all make, it cannot."""
+    wrong = (predictions != labels).sum(0)
+    return torch.bincount(wrong, minlength=len(predictions) + 1)[1:].tolist()
+
+
+@torch.inference_mode()
+def member_predictions(members: Sequence[torch.nn.Module], images: torch.Tensor,
+                       batch_size: int = 1000) -> torch.Tensor:
+    """(members, images): each member's predicted digit for each uint8 image."""
+    return torch.stack([torch.cat([m(normalize(images[i : i + batch_size])).argmax(1)
+                                   for i in range(0, len(images), batch_size)]) for m in members])
+
+
 def combine(paths: list[Path], data_dir: str, method: str = "grouped") -> dict[str, Any]:
     """Member checkpoints → one ensemble checkpoint, scored on the MNIST test set."""
     ckpts = [load_checkpoint(p) for p in paths]
@@ -98,9 +114,11 @@ def combine(paths: list[Path], data_dir: str, method: str = "grouped") -> dict[s
     if len(shapes) != 1 or len({tuple(c["class_names"]) for c in ckpts}) != 1:
         raise EnsembleError("members must share one model architecture and class list")
     temperatures = [temperature_of(c) for c in ckpts]
-    model = build_ensemble([model_from_checkpoint(c) for c in ckpts], temperatures, method)
+    members = [model_from_checkpoint(c) for c in ckpts]
+    model = build_ensemble(members, temperatures, method)
     x, y = load_split(data_dir, train=False)
     test = score_ensemble(model, x, y)
+    overlap = wrong_in(member_predictions(members, x), y)
     return {
         "members": [c["state_dict"] for c in ckpts],
         "temperatures": temperatures,
@@ -111,6 +129,7 @@ def combine(paths: list[Path], data_dir: str, method: str = "grouped") -> dict[s
         "train_configs": [c["train_config"] for c in ckpts],
         "metrics": {"test_accuracy": test["accuracy"], "test_loss": test["loss"], "members": len(ckpts),
                     "member_test_accuracy": [c["metrics"]["test_accuracy"] for c in ckpts],
+                    "test_wrong_in_k_members": overlap,  # [k=1, ..., k=members]
                     "val_accuracy": None, "epochs": ckpts[0]["metrics"].get("epochs")},
         "provenance": provenance(),
     }
@@ -190,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     m = ensemble["metrics"]
     singles = ", ".join(f"{a:.2%}" for a in m["member_test_accuracy"])
     print(f"ensemble of {m['members']}: test accuracy {m['test_accuracy']:.2%} (members: {singles}); wrote {target}")
+    overlap = ", ".join(f"{k}: {count}" for k, count in enumerate(m["test_wrong_in_k_members"], start=1))
+    print(f"test digits wrong in k of the {m['members']} members (k: digits): {overlap}")
     return 0
 
 
