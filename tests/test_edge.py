@@ -188,7 +188,8 @@ def test_hybrid_asks_the_server_below_the_threshold_and_answers_locally_above(tr
     # `make export`'s path: the ONNX file carries the trained checkpoint's fitted temperature.
     model = export_all(trained_checkpoint, tmp_path, ("onnx",), calibration=None, log=lambda _: None)["onnx"]
     url, token = trained_server.url("inference"), trained_server.token("inference")
-    common = ("predict", str(SAMPLE_7), "--model", str(model), "--server", url, "--token", token)
+    # "--token=T": a token may start with "-", which argparse would take for an option
+    common = ("predict", str(SAMPLE_7), "--model", str(model), "--server", url, f"--token={token}")
     answered = run_edge(*common, "--threshold", "0")
     assert answered.stderr == ""  # no "carries no temperature" note
     local = json.loads(answered.stdout)
@@ -204,7 +205,7 @@ def test_hybrid_asks_the_server_below_the_threshold_and_answers_locally_above(tr
     assert body["digit"] == served["digit"] == local["digit"] == 7
     assert body["probabilities"] == served["probabilities"]
     assert body["edge"] == {"digit": local["digit"], "confidence": local["confidence"]}
-    refused = json.loads(run_edge(*common[:-1], "wrong-token", "--threshold", "1").stdout)
+    refused = json.loads(run_edge(*common[:-1], "--token=wrong-token", "--threshold", "1").stdout)
     # TorchServe 0.12 answers a wrong token with 400 InvalidKeyException (not 401).
     assert refused["source"] == "edge (server failed)" and "InvalidKeyException" in refused["server_error"]
 
