@@ -103,6 +103,7 @@ def _stage(ckpt: dict, variant: str, checkpoint: Path, staging: Path) -> tuple[P
         _export_variant(checkpoint, variant, extra)
     if ensemble:  # the handler runs the members as one model (training/ensemble.py)
         meta["ensemble"] = {"members": len(ckpt["members"]), "temperatures": ckpt["temperatures"],
+                            "model_configs": ckpt.get("model_configs") or [ckpt["model_config"]] * len(ckpt["members"]),
                             "method": "grouped", "member_test_accuracy": ckpt["metrics"]["member_test_accuracy"]}
     (extra / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
     (extra / "index_to_name.json").write_text(json.dumps(dict(enumerate(ckpt["class_names"]))) + "\n")

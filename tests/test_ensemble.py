@@ -1,6 +1,7 @@
 """Ensembles: the batched forwards (grouped convs, vmap) give exactly the average of the members'
-calibrated probabilities; an ensemble checkpoint packs into one .mar whose handler answers in the
-single model's response format with those averaged probabilities.
+calibrated probabilities, also for members of different architectures; an ensemble checkpoint packs
+into one .mar whose handler answers in the single model's response format with those averaged
+probabilities.
 """
 
 from __future__ import annotations
@@ -14,14 +15,14 @@ import torch
 from serving.archive import build_archive
 from training import ensemble_train
 from training.checkpoint import atomic_save, load_checkpoint, model_from_checkpoint
-from training.ensemble import METHODS, EnsembleError, build_ensemble
+from training.ensemble import METHODS, EnsembleError, GroupedEnsemble, build_ensemble
 from training.ensemble_train import combine, load_ensemble_checkpoint
 from training.model import ModelConfig, Net
 from training.tensors import normalize
 
 pytest.register_assert_rewrite("serving_fixtures")
 pytest_plugins = ["serving_fixtures"]
-from serving_fixtures import SAMPLE_7, save_tiny_checkpoint, unpack  # noqa: E402
+from serving_fixtures import SAMPLE_7, TINY_MODEL, save_tiny_checkpoint, unpack  # noqa: E402
 from test_handler import InProcessWorker, raw  # noqa: E402
 
 SMALL = ModelConfig(conv1=4, conv2=8, hidden=16)
@@ -61,9 +62,27 @@ def test_each_batched_forward_averages_the_members_calibrated_probabilities(meth
     torch.testing.assert_close(out.exp(), expected, rtol=0, atol=1e-6)
 
 
-def test_members_must_share_an_architecture_and_have_positive_temperatures():
+# Three architectures, interleaved: one conv per block, two, and a wider hidden layer.
+MIXED = [SMALL, dataclasses.replace(SMALL, convs=2), SMALL, dataclasses.replace(SMALL, hidden=24),
+         dataclasses.replace(SMALL, convs=2)]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_members_of_different_architectures_average_like_one_by_one(method):
+    nets = [members(1, config)[0] for config in MIXED]
+    for seed, net in enumerate(nets):  # members(1, …) seeds every one with 0: make them differ
+        torch.manual_seed(seed)
+        net.classifier[-1].bias.data.normal_()
+    temperatures = [1.0, 2.0, 0.5, 1.5, 0.7]
+    x = normalize(torch.randint(0, 256, (16, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)))
+    with torch.inference_mode():
+        out = build_ensemble(nets, temperatures, method)(x)
+    torch.testing.assert_close(out.exp(), one_by_one(nets, x, temperatures), rtol=0, atol=1e-6)
+
+
+def test_a_grouped_forward_needs_one_architecture_and_temperatures_must_be_positive():
     with pytest.raises(EnsembleError, match="architecture"):
-        build_ensemble([Net(SMALL), Net(ModelConfig(conv1=8, conv2=8, hidden=16))], method="grouped")
+        GroupedEnsemble([Net(SMALL), Net(ModelConfig(conv1=8, conv2=8, hidden=16))])
     with pytest.raises(EnsembleError, match="positive temperature"):
         build_ensemble(members(2), [1.0, 0.0])
     with pytest.raises(EnsembleError, match="at least one"):
@@ -71,8 +90,10 @@ def test_members_must_share_an_architecture_and_have_positive_temperatures():
 
 
 @pytest.mark.slow
-def test_an_ensemble_archive_serves_the_average_in_the_single_model_format(tmp_path, mnist_dir):
-    paths = [save_tiny_checkpoint(tmp_path / f"m{k}.pt", seed=k) for k in range(3)]
+@pytest.mark.parametrize("mixed", [False, True], ids=["one-architecture", "mixed-architectures"])
+def test_an_ensemble_archive_serves_the_average_in_the_single_model_format(tmp_path, mnist_dir, mixed):
+    configs = [TINY_MODEL, dataclasses.replace(TINY_MODEL, convs=2), TINY_MODEL] if mixed else [TINY_MODEL] * 3
+    paths = [save_tiny_checkpoint(tmp_path / f"m{k}.pt", seed=k, model=c) for k, c in enumerate(configs)]
     for path, temperature in zip(paths, TEMPERATURES, strict=True):  # as issue 13's calibration stores it
         atomic_save({**load_checkpoint(path), "temperature": temperature}, path)
     ensemble = combine(paths, str(mnist_dir))
@@ -85,6 +106,7 @@ def test_an_ensemble_archive_serves_the_average_in_the_single_model_format(tmp_p
     model_dir = unpack(archive.path, tmp_path / "unpacked")
     meta = json.loads((model_dir / "model.json").read_text())
     assert meta["ensemble"]["members"] == 3 and meta["ensemble"]["temperatures"] == TEMPERATURES
+    assert [ModelConfig(**c) for c in meta["ensemble"]["model_configs"]] == configs
     [(status, body)] = InProcessWorker(model_dir).handle([raw(SAMPLE_7.read_bytes())])
     assert status == 200 and set(body) == {"digit", "confidence", "probabilities", "is_digit"}
 

@@ -91,8 +91,9 @@ def load_teacher(path: Path) -> tuple[torch.nn.Module, ModelConfig, int]:
         from training.ensemble_train import load_ensemble_checkpoint
 
         ens = load_ensemble_checkpoint(path)
-        members = [model_from_checkpoint({"model_config": ens["model_config"], "state_dict": state})
-                   for state in ens["members"]]
+        configs = ens.get("model_configs") or [ens["model_config"]] * len(ens["members"])
+        members = [model_from_checkpoint({"model_config": config, "state_dict": state})
+                   for state, config in zip(ens["members"], configs, strict=True)]
         teacher: torch.nn.Module = build_ensemble(members, ens["temperatures"])
         return teacher, members[0].config, sum(parameters(m) for m in members)
     single = model_from_checkpoint(load_checkpoint(path)).to(memory_format=torch.channels_last)

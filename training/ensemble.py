@@ -5,6 +5,8 @@ Two ways to batch the members, both exact (same answers as running them one by o
   Works for any member architecture and variant that torch.func can trace (eager and fused).
 - `GroupedEnsemble`: the members' convolutions concatenated into one wider (grouped) convolution
   and their linear layers into batched matmuls. Specific to `training.model.Net`.
+Members of different architectures (e.g. one and two convs per block) are batched per architecture
+and the groups' averages weighted by their sizes (`MixedEnsemble`): the same average over all members.
 `bench/ensemble.py` measures them against a Python loop; `build_ensemble` picks the faster
 (README, Ensembles). Each member's logits are divided by its temperature (1.0 when the checkpoint
 has none) before its softmax, so the average is over calibrated probabilities. The forward returns
@@ -29,7 +31,14 @@ METHODS = ("grouped", "vmap", "loop")
 
 
 class EnsembleError(ValueError):
-    """Members that cannot be combined (none, different architectures or classes)."""
+    """Members that cannot be combined (none, different classes, bad temperatures)."""
+
+
+def architecture(member: nn.Module) -> object:
+    """What must be equal for members to batch together: the config without dropout (off in eval).
+    A wrapper (the bf16 variant's) is looked through to the network it holds."""
+    config = getattr(member, "config", None) or getattr(getattr(member, "model", None), "config", None)
+    return dataclasses.replace(config, dropout=0.0) if dataclasses.is_dataclass(config) else type(member)
 
 
 def _temperatures(members: Sequence[nn.Module], temperatures: Sequence[float] | None) -> torch.Tensor:
@@ -103,9 +112,7 @@ class GroupedEnsemble(nn.Module):
     def __init__(self, members: Sequence[nn.Module], temperatures: Sequence[float] | None = None) -> None:
         super().__init__()
         self.register_buffer("temperature", _temperatures(members, temperatures))
-        # Dropout differs between members of different configs but does nothing in eval mode.
-        configs = {dataclasses.replace(m.config, dropout=0.0) if hasattr(m, "config") else None for m in members}
-        if len(configs) != 1 or not hasattr(members[0], "features"):
+        if len({architecture(m) for m in members}) != 1 or not hasattr(members[0], "features"):
             raise EnsembleError("grouped ensembles need members of one training.model.Net architecture")
         self.n = len(members)
         # Batch norm folded into each conv (copies: the members stay as they are).
@@ -140,17 +147,35 @@ class GroupedEnsemble(nn.Module):
         return _average(torch.baddbmm(self.fc2_b, h, self.fc2_w), self.temperature)
 
 
+class MixedEnsemble(nn.Module):
+    """Members of several architectures: one batched ensemble per architecture, their averages weighted
+    by how many members each holds, which is the plain average over all the members."""
+
+    def __init__(self, groups: Sequence[nn.Module], sizes: Sequence[int]) -> None:
+        super().__init__()
+        self.groups = nn.ModuleList(groups)
+        self.register_buffer("log_share", (torch.tensor(sizes, dtype=torch.float32) / sum(sizes)).log().view(-1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # log Σ_g (n_g / N) · mean_g(p) from each group's log mean_g(p)
+        return torch.logsumexp(torch.stack([group(x) for group in self.groups]) + self.log_share, dim=0)
+
+
 def build_ensemble(members: Sequence[nn.Module], temperatures: Sequence[float] | None = None,
                    method: str = "grouped") -> nn.Module:
     """One eval-mode module for the members; `method` is one of METHODS (grouped: fastest, README)."""
+    kinds = {"grouped": GroupedEnsemble, "vmap": StackedEnsemble, "loop": LoopEnsemble}
+    if method not in kinds:
+        raise EnsembleError(f"unknown ensemble method {method!r}: choose one of {', '.join(METHODS)}")
     members = [m.eval() for m in members]
-    if method == "grouped":
-        return GroupedEnsemble(members, temperatures).eval()
-    if method == "vmap":
-        return StackedEnsemble(members, temperatures).eval()
-    if method == "loop":
-        return LoopEnsemble(members, temperatures).eval()
-    raise EnsembleError(f"unknown ensemble method {method!r}: choose one of {', '.join(METHODS)}")
+    weights = _temperatures(members, temperatures).tolist()
+    groups: dict[object, list[int]] = {}  # architecture → member indices, in the members' order
+    for i, member in enumerate(members):
+        groups.setdefault(architecture(member), []).append(i)
+    if method == "loop" or len(groups) == 1:  # the loop runs any mix of architectures as it is
+        return kinds[method](members, weights).eval()
+    return MixedEnsemble([kinds[method]([members[i] for i in idx], [weights[i] for i in idx])
+                          for idx in groups.values()], [len(idx) for idx in groups.values()]).eval()
 
 
 def load_ensemble(weights: dict, meta: dict, prepare: Callable[[nn.Module], nn.Module] | None = None) -> nn.Module:
@@ -159,9 +184,11 @@ def load_ensemble(weights: dict, meta: dict, prepare: Callable[[nn.Module], nn.M
     `prepare` turns each eval-mode member into its serving form (the handler's variant) first.
     """
     info = meta["ensemble"]
+    # One config per member where they differ (archives before that: the one model_config for all).
+    configs = info.get("model_configs") or [meta["model_config"]] * len(weights["members"])
     members = []
-    for state_dict in weights["members"]:
-        member = build_model(meta["model_config"])
+    for state_dict, config in zip(weights["members"], configs, strict=True):
+        member = build_model(config)
         member.load_state_dict(state_dict)
         members.append(prepare(member.eval()) if prepare is not None else member.eval())
     return build_ensemble(members, info.get("temperatures"), info.get("method", "grouped"))

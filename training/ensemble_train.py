@@ -4,7 +4,7 @@ Member k is an ordinary training run with seed `seed + k` (its own weights, vali
 augmentation and dropout draws) in `<out_dir>/member-k/`. A member whose model.pt was trained with
 exactly that config is reused, so `N=3` then `N=5` trains two more and an interrupted run picks up
 where it stopped. `--config` may be given several times: member k takes config k mod their count
-(different configs in one ensemble). The members are then scored together on the test set and
+(different configs in one ensemble, architectures included). The members are then scored together on the test set and
 written as one checkpoint, `<out_dir>/ensemble.pt`, which `make archive ARGS=--ensemble` packs.
 """
 
@@ -110,9 +110,8 @@ def member_predictions(members: Sequence[torch.nn.Module], images: torch.Tensor,
 def combine(paths: list[Path], data_dir: str, method: str = "grouped") -> dict[str, Any]:
     """Member checkpoints → one ensemble checkpoint, scored on the MNIST test set."""
     ckpts = [load_checkpoint(p) for p in paths]
-    shapes = {repr({k: v for k, v in c["model_config"].items() if k != "dropout"}) for c in ckpts}  # eval: no dropout
-    if len(shapes) != 1 or len({tuple(c["class_names"]) for c in ckpts}) != 1:
-        raise EnsembleError("members must share one model architecture and class list")
+    if len({tuple(c["class_names"]) for c in ckpts}) != 1:
+        raise EnsembleError("members must share one class list")
     temperatures = [temperature_of(c) for c in ckpts]
     members = [model_from_checkpoint(c) for c in ckpts]
     model = build_ensemble(members, temperatures, method)
@@ -123,6 +122,7 @@ def combine(paths: list[Path], data_dir: str, method: str = "grouped") -> dict[s
         "members": [c["state_dict"] for c in ckpts],
         "temperatures": temperatures,
         "model_config": ckpts[0]["model_config"],
+        "model_configs": [c["model_config"] for c in ckpts],  # members may differ (training/ensemble.py)
         "normalization": ckpts[0]["normalization"],
         "class_names": ckpts[0]["class_names"],
         "member_files": [str(p) for p in paths],
