@@ -76,6 +76,14 @@ def epoch_shard(images: int, seed: int, epoch: int, dd: Dist) -> torch.Tensor:
     return perm.repeat(math.ceil(total / images))[:total][dd.rank :: dd.world]
 
 
+def leave_together(dd: Dist) -> None:
+    """After a run that ended well, every rank waits here for the others (rank 0 writes the outputs
+    while the rest are done), so that all of them tear down the process group at the same point
+    rather than one closing its connections while a peer still runs."""
+    if dd.world > 1 and dist.is_initialized():
+        dist.barrier()
+
+
 def cleanup(dd: Dist) -> None:
     if dd.world > 1 and dist.is_initialized():
         dist.destroy_process_group()

@@ -33,6 +33,7 @@ from training.distributed import (
     cleanup,
     derived_seed,
     epoch_shard,
+    leave_together,
     setup_distributed,
     steps_per_epoch,
     sync_buffers,
@@ -445,6 +446,7 @@ def fit(cfg: TrainConfig, resume: bool = False, dry_run: bool = False, quiet: bo
 
         model.load_state_dict(state["best_state"])
         if not score_test:
+            leave_together(dd)
             best = max(state["history"], key=lambda h: h["val_accuracy"])
             return {"val_accuracy": best["val_accuracy"], "best_epoch": best["epoch"],
                     "epochs": len(state["history"]), "train_seconds": state["history"][-1]["train_seconds"]}
@@ -453,6 +455,7 @@ def fit(cfg: TrainConfig, resume: bool = False, dry_run: bool = False, quiet: bo
         metrics = _metrics(cfg, dd, device, state, test, sets)
         if dd.is_main:
             metrics = _write_outputs(out, model, cfg, metrics, state, opt, sched, force, say, data)
+        leave_together(dd)
         return metrics
     finally:
         board.close()  # also for a pruned or interrupted run: the curves so far are flushed
