@@ -2,7 +2,8 @@
 
 Trains (or reuses) the default config over seeds, the tuned config (configs/tuned.yaml) over
 seeds, and scores ensembles of the first 3 and 5 default members (or, with `--member-config`,
-of members trained with another config, e.g. configs/ensemble-deep.yaml); prints one Markdown table of
+of members trained with other configs, e.g. configs/ensemble-deep.yaml, or that one alternating with
+configs/ensemble-deep3.yaml: `--member-config` twice); prints one Markdown table of
 test accuracy mean ± std, training time per model and in-process serving throughput (images/s of
 the model as a TorchServe worker runs it: fused variant, one thread, channels_last, batches of 32;
 for throughput over HTTP, `make bench-serve ARGS="--ensemble artifacts/report/default/ensemble-5.pt"`).
@@ -63,8 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=3, help="seeds for the single-model rows (default 3)")
     parser.add_argument("--members", type=int, default=5, help="largest ensemble (default 5; 3 is also reported)")
     parser.add_argument("--tuned", type=Path, default=Path("configs/tuned.yaml"))
-    parser.add_argument("--member-config", type=Path, default=None,
-                        help="train the ensemble members with this config (default: the default members)")
+    parser.add_argument("--member-config", type=Path, action="append", default=None,
+                        help="train the ensemble members with this config (default: the default members); "
+                             "repeat it for members of several configs, member k taking config k mod their number")
     parser.add_argument("--out", type=Path, default=Path("artifacts/report"))
     parser.add_argument("--dry-run", action="store_true", help="tiny runs on a slice: checks the path, not the models")
     args = parser.parse_args(argv)
@@ -81,9 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         tuned = train_members([configs["tuned"]], args.seeds, args.out / "tuned", quiet=True, dry_run=args.dry_run)
         members, member_label = default, "default"
         if args.member_config is not None:
-            cfg = cfglib.apply(TrainConfig(), {**cfglib.load_yaml(args.member_config), "data_dir": data_dir})
-            member_label = args.member_config.stem
-            members = train_members([cfglib.apply(cfg, DRY) if args.dry_run else cfg], args.members,
+            bases = [cfglib.apply(TrainConfig(), {**cfglib.load_yaml(path), "data_dir": data_dir})
+                     for path in args.member_config]
+            member_label = "+".join(path.stem for path in args.member_config)
+            members = train_members([cfglib.apply(cfg, DRY) if args.dry_run else cfg for cfg in bases], args.members,
                                     args.out / member_label, quiet=True, dry_run=args.dry_run)
     except (ValueError, CheckpointError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)

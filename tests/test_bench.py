@@ -64,10 +64,13 @@ def test_decode_bench_bodies_are_what_the_handler_accepts():
 def test_report_models_dry_run_prints_a_row_per_model_and_ensemble(tmp_path, mnist_dir, monkeypatch, capsys):
     monkeypatch.setenv("MNIST_DIR", str(mnist_dir))
     argv = ["--dry-run", "--seeds", "1", "--members", "2", "--out", str(tmp_path),
-            "--member-config", str(ROOT / "configs" / "ensemble-deep.yaml")]
+            "--member-config", str(ROOT / "configs" / "ensemble-deep.yaml"),
+            "--member-config", str(ROOT / "configs" / "ensemble-deep3.yaml")]  # two architectures, alternating
     assert models.main(argv) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
     assert [row.split(" | ")[0] for row in rows[1:]] == [
-        "| default (train.yaml)", "| tuned (configs/tuned.yaml)", "| ensemble of 2 (ensemble-deep, seeds 0-1)"]
-    assert (tmp_path / "ensemble-deep" / "ensemble-2.pt").is_file()
-    assert load_checkpoint(tmp_path / "ensemble-deep" / "member-1" / "model.pt")["model_config"]["convs"] == 2
+        "| default (train.yaml)", "| tuned (configs/tuned.yaml)",
+        "| ensemble of 2 (ensemble-deep+ensemble-deep3, seeds 0-1)"]
+    out = tmp_path / "ensemble-deep+ensemble-deep3"
+    assert (out / "ensemble-2.pt").is_file()
+    assert [load_checkpoint(out / f"member-{k}" / "model.pt")["model_config"]["convs"] for k in (0, 1)] == [2, 3]
