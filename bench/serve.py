@@ -180,12 +180,10 @@ def variant_table(checkpoint: Path, compiled: bool = True) -> str:
 def ensemble_answers(path: Path, images: torch.Tensor) -> list[int]:
     """What the ensemble says offline (members one by one): the sampler checks the server against it."""
     from training.ensemble import build_ensemble
-    from training.ensemble_train import load_ensemble_checkpoint
+    from training.ensemble_train import ensemble_members, load_ensemble_checkpoint
 
     ckpt = load_ensemble_checkpoint(path)
-    members = []
-    for state_dict in ckpt["members"]:
-        members.append(model_from_checkpoint({"model_config": ckpt["model_config"], "state_dict": state_dict}))
+    members = ensemble_members(ckpt)
     with torch.inference_mode():
         return build_ensemble(members, ckpt["temperatures"], "loop")(normalize(images)).argmax(1).tolist()
 

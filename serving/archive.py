@@ -28,7 +28,7 @@ from serving.signing import SignatureError, sign_archive, signature_path
 from training.checkpoint import CheckpointError, load_checkpoint
 from training.data import sha256_of
 from training.ensemble_train import DEFAULT_OUT as ENSEMBLE_DIR
-from training.ensemble_train import load_ensemble_checkpoint
+from training.ensemble_train import load_ensemble_checkpoint, member_configs
 
 ROOT = Path(__file__).resolve().parent.parent
 HANDLER = ROOT / "serving" / "handler.py"
@@ -103,7 +103,7 @@ def _stage(ckpt: dict, variant: str, checkpoint: Path, staging: Path) -> tuple[P
         _export_variant(checkpoint, variant, extra)
     if ensemble:  # the handler runs the members as one model (training/ensemble.py)
         meta["ensemble"] = {"members": len(ckpt["members"]), "temperatures": ckpt["temperatures"],
-                            "model_configs": ckpt.get("model_configs") or [ckpt["model_config"]] * len(ckpt["members"]),
+                            "model_configs": member_configs(ckpt),
                             "method": "grouped", "member_test_accuracy": ckpt["metrics"]["member_test_accuracy"]}
     (extra / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
     (extra / "index_to_name.json").write_text(json.dumps(dict(enumerate(ckpt["class_names"]))) + "\n")

@@ -99,6 +99,7 @@ def test_an_ensemble_archive_serves_the_average_in_the_single_model_format(tmp_p
     ensemble = combine(paths, str(mnist_dir))
     assert ensemble["temperatures"] == TEMPERATURES and len(ensemble["members"]) == 3
     assert len(ensemble["metrics"]["test_wrong_in_k_members"]) == 3  # k = 1, 2, 3
+    assert [m.config for m in ensemble_train.ensemble_members(ensemble)] == configs  # what distill and bench load
     atomic_save(ensemble, tmp_path / "ensemble.pt")
     assert load_ensemble_checkpoint(tmp_path / "ensemble.pt")["metrics"]["members"] == 3
 

@@ -88,12 +88,10 @@ def load_teacher(path: Path) -> tuple[torch.nn.Module, ModelConfig, int]:
     ckpt = read_checkpoint_file(path, f"no teacher at {path}: run `make train` or `make train-ensemble` first")
     if isinstance(ckpt, dict) and "members" in ckpt:
         from training.ensemble import build_ensemble
-        from training.ensemble_train import load_ensemble_checkpoint
+        from training.ensemble_train import ensemble_members, load_ensemble_checkpoint
 
         ens = load_ensemble_checkpoint(path)
-        configs = ens.get("model_configs") or [ens["model_config"]] * len(ens["members"])
-        members = [model_from_checkpoint({"model_config": config, "state_dict": state})
-                   for state, config in zip(ens["members"], configs, strict=True)]
+        members = ensemble_members(ens)
         teacher: torch.nn.Module = build_ensemble(members, ens["temperatures"])
         return teacher, members[0].config, sum(parameters(m) for m in members)
     single = model_from_checkpoint(load_checkpoint(path)).to(memory_format=torch.channels_last)

@@ -72,6 +72,17 @@ def load_ensemble_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return ckpt
 
 
+def member_configs(ckpt: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each member's model config (ensembles written before members could differ: the one for all)."""
+    return ckpt.get("model_configs") or [ckpt["model_config"]] * len(ckpt["members"])
+
+
+def ensemble_members(ckpt: dict[str, Any]) -> list[torch.nn.Module]:
+    """The members of an ensemble checkpoint as eval-mode networks."""
+    return [model_from_checkpoint({"model_config": config, "state_dict": state})
+            for state, config in zip(ckpt["members"], member_configs(ckpt), strict=True)]
+
+
 def temperature_of(ckpt: dict[str, Any]) -> float:
     """The member's calibration temperature (issue 13 stores it in the checkpoint), 1.0 if none."""
     value = ckpt.get("temperature", 1.0)
