@@ -84,7 +84,7 @@ train-ddp: $(STAMP) ## train with torchrun on NPROC processes (nccl: one GPU eac
 tune: $(STAMP) ## Optuna search (TRIALS=20) on validation accuracy → configs/tuned.yaml, plots in artifacts/tune/
 	$(PY) -m training.tune --trials $(TRIALS) --config $(CONFIG) $(TUNE_ARGS) $(ARGS)
 
-train-ensemble: $(STAMP) ## train N=5 members (seeds 0..N-1; CONFIG=configs/ensemble-deep.yaml: most accurate; ARGS=--jobs N: at once) → artifacts/ensemble/ensemble.pt
+train-ensemble: $(STAMP) ## train N=5 members (seeds 0..N-1; CONFIG=configs/ensemble-deep.yaml: deeper members; ARGS="--config B": members alternate between CONFIG and B; ARGS=--jobs N: at once) → artifacts/ensemble/ensemble.pt
 	$(PY) -m training.ensemble_train --members $(N) --config $(CONFIG) $(ARGS)
 
 tensorboard: $(STAMP) ## TensorBoard on 127.0.0.1:6006 over every run under artifacts/ (training, trials, members)
