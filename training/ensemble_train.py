@@ -35,6 +35,7 @@ from training.checkpoint import (
 from training.data import DataError, load_split
 from training.ensemble import EnsembleError, build_ensemble
 from training.evaluate import summarize
+from training.model import Net
 from training.tensors import normalize
 from training.train import DEFAULT_CONFIG, TrainConfig, fit
 
@@ -77,7 +78,7 @@ def member_configs(ckpt: dict[str, Any]) -> list[dict[str, Any]]:
     return ckpt.get("model_configs") or [ckpt["model_config"]] * len(ckpt["members"])
 
 
-def ensemble_members(ckpt: dict[str, Any]) -> list[torch.nn.Module]:
+def ensemble_members(ckpt: dict[str, Any]) -> list[Net]:
     """The members of an ensemble checkpoint as eval-mode networks."""
     return [model_from_checkpoint({"model_config": config, "state_dict": state})
             for state, config in zip(ckpt["members"], member_configs(ckpt), strict=True)]
