@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import copy
 import json
 import logging
 import os
@@ -233,8 +234,12 @@ class MNISTHandler(BaseHandler):
         self.temperature = float(meta.get("temperature", 1.0))
         self.detector = None
         if "ensemble" in meta:  # N members, one batched forward, averaged probabilities: training/ensemble.py
-            self.model = load_ensemble(state_dict, meta, lambda m: serving_model(m, variant)).to(self.device)
-            self.explainer = self.model  # differentiable: Integrated Gradients of the averaged answer
+            # bf16 wraps the whole ensemble (a copy: the explainer stays fp32); the grouped forward
+            # batches the fused networks themselves, not bf16 wrappers of them.
+            member_variant = "fused" if variant == "bf16" else variant
+            ensemble = load_ensemble(state_dict, meta, lambda m: serving_model(m, member_variant)).to(self.device)
+            self.explainer = ensemble  # differentiable: Integrated Gradients of the averaged answer
+            self.model = precision.BF16Model(copy.deepcopy(ensemble)) if variant == "bf16" else ensemble
         else:
             model = build_model(meta["model_config"])
             model.load_state_dict(state_dict)

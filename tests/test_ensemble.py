@@ -12,6 +12,7 @@ import json
 import pytest
 import torch
 
+from serving import handler
 from serving.archive import build_archive
 from training import ensemble_train
 from training.checkpoint import atomic_save, load_checkpoint, model_from_checkpoint
@@ -118,6 +119,30 @@ def test_an_ensemble_archive_serves_the_average_in_the_single_model_format(tmp_p
     served = torch.tensor([body["probabilities"][str(d)] for d in range(10)])
     torch.testing.assert_close(served, expected, rtol=0, atol=2e-6)  # the response rounds to 6 decimals
     assert body["digit"] == expected.argmax().item()
+
+
+@pytest.mark.slow
+def test_a_bf16_ensemble_archive_serves_the_fp32_average_to_bf16_precision(tmp_path, mnist_dir, monkeypatch):
+    # bf16 wraps the whole ensemble (the grouped forward batches plain networks, not bf16 wrappers).
+    # Forced on, so that the bf16 path runs on any CPU, also where it would fall back to fused.
+    monkeypatch.setattr(handler.precision, "use_cpu_bf16", lambda train=True: True)
+    configs = [TINY_MODEL, dataclasses.replace(TINY_MODEL, convs=2), TINY_MODEL]
+    paths = [save_tiny_checkpoint(tmp_path / f"m{k}.pt", seed=k, model=c) for k, c in enumerate(configs)]
+    atomic_save(combine(paths, str(mnist_dir)), tmp_path / "ensemble.pt")
+    archive = build_archive(tmp_path / "ensemble.pt", tmp_path / "store", "mnist", "1.0", variant="bf16",
+                            ensemble=True)
+    worker = InProcessWorker(unpack(archive.path, tmp_path / "unpacked"))
+    assert isinstance(worker.handler.model, handler.precision.BF16Model)
+    [(status, body), (explained, answer)] = worker.handle([raw(SAMPLE_7.read_bytes())] * 2, explain=frozenset({1}))
+    assert status == explained == 200  # explanations run on the fp32 ensemble (Integrated Gradients)
+    assert torch.tensor(answer["explanation"]["attributions"]).shape == (28, 28)
+
+    from training.preprocess import preprocess_bytes
+
+    nets = [model_from_checkpoint(load_checkpoint(p)) for p in paths]
+    expected = one_by_one(nets, normalize(preprocess_bytes(SAMPLE_7.read_bytes())), [1.0] * 3)[0]
+    served = torch.tensor([body["probabilities"][str(d)] for d in range(10)])
+    torch.testing.assert_close(served, expected, rtol=0, atol=0.02)  # bf16: 8 bits of mantissa
 
 
 def test_an_ensemble_archive_needs_an_ensemble_checkpoint(tmp_path):

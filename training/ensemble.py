@@ -35,9 +35,8 @@ class EnsembleError(ValueError):
 
 
 def architecture(member: nn.Module) -> object:
-    """What must be equal for members to batch together: the config without dropout (off in eval).
-    A wrapper (the bf16 variant's) is looked through to the network it holds."""
-    config = getattr(member, "config", None) or getattr(getattr(member, "model", None), "config", None)
+    """What must be equal for members to batch together: the config without dropout (off in eval)."""
+    config = getattr(member, "config", None)
     return dataclasses.replace(config, dropout=0.0) if dataclasses.is_dataclass(config) else type(member)
 
 
