@@ -167,13 +167,13 @@ def build_ensemble(members: Sequence[nn.Module], temperatures: Sequence[float] |
     if method not in kinds:
         raise EnsembleError(f"unknown ensemble method {method!r}: choose one of {', '.join(METHODS)}")
     members = [m.eval() for m in members]
-    weights = _temperatures(members, temperatures).tolist()
+    temperatures = _temperatures(members, temperatures).tolist()
     groups: dict[object, list[int]] = {}  # architecture → member indices, in the members' order
     for i, member in enumerate(members):
         groups.setdefault(architecture(member), []).append(i)
     if method == "loop" or len(groups) == 1:  # the loop runs any mix of architectures as it is
-        return kinds[method](members, weights).eval()
-    return MixedEnsemble([kinds[method]([members[i] for i in idx], [weights[i] for i in idx])
+        return kinds[method](members, temperatures).eval()
+    return MixedEnsemble([kinds[method]([members[i] for i in idx], [temperatures[i] for i in idx])
                           for idx in groups.values()], [len(idx) for idx in groups.values()]).eval()
 
 
