@@ -91,8 +91,13 @@ def test_a_grouped_forward_needs_one_architecture_and_temperatures_must_be_posit
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mixed", [False, True], ids=["one-architecture", "mixed-architectures"])
-def test_an_ensemble_archive_serves_the_average_in_the_single_model_format(tmp_path, mnist_dir, mixed):
+@pytest.mark.parametrize(("mixed", "variant"), [(False, "fused"), (True, "fused"), (True, "bf16")],
+                         ids=["one-architecture", "mixed-architectures", "mixed-architectures-bf16"])
+def test_an_ensemble_archive_serves_the_average_in_the_single_model_format(tmp_path, mnist_dir, monkeypatch,
+                                                                          mixed, variant):
+    # bf16 wraps the whole ensemble (the grouped forward batches plain networks, not bf16 wrappers).
+    # Forced on, so that the bf16 path runs on any CPU, also where it would fall back to fused.
+    monkeypatch.setattr(handler.precision, "use_cpu_bf16", lambda train=True: True)
     configs = [TINY_MODEL, dataclasses.replace(TINY_MODEL, convs=2), TINY_MODEL] if mixed else [TINY_MODEL] * 3
     paths = [save_tiny_checkpoint(tmp_path / f"m{k}.pt", seed=k, model=c) for k, c in enumerate(configs)]
     for path, temperature in zip(paths, TEMPERATURES, strict=True):  # as issue 13's calibration stores it
@@ -104,45 +109,28 @@ def test_an_ensemble_archive_serves_the_average_in_the_single_model_format(tmp_p
     atomic_save(ensemble, tmp_path / "ensemble.pt")
     assert load_ensemble_checkpoint(tmp_path / "ensemble.pt")["metrics"]["members"] == 3
 
-    archive = build_archive(tmp_path / "ensemble.pt", tmp_path / "store", "mnist", "1.0", ensemble=True)
+    archive = build_archive(tmp_path / "ensemble.pt", tmp_path / "store", "mnist", "1.0", variant, ensemble=True)
     model_dir = unpack(archive.path, tmp_path / "unpacked")
     meta = json.loads((model_dir / "model.json").read_text())
     assert meta["ensemble"]["members"] == 3 and meta["ensemble"]["temperatures"] == TEMPERATURES
     assert [ModelConfig(**c) for c in meta["ensemble"]["model_configs"]] == configs
-    [(status, body)] = InProcessWorker(model_dir).handle([raw(SAMPLE_7.read_bytes())])
+    worker = InProcessWorker(model_dir)
+    assert isinstance(worker.handler.model, handler.precision.BF16Model) == (variant == "bf16")
+    [(status, body), (explained, answer)] = worker.handle([raw(SAMPLE_7.read_bytes())] * 2, explain=frozenset({1}))
     assert status == 200 and set(body) == {"digit", "confidence", "probabilities", "is_digit"}
+    assert explained == 200  # explanations run on the fp32 ensemble (Integrated Gradients)
+    assert torch.tensor(answer["explanation"]["attributions"]).shape == (28, 28)
 
     from training.preprocess import preprocess_bytes
 
     nets = [model_from_checkpoint(load_checkpoint(p)) for p in paths]
     expected = one_by_one(nets, normalize(preprocess_bytes(SAMPLE_7.read_bytes())), TEMPERATURES)[0]
     served = torch.tensor([body["probabilities"][str(d)] for d in range(10)])
-    torch.testing.assert_close(served, expected, rtol=0, atol=2e-6)  # the response rounds to 6 decimals
-    assert body["digit"] == expected.argmax().item()
-
-
-@pytest.mark.slow
-def test_a_bf16_ensemble_archive_serves_the_fp32_average_to_bf16_precision(tmp_path, mnist_dir, monkeypatch):
-    # bf16 wraps the whole ensemble (the grouped forward batches plain networks, not bf16 wrappers).
-    # Forced on, so that the bf16 path runs on any CPU, also where it would fall back to fused.
-    monkeypatch.setattr(handler.precision, "use_cpu_bf16", lambda train=True: True)
-    configs = [TINY_MODEL, dataclasses.replace(TINY_MODEL, convs=2), TINY_MODEL]
-    paths = [save_tiny_checkpoint(tmp_path / f"m{k}.pt", seed=k, model=c) for k, c in enumerate(configs)]
-    atomic_save(combine(paths, str(mnist_dir)), tmp_path / "ensemble.pt")
-    archive = build_archive(tmp_path / "ensemble.pt", tmp_path / "store", "mnist", "1.0", variant="bf16",
-                            ensemble=True)
-    worker = InProcessWorker(unpack(archive.path, tmp_path / "unpacked"))
-    assert isinstance(worker.handler.model, handler.precision.BF16Model)
-    [(status, body), (explained, answer)] = worker.handle([raw(SAMPLE_7.read_bytes())] * 2, explain=frozenset({1}))
-    assert status == explained == 200  # explanations run on the fp32 ensemble (Integrated Gradients)
-    assert torch.tensor(answer["explanation"]["attributions"]).shape == (28, 28)
-
-    from training.preprocess import preprocess_bytes
-
-    nets = [model_from_checkpoint(load_checkpoint(p)) for p in paths]
-    expected = one_by_one(nets, normalize(preprocess_bytes(SAMPLE_7.read_bytes())), [1.0] * 3)[0]
-    served = torch.tensor([body["probabilities"][str(d)] for d in range(10)])
-    torch.testing.assert_close(served, expected, rtol=0, atol=0.02)  # bf16: 8 bits of mantissa
+    if variant == "bf16":  # 8 bits of mantissa
+        torch.testing.assert_close(served, expected, rtol=0, atol=0.02)
+    else:
+        torch.testing.assert_close(served, expected, rtol=0, atol=2e-6)  # the response rounds to 6 decimals
+        assert body["digit"] == expected.argmax().item()
 
 
 def test_an_ensemble_archive_needs_an_ensemble_checkpoint(tmp_path):
