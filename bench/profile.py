@@ -37,7 +37,7 @@ BUCKETS = (
     ("decode (PNG → 28×28)", ("preprocess.py", "imdecode")),
     ("normalise + batch", ("to_model_input", "normalize", "stack (")),
     ("JSON response", ("prediction_body", "json/encoder", "json/__init__")),
-    ("metrics", ("_record_metrics", "ts/metrics/")),
+    ("metrics", ("_record_metrics", "metric_buffer", "_emit_metric", "ts/metrics/")),
     ("handler's own Python (batch loop, response headers)", ("MNISTHandler.handle (", "set_response_")),
     ("TorchServe protocol (socket, (un)pickling)", ("ts/protocol/", "otf_message_handler", "recv", "sendall",
                                                     "model_service_worker")),

@@ -34,6 +34,7 @@ if (_HERE / "training").is_dir() and str(_HERE) not in sys.path[:1]:
     sys.path.insert(0, str(_HERE))
 
 from serving import oip, worker_io  # noqa: E402  (KServe v2 protocol; buffered reads of the worker socket)
+from serving.metric_buffer import MetricBuffer  # noqa: E402  (counters and gauges once a second)
 from training import precision  # noqa: E402
 from training.ensemble import load_ensemble  # noqa: E402
 from training.explain import IG_STEPS, integrated_gradients  # noqa: E402
@@ -274,6 +275,9 @@ class MNISTHandler(BaseHandler):
         integrated_gradients(self.explainer, to_model_input(torch.zeros(1, 28, 28, dtype=torch.uint8), self.device),
                              torch.zeros(1, dtype=torch.long, device=self.device))
         self.context = context
+        # Counters and gauges are summed/kept and emitted at most once per interval, not per batch
+        # (serving/metric_buffer.py: each is a log line the frontend parses). 0: every batch.
+        self.metric_buffer = MetricBuffer(self._emit_metric, float(os.environ.get("MNIST_METRICS_INTERVAL", "1")))
         self.initialized = True
         worker_io.install()  # from the next message on: README, Benchmarks (serving overhead)
         logger.info("MNIST model loaded on %s (variant %s, batch size %d)", self.device, variant, self.batch_size)
@@ -359,23 +363,28 @@ class MNISTHandler(BaseHandler):
     def _record_metrics(self, context, preprocess_s: float, inference_s: float, rejected: int,
                         predicted: list[int], not_digit: int = 0, explain_s: float = 0.0,
                         low_confidence: int = 0) -> None:
-        # Per batch, not per request: each metric is a log line the frontend has to parse.
-        metrics = context.metrics
-        metrics.add_time("MNISTPreprocessTime", preprocess_s * 1000, None, "ms")
+        buffer = self.metric_buffer
+        buffer.gauge("MNISTPreprocessTime", preprocess_s * 1000)
         if predicted:
-            metrics.add_time("MNISTInferenceTime", inference_s * 1000, None, "ms")
+            buffer.gauge("MNISTInferenceTime", inference_s * 1000)
         if explain_s:
-            metrics.add_time("MNISTExplainTime", explain_s * 1000, None, "ms")
-        if rejected:
-            metrics.add_counter("MNISTRejectedRequests", rejected)
-        version = [Dimension("ModelVersion", self.version)]
-        # The whole batch's time in the worker (decode + model), a histogram so Prometheus can take its p99.
-        metrics.add_metric("mnist_handle_seconds", preprocess_s + inference_s, "s", None, list(version),
-                           MetricTypes.HISTOGRAM)
-        if low_confidence:
-            metrics.add_counter("mnist_low_confidence_predictions_total", low_confidence, None, list(version))
-        if not_digit:  # answered, but the OOD score says it is not a digit (configs/alerts.yml)
-            metrics.add_counter("mnist_not_a_digit_total", not_digit, None, list(version))
+            buffer.gauge("MNISTExplainTime", explain_s * 1000)
+        buffer.count("MNISTRejectedRequests", rejected)
+        version = (("ModelVersion", self.version),)
+        buffer.count("mnist_low_confidence_predictions_total", low_confidence, version)
+        buffer.count("mnist_not_a_digit_total", not_digit, version)  # answered, but not a digit (configs/alerts.yml)
         for digit in sorted(set(predicted)):
-            metrics.add_counter("MNISTPredictions", predicted.count(digit), None,
-                                [Dimension("Digit", self.classes[digit]), *version])
+            buffer.count("MNISTPredictions", predicted.count(digit), (("Digit", self.classes[digit]), *version))
+        buffer.flush_if_due()
+        # The whole batch's time in the worker (decode + model), a histogram so Prometheus can take its
+        # p99: every batch is a sample of its own, so it is not buffered.
+        context.metrics.add_metric("mnist_handle_seconds", preprocess_s + inference_s, "s", None,
+                                   [Dimension("ModelVersion", self.version)], MetricTypes.HISTOGRAM)
+
+    def _emit_metric(self, kind: str, name: str, value, unit: str, dimensions: tuple[tuple[str, str], ...]) -> None:
+        # A new list each call: TorchServe appends its default dimensions to the list it is given.
+        dims = [Dimension(n, v) for n, v in dimensions]
+        if kind == "counter":
+            self.context.metrics.add_counter(name, value, None, dims)
+        else:
+            self.context.metrics.add_time(name, value, None, unit, dims)

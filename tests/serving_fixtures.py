@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import zipfile
 from pathlib import Path
 
@@ -72,6 +73,21 @@ def failing_replace(monkeypatch, fail_on: int) -> list:
 
     monkeypatch.setattr(os, "replace", replace)
     return calls
+
+
+def settled(read, quiet: float = 1.5, timeout: float = 20.0):
+    """`read()` once its value has not changed for `quiet` seconds. The handler emits its counters at most
+    once a second (serving/metric_buffer.py), so counts that earlier requests left pending land in that
+    time: a test that reads a counter before its own requests must wait for them first."""
+    value, since = read(), time.monotonic()
+    deadline = since + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.25)
+        if (now := read()) != value:
+            value, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return value
+    raise AssertionError(f"still changing after {timeout} s: {value}")
 
 
 def unpack(mar: Path, dest: Path) -> Path:

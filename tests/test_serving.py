@@ -34,7 +34,7 @@ from serving.server import ServerError, TorchServe, free_port
 # exists once per session; helpers are imported by name, after registering for assert rewriting.
 pytest.register_assert_rewrite("serving_fixtures")
 pytest_plugins = ["serving_fixtures"]
-from serving_fixtures import ROOT, SAMPLE_7, encode_png, offline_probabilities  # noqa: E402
+from serving_fixtures import ROOT, SAMPLE_7, encode_png, offline_probabilities, settled  # noqa: E402
 
 MAX_REQUEST_SIZE = 1048576  # configs/config.properties
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -259,9 +259,10 @@ def test_binary_body_sent_as_a_form_is_refused_by_the_frontend(server):
 
 
 def _batches_in_log(run_dir: Path) -> list[set[str]]:
-    """Request ids of each batch the worker ran, from the handler's per-batch metric in ts_log.log."""
+    """Request ids of each batch the worker ran, from the handler's per-batch histogram in ts_log.log
+    (its counters and gauges are emitted once a second, under the ids of whichever batch flushed them)."""
     log = (run_dir / "ts_log.log").read_text(errors="replace")
-    return [set(UUID.findall(line)) for line in log.splitlines() if "[METRICS]MNISTPreprocessTime." in line]
+    return [set(UUID.findall(line)) for line in log.splitlines() if "[METRICS]mnist_handle_seconds." in line]
 
 
 def assert_a_batch_mixes_good_and_bad(server: TorchServe, requests: list[tuple[bytes, str, int | str]], send,
@@ -356,21 +357,23 @@ def _value(samples: dict, name: str, **labels: str) -> float:
 
 @pytest.mark.slow
 def test_prometheus_metrics_count_predictions_by_digit(server):
-    before = _prometheus(server)
-    sevens = _value(before, "MNISTPredictions", Digit="7", ModelName="mnist", Level="Model")
-    rejected = _value(before, "MNISTRejectedRequests", ModelName="mnist", Level="Model")
+    def counters() -> tuple[float, float]:
+        samples = _prometheus(server)
+        return (_value(samples, "MNISTPredictions", Digit="7", ModelName="mnist", Level="Model"),
+                _value(samples, "MNISTRejectedRequests", ModelName="mnist", Level="Model"))
+
+    sevens, rejected = settled(counters)  # earlier tests' counts may still be on their way
     for _ in range(3):
         assert predict(server, SAMPLE_7.read_bytes(), "image/png")[0] == 200
     assert predict(server, b"seven", "text/plain")[0] == 400
     deadline = time.monotonic() + 10  # the frontend turns the worker's metric log lines into samples
     while True:
-        after = _prometheus(server)
-        counts = (_value(after, "MNISTPredictions", Digit="7", ModelName="mnist", Level="Model") - sevens,
-                  _value(after, "MNISTRejectedRequests", ModelName="mnist", Level="Model") - rejected)
+        counts = tuple(now - then for now, then in zip(counters(), (sevens, rejected), strict=True))
         if counts == (3, 1) or time.monotonic() > deadline:
             break
         time.sleep(0.2)
     assert counts == (3, 1)
+    after = _prometheus(server)
     for gauge in ("MNISTPreprocessTime", "MNISTInferenceTime"):
         assert _value(after, gauge, ModelName="mnist", Level="Model") > 0
 

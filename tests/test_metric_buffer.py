@@ -1,0 +1,76 @@
+"""serving/metric_buffer.py: counters summed, gauges last, emitted at most once per interval, and never later."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from serving.metric_buffer import MetricBuffer
+
+V1 = (("ModelVersion", "1.0"),)
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+        self.emitted = threading.Event()
+
+    def __call__(self, kind, name, value, unit, dimensions) -> None:
+        self.calls.append((kind, name, value, unit, dimensions))
+        self.emitted.set()
+
+
+def test_the_first_batch_is_emitted_at_once_and_the_next_ones_summed_by_the_timer():
+    emit = Recorder()
+    buffer = MetricBuffer(emit, interval=0.3)
+    buffer.count("MNISTPredictions", 2, (("Digit", "7"), *V1))
+    buffer.gauge("MNISTPreprocessTime", 1.5)
+    buffer.flush_if_due()
+    assert sorted(emit.calls) == [("counter", "MNISTPredictions", 2, "count", (("Digit", "7"), *V1)),
+                                  ("gauge", "MNISTPreprocessTime", 1.5, "ms", ())]
+    emit.calls.clear()
+    emit.emitted.clear()
+    started = time.monotonic()
+    for value, preprocess in ((1, 2.0), (3, 4.0)):  # two more batches within the interval
+        buffer.count("MNISTPredictions", value, (("Digit", "7"), *V1))
+        buffer.count("MNISTPredictions", 1, (("Digit", "1"), *V1))
+        buffer.count("mnist_not_a_digit_total", 0, V1)  # nothing to add: no line
+        buffer.gauge("MNISTPreprocessTime", preprocess)
+        buffer.flush_if_due()
+    assert emit.calls == []  # held: the last emission is younger than the interval
+    assert emit.emitted.wait(10)  # no third batch comes: the timer emits them
+    assert time.monotonic() - started >= 0.25
+    time.sleep(0.1)  # and only once
+    assert sorted(emit.calls) == [("counter", "MNISTPredictions", 2, "count", (("Digit", "1"), *V1)),
+                                  ("counter", "MNISTPredictions", 4, "count", (("Digit", "7"), *V1)),
+                                  ("gauge", "MNISTPreprocessTime", 4.0, "ms", ())]
+
+
+def test_a_batch_after_the_interval_emits_what_is_pending_itself():
+    now = [100.0]
+    emit = Recorder()
+    buffer = MetricBuffer(emit, interval=1.0, clock=lambda: now[0])
+    buffer.count("MNISTRejectedRequests", 1)
+    buffer.flush_if_due()
+    now[0] += 0.5
+    buffer.count("MNISTRejectedRequests", 2)
+    buffer.flush_if_due()  # arms the timer (0.5 s of real time)
+    now[0] += 0.6
+    buffer.count("MNISTRejectedRequests", 3)
+    buffer.flush_if_due()  # due: emits 2 + 3 at once and cancels the timer
+    assert [c[2] for c in emit.calls] == [1, 5]
+    time.sleep(0.7)
+    assert [c[2] for c in emit.calls] == [1, 5]
+
+
+def test_interval_zero_emits_every_batch():
+    emit = Recorder()
+    buffer = MetricBuffer(emit, interval=0)
+    for _ in range(3):
+        buffer.count("MNISTPredictions", 1, (("Digit", "3"),))
+        buffer.flush_if_due()
+    assert [c[2] for c in emit.calls] == [1, 1, 1]
+    with pytest.raises(ValueError, match="interval"):
+        MetricBuffer(emit, interval=-1)
