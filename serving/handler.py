@@ -34,7 +34,7 @@ if (_HERE / "training").is_dir() and str(_HERE) not in sys.path[:1]:
     sys.path.insert(0, str(_HERE))
 
 from serving import oip, worker_io  # noqa: E402  (KServe v2 protocol; buffered reads of the worker socket)
-from serving.metric_buffer import MetricBuffer  # noqa: E402  (counters and gauges once a second)
+from serving.metric_buffer import MetricBuffer, interval_from_env  # noqa: E402  (counters and gauges once a second)
 from training import precision  # noqa: E402
 from training.ensemble import load_ensemble  # noqa: E402
 from training.explain import IG_STEPS, integrated_gradients  # noqa: E402
@@ -277,7 +277,7 @@ class MNISTHandler(BaseHandler):
         self.context = context
         # Counters and gauges are summed/kept and emitted at most once per interval, not per batch
         # (serving/metric_buffer.py: each is a log line the frontend parses). 0: every batch.
-        self.metric_buffer = MetricBuffer(self._emit_metric, float(os.environ.get("MNIST_METRICS_INTERVAL", "1")))
+        self.metric_buffer = MetricBuffer(self._emit_metric, interval_from_env())
         self.initialized = True
         worker_io.install()  # from the next message on: README, Benchmarks (serving overhead)
         logger.info("MNIST model loaded on %s (variant %s, batch size %d)", self.device, variant, self.batch_size)

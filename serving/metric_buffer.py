@@ -14,14 +14,30 @@ other batch comes. A worker that dies loses at most that interval's counts.
 
 from __future__ import annotations
 
+import math
+import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 # (kind "counter" | "gauge", metric name, unit, dimensions as ((name, value), ...)) → value
 Key = tuple[str, str, str, tuple[tuple[str, str], ...]]
 Emit = Callable[[str, str, Any, str, tuple[tuple[str, str], ...]], None]
+
+
+def interval_from_env(environ: Mapping[str, str] = os.environ, default: float = 1.0) -> float:
+    """MNIST_METRICS_INTERVAL in seconds (0: every batch); a bad value stops the worker with this message."""
+    raw = environ.get("MNIST_METRICS_INTERVAL")
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not value >= 0 or math.isinf(value):
+        raise ValueError(f"MNIST_METRICS_INTERVAL must be a number of seconds >= 0 (0: every batch), got {raw!r}")
+    return value
 
 
 class MetricBuffer:
@@ -58,9 +74,10 @@ class MetricBuffer:
             wait = self._last_flush + self.interval - self._clock()
             if wait > 0:
                 if self._timer is None and self._pending:
-                    self._timer = threading.Timer(wait, self.flush)
-                    self._timer.daemon = True  # a worker that exits does not wait for its metrics
-                    self._timer.start()
+                    timer = threading.Timer(wait, self.flush)
+                    timer.daemon = True  # a worker that exits does not wait for its metrics
+                    timer.start()
+                    self._timer = timer
                 return
         self.flush()
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from serving.metric_buffer import MetricBuffer
+from serving.metric_buffer import MetricBuffer, interval_from_env
 
 V1 = (("ModelVersion", "1.0"),)
 
@@ -25,6 +25,7 @@ class Recorder:
 def test_the_first_batch_is_emitted_at_once_and_the_next_ones_summed_by_the_timer():
     emit = Recorder()
     buffer = MetricBuffer(emit, interval=0.3)
+    started = time.monotonic()
     buffer.count("MNISTPredictions", 2, (("Digit", "7"), *V1))
     buffer.gauge("MNISTPreprocessTime", 1.5)
     buffer.flush_if_due()
@@ -32,7 +33,6 @@ def test_the_first_batch_is_emitted_at_once_and_the_next_ones_summed_by_the_time
                                   ("gauge", "MNISTPreprocessTime", 1.5, "ms", ())]
     emit.calls.clear()
     emit.emitted.clear()
-    started = time.monotonic()
     for value, preprocess in ((1, 2.0), (3, 4.0)):  # two more batches within the interval
         buffer.count("MNISTPredictions", value, (("Digit", "7"), *V1))
         buffer.count("MNISTPredictions", 1, (("Digit", "1"), *V1))
@@ -40,9 +40,12 @@ def test_the_first_batch_is_emitted_at_once_and_the_next_ones_summed_by_the_time
         buffer.gauge("MNISTPreprocessTime", preprocess)
         buffer.flush_if_due()
     assert emit.calls == []  # held: the last emission is younger than the interval
-    assert emit.emitted.wait(10)  # no third batch comes: the timer emits them
-    assert time.monotonic() - started >= 0.25
-    time.sleep(0.1)  # and only once
+    assert emit.emitted.wait(10)  # no third batch comes: the timer emits them, an interval after the first
+    assert time.monotonic() - started >= 0.29
+    deadline = time.monotonic() + 10
+    while len(emit.calls) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.4)  # and only once
     assert sorted(emit.calls) == [("counter", "MNISTPredictions", 2, "count", (("Digit", "1"), *V1)),
                                   ("counter", "MNISTPredictions", 4, "count", (("Digit", "7"), *V1)),
                                   ("gauge", "MNISTPreprocessTime", 4.0, "ms", ())]
@@ -74,3 +77,15 @@ def test_interval_zero_emits_every_batch():
     assert [c[2] for c in emit.calls] == [1, 1, 1]
     with pytest.raises(ValueError, match="interval"):
         MetricBuffer(emit, interval=-1)
+
+
+@pytest.mark.parametrize("raw", ["1s", "-1", "nan", "inf", ""])
+def test_a_bad_interval_in_the_environment_says_which_variable(raw):
+    with pytest.raises(ValueError, match=r"^MNIST_METRICS_INTERVAL must be a number of seconds >= 0"):
+        interval_from_env({"MNIST_METRICS_INTERVAL": raw})
+
+
+def test_the_interval_defaults_to_a_second():
+    assert interval_from_env({}) == 1.0
+    assert interval_from_env({"MNIST_METRICS_INTERVAL": "0"}) == 0.0
+    assert interval_from_env({"MNIST_METRICS_INTERVAL": "2.5"}) == 2.5
