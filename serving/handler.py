@@ -117,15 +117,19 @@ def decode_request(request: dict[str, Any]) -> np.ndarray:
                               "a multipart field 'data' or 'file', or JSON")
     if isinstance(value, str):
         value = value.encode()
-    if isinstance(value, (bytes, bytearray)) and value.lstrip()[:1] in (b"{", b"["):
-        value = _parse_json(bytes(value))
+    text = b""
+    if isinstance(value, (bytes, bytearray)):
+        # A text body may start with a UTF-8 byte-order mark or blank space (no image format does).
+        text = bytes(value).removeprefix(b"\xef\xbb\xbf").lstrip()
+        if text[:1] in (b"{", b"["):
+            value = _parse_json(text)
     if isinstance(value, dict):
         return _decode_json(value)
     if isinstance(value, list):
         raise PreprocessError("JSON body must be an object with 'data' or 'pixels'")
     if isinstance(value, (bytes, bytearray)):
-        if value[:5].lower() == b"data:":  # a data URL sent as the body itself
-            return preprocess_bytes(_base64_image(value.decode("ascii", "replace")))
+        if text[:5].lower() == b"data:":  # a data URL sent as the body itself
+            return preprocess_bytes(_base64_image(text.decode("ascii", "replace")))
         return preprocess_bytes(bytes(value))
     raise PreprocessError("JSON body must be an object with 'data' or 'pixels'")
 

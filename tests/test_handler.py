@@ -316,10 +316,14 @@ def test_wild_input_forms_and_their_refusals_share_a_batch(tiny_worker, mnist_te
         raw(b"[" * 50_000, "application/json"),  # 50 KB: json.loads alone would raise RecursionError
         as_json({"data": "\n".join(text[i : i + 76] for i in range(0, len(text), 76))}),  # `base64` output
         as_json({"data": "data:text/html;base64," + text}),
+        # Text bodies as editors and shells write them: a UTF-8 byte-order mark, leading blank space.
+        raw(b"\xef\xbb\xbf" + json.dumps({"data": text}).encode(), "application/json"),
+        raw(b"\xef\xbb\xbf" + json.dumps({"data": text}).encode(), "text/plain"),
+        raw(b" \n data:image/png;base64," + text.encode(), "text/plain"),
     ]
     answers = tiny_worker.handle(batch)
-    assert [status for status, _ in answers] == [200, 400, 200, 400]
-    assert answers[0] == answers[2] == tiny_worker.handle([raw(png)])[0]
+    assert [status for status, _ in answers] == [200, 400, 200, 400, 200, 200, 200]
+    assert answers[0] == answers[2] == answers[4] == answers[5] == answers[6] == tiny_worker.handle([raw(png)])[0]
     assert answers[1][1] == {"code": 400, "type": "InvalidInput",
                              "message": "JSON nested too deeply: at most 32 levels"}
     assert answers[3][1]["message"] == "'data' URL is not an image: text/html"

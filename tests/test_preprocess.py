@@ -20,6 +20,7 @@ from training.preprocess import (
     MNIST_MEAN,
     MNIST_STD,
     PreprocessError,
+    bridge_size,
     from_pixels,
     load_image,
     preprocess_bytes,
@@ -125,9 +126,53 @@ def test_jpeg_differs_from_the_lossless_digit_by_at_most_ringing(expected_seven)
 
 def test_a_28x28_mnist_style_image_only_has_its_polarity_fixed():
     digit = np.zeros((28, 28), np.uint8)
-    digit[3:5, 20:25] = 200  # deliberately off-centre: MNIST-format input is not re-centred
+    digit[3:5, 20:26] = 255  # deliberately off-centre: MNIST-format input is not re-centred
+    digit[5, 20:26] = 100
     assert np.array_equal(to_mnist(digit), digit)
     assert np.array_equal(to_mnist(255 - digit), digit)
+
+
+def test_every_mnist_test_digit_passes_the_28x28_path_unchanged(mnist_test_images):
+    images = mnist_test_images[0].numpy()
+    assert all(np.array_equal(to_mnist(image), image) for image in images)
+
+
+@pytest.mark.parametrize("paper", [255, 240, 220, 180])
+@pytest.mark.parametrize("ink", [0, 60])
+def test_a_28x28_digit_on_grey_paper_or_in_grey_ink_becomes_the_mnist_digit(mnist_test_images, paper, ink):
+    """What phones and scanners send at 28×28: dark ink on off-white paper, faint ink. The paper level
+    is taken out and the ink stretched, so the model sees the digit MNIST has (to rounding)."""
+    digit = mnist_test_images[0][0].numpy()
+    picture = np.rint(paper - (paper - ink) * (digit / 255.0)).astype(np.uint8)
+    assert np.abs(to_mnist(picture).astype(int) - digit).max() <= 1
+    faint = np.rint(digit * (120 / 255)).astype(np.uint8)  # light ink on black, at half brightness
+    assert np.abs(to_mnist(faint).astype(int) - digit).max() <= 2
+
+
+def test_a_dot_or_a_smudge_at_28x28_is_not_a_digit():
+    dot = np.zeros((28, 28), np.uint8)
+    dot[14, 14] = 255
+    with pytest.raises(PreprocessError, match=r"^no digit found: too little ink"):
+        to_mnist(dot)
+    faint = np.zeros((28, 28), np.uint8)
+    faint[8:20, 12:15] = 15  # a "1" barely above black: nothing stands out
+    with pytest.raises(PreprocessError, match=r"^no digit found: the image has no contrast$"):
+        to_mnist(faint)
+
+
+@pytest.mark.parametrize(("shape", "bridge"), [((4000, 3000), 41), ((3000, 4000), 41), ((280, 280), 3),
+                                                ((16000, 1000), 41), ((80000, 8), 1), ((100, 100), 1)])
+def test_the_gap_bridging_kernel_follows_the_picture_but_not_a_strips_length(shape, bridge):
+    # An 80,000×8 PNG of 1.5 KB had an 801-px kernel: a minute of one core per request.
+    assert bridge_size(shape) == bridge
+
+
+def test_light_ink_on_a_transparent_canvas_is_not_erased_by_white_paper(expected_seven):
+    """A dark-themed drawing pad: white strokes, transparent elsewhere. Composited on white, the ink vanished."""
+    bgra = np.zeros((*seven().shape, 4), np.uint8)
+    bgra[:, :, :3] = 255
+    bgra[:, :, 3] = 255 - seven()
+    assert np.array_equal(preprocess_bytes(encode(bgra)), expected_seven)
 
 
 def test_an_mnist_test_image_survives_png_and_normalizes_like_training(mnist_test_images):
@@ -208,8 +253,9 @@ def test_from_pixels_accepts_28_rows_of_28_numbers_and_rounds():
         ([[-1] * 28] * 28, "pixel values must be numbers in 0..255"),
         ([[float("nan")] * 28] * 28, "pixel values must be numbers in 0..255"),
         ([[float("inf")] * 28] * 28, "pixel values must be numbers in 0..255"),
+        ([[0.5] * 28] * 28, "pixel values must be in 0..255, these are all in 0..1: multiply them by 255"),
     ],
-    ids=["27-rows", "3-d", "scalar", "ragged", "strings", "256", "negative", "nan", "inf"],
+    ids=["27-rows", "3-d", "scalar", "ragged", "strings", "256", "negative", "nan", "inf", "fractions"],
 )
 def test_from_pixels_refuses_bad_arrays(pixels, message):
     with pytest.raises(PreprocessError) as err:

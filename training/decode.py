@@ -44,7 +44,7 @@ class PreprocessError(ValueError):
 
 
 def load_image(data: bytes) -> np.ndarray:
-    """Decode image bytes to a 2-D uint8 grayscale array, upright, alpha composited on white."""
+    """Decode image bytes to a 2-D uint8 grayscale array, upright, alpha composited on paper (`to_gray`)."""
     if not data:
         raise PreprocessError("empty input: expected image bytes")
     fmt, width, height, orientation = _read_header(data)
@@ -153,8 +153,13 @@ def to_gray(image: np.ndarray) -> np.ndarray:
     if channels == 4:
         gray = cv2.cvtColor(image[:, :, :3], cv2.COLOR_BGR2GRAY).astype(np.float32)
         alpha = image[:, :, 3].astype(np.float32) / 255.0
-        # Transparent pixels become white paper, as they look in a browser.
-        return np.rint(gray * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
+        # Transparent pixels become white paper, as they look in a browser; but a drawing that is
+        # mostly transparent with light ink (a dark-themed drawing pad) gets black paper, or its
+        # ink would vanish into the white.
+        opaque = float(alpha.sum())
+        light_ink = opaque < 0.5 * alpha.size and float((gray * alpha).sum()) > 127.5 * opaque
+        paper = 0.0 if light_ink else 255.0
+        return np.rint(gray * alpha + paper * (1.0 - alpha)).astype(np.uint8)
     raise PreprocessError(f"unsupported number of channels: {channels}")
 
 
