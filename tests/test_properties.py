@@ -180,20 +180,30 @@ def test_a_bigger_bomb_says_too_large():
                  drawings().map(lambda a: a if a.ndim == 2 else a[:, :, 0])))
 def test_any_2d_uint8_array_is_a_digit_or_a_preprocess_error(gray):
     result = digit_or_refusal(to_mnist, gray)
-    if isinstance(result, np.ndarray):  # a digit is already MNIST-format: a second pass changes nothing
+    # A digit made from a larger picture is MNIST-format: a second pass changes nothing. (A 28×28 input
+    # is taken as MNIST-format already; noise on grey paper is stretched, and again on a second pass.)
+    if isinstance(result, np.ndarray) and gray.shape != (SIZE, SIZE):
         assert np.array_equal(to_mnist(result), result)
 
 
 @settings(DETERMINISTIC, max_examples=100)
 @given(hnp.arrays(np.uint8, (SIZE, SIZE)))
 def test_a_28x28_image_passes_through_with_its_polarity_fixed(gray):
-    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
-    expected = 255 - gray if np.median(border) > 127 else gray
+    """MNIST-like (black paper, ink reaching 250, 10+ ink pixels once the polarity is fixed): unchanged.
+    Anything else: refused as "no digit found", or brought to black paper and full-brightness ink."""
+    def ring(image):
+        return np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
+
+    expected = 255 - gray if np.median(ring(gray)) > 127 else gray
     result = digit_or_refusal(to_mnist, gray)
-    if expected.max() == 0:
-        assert isinstance(result, PreprocessError) and "blank" in str(result)
-    else:
+    mnist_like = (np.median(ring(expected)) < 1 and expected.max() >= 250
+                  and np.count_nonzero(expected > 0.15 * 255) >= 10)
+    if mnist_like:
         assert np.array_equal(result, expected)
+    elif isinstance(result, PreprocessError):
+        assert str(result).startswith("no digit found: ")
+    else:  # paper level subtracted, ink stretched to full brightness
+        assert result.shape == (SIZE, SIZE) and result.max() == 255
 
 
 @settings(DETERMINISTIC, max_examples=50)

@@ -90,7 +90,7 @@ def to_mnist(gray: np.ndarray) -> np.ndarray:
     left = min(max(round(MNIST_CENTRE - cx), 0), SIZE - new_w)
     out = np.zeros((SIZE, SIZE), np.float32)
     out[top : top + new_h, left : left + new_w] = digit
-    return np.rint(np.clip(out, 0, 255)).astype(np.uint8)
+    return _enough_ink(np.rint(np.clip(out, 0, 255)).astype(np.uint8))
 
 
 def _mnist_format(gray: np.ndarray) -> np.ndarray:
@@ -106,9 +106,14 @@ def _mnist_format(gray: np.ndarray) -> np.ndarray:
     if paper_level or peak < FULL_INK:
         levels = (gray.astype(np.float32) - paper_level) * (255.0 / peak)
         gray = np.rint(np.clip(levels, 0, 255)).astype(np.uint8)
-    if np.count_nonzero(gray > INK_THRESHOLD * 255) < MIN_INK_PIXELS:
+    return _enough_ink(np.ascontiguousarray(gray))
+
+
+def _enough_ink(digit: np.ndarray) -> np.ndarray:
+    """The 28×28 digit, unless it has fewer than MIN_INK_PIXELS of ink: then it is a dot, not a digit."""
+    if np.count_nonzero(digit > INK_THRESHOLD * 255) < MIN_INK_PIXELS:
         raise PreprocessError("no digit found: too little ink (a dot or a speck, not a digit)")
-    return np.ascontiguousarray(gray)
+    return digit
 
 
 def _border_median(gray: np.ndarray) -> int:
