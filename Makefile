@@ -237,6 +237,11 @@ docker-archive: ## archive artifacts/model.pt inside the image, signed with your
 docker-test: $(STAMP) ## lint, build and run the image for real (slow: see README)
 	docker/test.sh
 
-clean: ## remove logs and caches (keeps data/, artifacts/ and model_store/)
+clean: ## remove logs and caches (keeps data/, artifacts/ and model_store/; refused while `make serve` runs)
+	@# logs/ holds the running server's pid and key files: without them `make stop` could not find it.
+	@for f in logs/tmp/.model_server.pid logs/ui.pid; do \
+		pid=$$(cat $$f 2>/dev/null) && ps -p "$$pid" -o args= 2>/dev/null | grep -q 'ModelServer\|serving.ui' && \
+		{ echo "error: TorchServe or the page is running from logs/ (pid $$pid): \`make stop\` first" >&2; exit 1; }; \
+	done; true
 	rm -rf logs .pytest_cache .ruff_cache .hypothesis
 	find . -name __pycache__ -type d -prune -not -path './$(VENV)/*' -exec rm -rf {} +

@@ -96,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "stop":
             print("TorchServe stopped" if server.stop() else "TorchServe was not running")
         elif args.command == "token":
+            if server.running_pid() is None:  # no key file either: an empty token would look like auth off
+                raise ServerError("TorchServe is not running: `make serve` first")
             print(server.token(args.kind) or "")
         elif args.command == "status":
             return _status(server)

@@ -157,7 +157,8 @@ def sign_archive(mar: Path, directory: Path | None = None) -> Signature:
 def read_signature(mar: Path) -> dict:
     path = signature_path(mar)
     if not path.exists():
-        raise SignatureError(f"{mar} is not signed ({path.name} is missing): rebuild it with `make archive`")
+        raise SignatureError(f"{mar} is not signed ({path.name} is missing): "
+                             "rebuild it with `make archive ARGS=--force`")
     try:
         sig = json.loads(path.read_text())
         sig["raw"] = base64.b64decode(sig["signature"], validate=True)
@@ -178,8 +179,8 @@ def verify_archive(mar: Path, trusted: dict[str, Ed25519PublicKey] | None = None
     try:
         trusted[signer].verify(sig["raw"], data)
     except InvalidSignature:
-        raise SignatureError(f"{mar} does not match its signature by key {signer}: it was modified after "
-                             "signing (or re-signed by another key); rebuild it with `make archive`") from None
+        raise SignatureError(f"{mar} does not match its signature by key {signer}: it was modified after signing "
+                             "(or re-signed by another key); rebuild it with `make archive ARGS=--force`") from None
     return Signature(signature_path(mar), signer, hashlib.sha256(data).hexdigest())
 
 

@@ -69,3 +69,10 @@ def test_make_passes_model_name_to_every_server_command(target):
                          capture_output=True, text=True, check=True).stdout
     (line,) = [line for line in out.splitlines() if "serving.cli" in line]
     assert "--model-name digits" in line
+
+
+def test_token_without_a_running_server_says_so_instead_of_printing_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SERVE_DIR", str(tmp_path))
+    assert cli.main(["token", "inference"]) == 1
+    captured = capsys.readouterr()
+    assert (captured.out, captured.err) == ("", "error: TorchServe is not running: `make serve` first\n")

@@ -95,7 +95,7 @@ def test_archive_signed_by_another_key_is_refused(store, tmp_path, no_java):
 def test_unsigned_archive_is_refused(store, tmp_path, no_java):
     (store / "mnist.mar.sig").unlink()
     assert refusal(store, tmp_path / "run") == (
-        f"{store / 'mnist.mar'} is not signed (mnist.mar.sig is missing): rebuild it with `make archive`")
+        f"{store / 'mnist.mar'} is not signed (mnist.mar.sig is missing): rebuild it with `make archive ARGS=--force`")
 
 
 def test_rotation_keeps_old_archives_loading_until_the_old_key_is_untrusted(store, tmp_path):
