@@ -54,9 +54,9 @@ def save_tiny_checkpoint(path: Path, seed: int = 0, test_accuracy: float = 0.5,
     return path
 
 
-def training_numbers(out: Path) -> list[dict]:
-    """history.jsonl without the timings, which differ between any two runs."""
-    rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+def training_numbers(out: Path, history: str = "history.jsonl") -> list[dict]:
+    """history.jsonl (or a candidate's history.candidate.jsonl) without the timings, which differ between runs."""
+    rows = [json.loads(line) for line in (out / history).read_text().splitlines()]
     return [{k: v for k, v in row.items() if k not in ("seconds", "images_per_second", "train_seconds")}
             for row in rows]
 

@@ -81,8 +81,10 @@ def test_ctrl_c_keeps_the_good_model_and_resume_ends_where_an_uninterrupted_run_
     assert (interrupted / "model.pt").read_bytes() == good
     resumed = load_checkpoint(interrupted / "model.candidate.pt")
     expected = load_checkpoint(straight / "model.pt")
-    assert [row["epoch"] for row in training_numbers(interrupted)] == [1, 2, 3]
-    assert training_numbers(interrupted) == training_numbers(straight)
+    # Its records are the candidate's too: nothing of model.pt's was written over.
+    assert [row["epoch"] for row in training_numbers(interrupted, "history.candidate.jsonl")] == [1, 2, 3]
+    assert training_numbers(interrupted, "history.candidate.jsonl") == training_numbers(straight)
+    assert not (interrupted / "metrics.json").exists() and not (interrupted / "history.jsonl").exists()
     assert resumed["metrics"]["test_accuracy"] == expected["metrics"]["test_accuracy"] > 0.8
     assert all(torch.equal(expected["state_dict"][k], v) for k, v in resumed["state_dict"].items())
 

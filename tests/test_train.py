@@ -262,9 +262,19 @@ def test_a_worse_run_never_replaces_model_pt_unless_forced(trained, mnist_dir, t
     assert load_checkpoint(tmp_path / "model.candidate.pt")["metrics"]["val_accuracy"] == worse["val_accuracy"]
     assert not (tmp_path / "model.prev.pt").exists()
     assert "(pass --force to replace)" in capsys.readouterr().out
+    # The losing run's records sit beside its checkpoint; model.pt's (none were copied here) are not written.
+    candidate = json.loads((tmp_path / "metrics.candidate.json").read_text())
+    assert candidate["val_accuracy"] == worse["val_accuracy"]
+    assert {p.name for p in tmp_path.glob("*.candidate.*")} == {
+        "model.candidate.pt", "metrics.candidate.json", "history.candidate.jsonl", "curves.candidate.png",
+        "confusion_matrix.candidate.png", "reliability.candidate.png"}
+    assert not any((tmp_path / name).exists() for name in ("metrics.json", "history.jsonl", "curves.png",
+                                                           "confusion_matrix.png", "reliability.png"))
+    assert not list(tmp_path.glob(".plots-*"))
 
     fit(shrunk(tmp_path, mnist_dir, **comparable), quiet=True, force=True)
     assert load_checkpoint(tmp_path / "model.pt")["metrics"]["val_accuracy"] == worse["val_accuracy"]
+    assert json.loads((tmp_path / "metrics.json").read_text())["val_accuracy"] == worse["val_accuracy"]
     assert (tmp_path / "model.prev.pt").read_bytes() == good
 
 

@@ -145,7 +145,19 @@ def _swap_in(ckpt: dict[str, Any], target: Path, keep_as: Path) -> None:
             leftover.unlink(missing_ok=True)
 
 
-def publish(ckpt: dict[str, Any], out_dir: Path, force: bool = False) -> str:
+class Published(str):
+    """`publish`'s sentence, and whether this run became a candidate (the model.pt there was kept)."""
+
+    candidate: bool = False
+
+
+def _candidate(sentence: str) -> Published:
+    result = Published(sentence)
+    result.candidate = True
+    return result
+
+
+def publish(ckpt: dict[str, Any], out_dir: Path, force: bool = False) -> Published:
     """Write `model.pt` unless the one already there is better; return a sentence saying what happened.
 
     Runs are compared by validation accuracy (the test set stays an unbiased final figure, never a
@@ -157,7 +169,7 @@ def publish(ckpt: dict[str, Any], out_dir: Path, force: bool = False) -> str:
     new = ckpt["metrics"]
     if not target.exists():
         atomic_save(ckpt, target)
-        return f"wrote {target} (validation accuracy {new['val_accuracy']:.2%})"
+        return Published(f"wrote {target} (validation accuracy {new['val_accuracy']:.2%})")
     try:
         old: dict[str, Any] | None = load_checkpoint(target)["metrics"]
     except (CheckpointError, KeyError):
@@ -167,13 +179,14 @@ def publish(ckpt: dict[str, Any], out_dir: Path, force: bool = False) -> str:
         reason = _incomparable(old, new)
         if reason is not None:
             atomic_save(ckpt, candidate)
-            return (f"kept {target}: {reason}, so their accuracies do not compare; this run was saved as "
-                    f"{candidate} (pass --force to replace)")
+            return _candidate(f"kept {target}: {reason}, so their accuracies do not compare; this run was saved "
+                              f"as {candidate} (pass --force to replace)")
         if new["val_accuracy"] < old["val_accuracy"]:
             atomic_save(ckpt, candidate)
-            return (f"kept {target} (validation accuracy {old['val_accuracy']:.2%}); this run scored "
-                    f"{new['val_accuracy']:.2%} and was saved as {candidate} (pass --force to replace)")
+            return _candidate(f"kept {target} (validation accuracy {old['val_accuracy']:.2%}); this run scored "
+                              f"{new['val_accuracy']:.2%} and was saved as {candidate} (pass --force to replace)")
     previous = out_dir / "model.prev.pt"
     _swap_in(ckpt, target, previous)
     before = "unreadable" if old is None else f"{old.get('val_accuracy', float('nan')):.2%}"
-    return f"wrote {target} (validation accuracy {new['val_accuracy']:.2%}); previous ({before}) kept as {previous}"
+    return Published(f"wrote {target} (validation accuracy {new['val_accuracy']:.2%}); previous ({before}) "
+                     f"kept as {previous}")

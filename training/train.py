@@ -14,6 +14,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -490,26 +491,33 @@ def _peak_memory_mb(device: torch.device) -> dict[str, float | None]:
 def _write_outputs(out: Path, model: Net, cfg: TrainConfig, metrics: dict, state: dict, opt, sched,
                    force: bool, log, data: Splits) -> dict[str, Any]:
     # Temperature and "not a digit" threshold: fitted on the validation split, for the chosen epoch.
-    trust, trust_metrics = fit_trust(model, (data.train_x, data.train_y), (data.val_x, data.val_y),
-                                     (data.test_x, data.test_y), out)
-    metrics = {**metrics, **trust_metrics}
-    ckpt = make_checkpoint(model, cfglib.to_dict(cfg), {k: v for k, v in metrics.items() if k != "confusion_matrix"})
-    ckpt.update(trust)
-    metrics = {**metrics, "provenance": ckpt["provenance"], "config": ckpt["train_config"]}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    (out / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in state["history"]))
-    plot_confusion(metrics["confusion_matrix"], out / "confusion_matrix.png")
-    plot_curves(state["history"], out / "curves.png")
+    with tempfile.TemporaryDirectory(dir=out, prefix=".plots-") as plots:  # reliability.png, until named
+        trust, trust_metrics = fit_trust(model, (data.train_x, data.train_y), (data.val_x, data.val_y),
+                                         (data.test_x, data.test_y), Path(plots))
+        metrics = {**metrics, **trust_metrics}
+        ckpt = make_checkpoint(model, cfglib.to_dict(cfg),
+                               {k: v for k, v in metrics.items() if k != "confusion_matrix"})
+        ckpt.update(trust)
+        metrics = {**metrics, "provenance": ckpt["provenance"], "config": ckpt["train_config"]}
+        published = publish(ckpt, out, force=force)
+        # A run that lost to the model.pt already there is model.candidate.pt: its records go beside it
+        # (metrics.candidate.json, ...), and model.pt's own metrics, history and plots stay as they were.
+        tag = ".candidate" if published.candidate else ""
+        os.replace(Path(plots) / "reliability.png", out / f"reliability{tag}.png")
+    (out / f"metrics{tag}.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (out / f"history{tag}.jsonl").write_text("".join(json.dumps(h) + "\n" for h in state["history"]))
+    plot_confusion(metrics["confusion_matrix"], out / f"confusion_matrix{tag}.png")
+    plot_curves(state["history"], out / f"curves{tag}.png")
     _save_last(out / "last.pt", model, opt, sched, {**state, "config": cfglib.to_dict(cfg),
                                                     "world_size": metrics["world_size"], "finished": True})
     log(f"test accuracy {metrics['test_accuracy']:.2%} (best epoch {metrics['best_epoch']}, "
         f"val {metrics['val_accuracy']:.2%}) in {metrics['train_seconds']:.1f}s of training, "
         f"{metrics['images_per_second']:,.0f} img/s on {metrics['device']}")
-    log(publish(ckpt, out, force=force))
+    log(published)
     log(f"calibration: temperature {trust['temperature']:.3f}, test ECE {metrics['test_ece_before']:.2%} → "
         f"{metrics['test_ece_after']:.2%}; not-a-digit threshold rejects {metrics['ood_test_false_rejection']:.2%} "
         "of test digits")
-    log(f"metrics, history and plots in {out}/")
+    log(f"metrics, history and plots in {out}/" + (f" as *{tag}.* (this run's)" if tag else ""))
     return metrics
 
 
