@@ -301,8 +301,8 @@ def test_normalize_refuses_other_dtypes_and_shapes(images, message):
 
 
 def test_the_polarity_test_is_numpys_median_of_the_border():
-    # to_mnist's 28×28 path decides dark-on-light by the border's median, computed from one sort.
-    from training.preprocess import _border_median_above
+    # to_mnist's 28×28 path decides dark-on-light (and the paper level) by the border's median, from one sort.
+    from training.preprocess import _twice_border_median
 
     rng = np.random.default_rng(0)
     for i in range(2000):
@@ -310,5 +310,6 @@ def test_the_polarity_test_is_numpys_median_of_the_border():
         levels = rng.integers(0, 256, (h, w)) if i % 2 else rng.choice([0, 127, 128, 255], (h, w))
         gray = levels.astype(np.uint8)
         border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+        assert _twice_border_median(gray) == 2 * np.median(border)
         for level in (126, 127, 128):
-            assert _border_median_above(gray, level) == (np.median(border) > level)
+            assert (_twice_border_median(gray) > 2 * level) == (np.median(border) > level)

@@ -95,12 +95,15 @@ def to_mnist(gray: np.ndarray) -> np.ndarray:
 
 def _mnist_format(gray: np.ndarray) -> np.ndarray:
     """A 28×28 picture: polarity fixed, paper level taken out and faint ink stretched (see FULL_INK)."""
-    if _border_median_above(gray, 127):  # dark ink on light paper: MNIST is the other way round
+    twice_paper = _twice_border_median(gray)
+    if twice_paper > 2 * 127:  # dark ink on light paper: MNIST is the other way round
         gray = 255 - gray
-    if gray.max() == 0:
+        twice_paper = 2 * 255 - twice_paper  # the same two middle pixels of the ring, inverted
+    brightest = int(gray.max())
+    if brightest == 0:
         raise PreprocessError("no digit found: the image is blank")
-    paper_level = _border_median(gray)
-    peak = int(gray.max()) - paper_level
+    paper_level = twice_paper // 2
+    peak = brightest - paper_level
     if peak < MIN_CONTRAST:
         raise PreprocessError("no digit found: the image has no contrast")
     if paper_level or peak < FULL_INK:
@@ -116,21 +119,13 @@ def _enough_ink(digit: np.ndarray) -> np.ndarray:
     return digit
 
 
-def _border_median(gray: np.ndarray) -> int:
-    """np.median of the outermost ring of pixels, rounded down (see `_border_median_above`)."""
+def _twice_border_median(gray: np.ndarray) -> int:
+    """2 × np.median of the outermost ring of pixels (each side taken whole, corners twice), from a
+    sort: np.median's generic path costs more than the rest of a 28×28 request's preprocessing. The
+    ring has 2·(height + width) pixels, an even count: its median is the mean of the two middle values."""
     ring = np.sort(np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]]))
     middle = len(ring) // 2
-    return (int(ring[middle - 1]) + int(ring[middle])) // 2
-
-
-def _border_median_above(gray: np.ndarray, level: int) -> bool:
-    """np.median(border) > level for the outermost ring of pixels (each side taken whole, corners
-    twice), from a sort: np.median's generic path costs more than the rest of a 28×28 request's
-    preprocessing. The ring has 2·(height + width) pixels, an even count: its median is the mean of
-    the two middle values."""
-    ring = np.sort(np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]]))
-    middle = len(ring) // 2
-    return int(ring[middle - 1]) + int(ring[middle]) > 2 * level
+    return int(ring[middle - 1]) + int(ring[middle])
 
 
 def ink(gray: np.ndarray) -> np.ndarray:
