@@ -17,7 +17,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import torch
 
 from serving.handler import DEFAULT_VARIANT, ONNX_FILES, VARIANTS
 from serving.signing import SignatureError, sign_archive, signature_path
+from serving.store import archive_version, forget_default
 from training.checkpoint import CheckpointError, load_checkpoint
 from training.data import sha256_of
 from training.ensemble_train import DEFAULT_OUT as ENSEMBLE_DIR
@@ -57,14 +57,6 @@ class Archive:
 
 def _checksum_file(mar: Path) -> Path:
     return mar.with_name(mar.name + ".sha256")
-
-
-def archive_version(mar: Path) -> str | None:
-    try:
-        with zipfile.ZipFile(mar) as z:
-            return json.loads(z.read("MAR-INF/MANIFEST.json"))["model"]["modelVersion"]
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
-        return None
 
 
 def _stage(ckpt: dict, variant: str, checkpoint: Path, staging: Path) -> tuple[Path, Path]:
@@ -209,6 +201,7 @@ def build_archive(checkpoint: Path, model_store: Path, name: str, version: str, 
             raise ArchiveError(f"torch-model-archiver failed: {result.stderr.strip()[-500:]}")
         digest = _install(export / f"{name}.mar", target, keep_as)
     signer = sign_archive(target).signer
+    forget_default(model_store, name)  # a promote or rollback recorded before: the new archive serves next
     return Archive(target, digest, target.stat().st_size, ckpt.get("metrics", {}).get("test_accuracy"), keep_as,
                    signer)
 

@@ -13,9 +13,12 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
+
 from serving.client import ROOT, ServerClient
 from serving.errors import ServerError
 from serving.server import TorchServe
+from serving.store import archive_to_serve, archive_version, default_record
 
 
 def _start(server: TorchServe, foreground: bool) -> int:
@@ -24,7 +27,12 @@ def _start(server: TorchServe, foreground: bool) -> int:
               file=sys.stderr)
     server.start()
     name = server.model_name
-    print(f"TorchServe is up: model {name} ready; logs and tokens in {server.run_dir}/")
+    mar, chosen = archive_to_serve(server.model_store, name)
+    print(f"TorchServe is up: model {name} {archive_version(mar)} ({mar.name}) ready; logs and tokens in "
+          f"{server.run_dir}/")
+    if chosen is not None:
+        print(f"({mar.name}, not {name}.mar: {default_record(server.model_store, name)} keeps the default chosen by "
+              f"the last `make promote` or `make rollback`; the next `make archive` resets it)")
     auth = ' -H "Authorization: Bearer $(make -s token)"' if server.auth else ""
     # A content type matters: curl's default (form-urlencoded) makes TorchServe parse the image as a form.
     print(f"try:  curl{auth} -H 'Content-Type: application/octet-stream' --data-binary @serving/samples/7.png "
@@ -42,6 +50,15 @@ def _start(server: TorchServe, foreground: bool) -> int:
     return 0 if stopping else 1
 
 
+def _worker_memory(worker: dict) -> str:
+    """TorchServe's memoryUsage comes from its system metrics (0 until they run, or when they are off):
+    the worker process's resident memory, read here, instead."""
+    try:
+        return f"{psutil.Process(int(worker['pid'])).memory_info().rss / 2**20:.0f} MiB"
+    except (KeyError, TypeError, ValueError, psutil.Error):
+        return "n/a"
+
+
 def _status(server: TorchServe) -> int:
     if server.running_pid() is None:
         print("TorchServe is not running")
@@ -50,7 +67,7 @@ def _status(server: TorchServe) -> int:
     print(f"model {info['modelName']} version {info['modelVersion']}  batch {info['batchSize']}  "
           f"max delay {info['maxBatchDelay']} ms")
     for w in info["workers"]:
-        print(f"  worker {w['id']}  {w['status']}  pid {w['pid']}  gpu {w['gpu']}  memory {w['memoryUsage']}")
+        print(f"  worker {w['id']}  {w['status']}  pid {w['pid']}  gpu {w['gpu']}  memory {_worker_memory(w)}")
     return 0
 
 

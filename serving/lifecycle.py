@@ -27,16 +27,9 @@ from serving.client import ROOT, ServerClient
 from serving.errors import ServerError
 from serving.server import verify_checksum
 from serving.signing import SignatureError, verify_archive
+from serving.store import archive_version, find_archive, record_default, same_version
 
 HISTORY = "lifecycle.json"  # in the run dir: the defaults before each promote, for rollback
-
-
-def manifest_version(mar: Path) -> str | None:
-    try:
-        with zipfile.ZipFile(mar) as z:
-            return str(json.loads(z.read("MAR-INF/MANIFEST.json"))["model"]["modelVersion"])
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
-        return None
 
 
 def archive_workers(mar: Path) -> int:
@@ -49,24 +42,6 @@ def archive_workers(mar: Path) -> int:
         return max(1, int(settings["minWorkers"]))
     except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError, zipfile.BadZipFile):
         return 1
-
-
-def same_version(a: str, b: str) -> bool:
-    """`2` and `2.0` name the same version (`make deploy VERSION=2` for an archive built as 2.0)."""
-    def norm(v: str) -> str:
-        return f"{v}.0" if v.isdigit() else v
-    return norm(a) == norm(b)
-
-
-def find_archive(store: Path, name: str, version: str) -> Path:
-    """The store's archive of `name` at `version`: <name>-<version>.mar first, then <name>.mar."""
-    candidates = [*sorted(store.glob(f"{name}-*.mar")), store / f"{name}.mar"]
-    for mar in candidates:
-        if mar.is_file() and (found := manifest_version(mar)) is not None and same_version(found, version):
-            return mar
-    have = sorted({v for m in candidates if m.is_file() and (v := manifest_version(m))})
-    raise ServerError(f"no archive of {name} version {version} in {store} (found: {', '.join(have) or 'none'}): "
-                      f"build it with `make archive VERSION={version}`")
 
 
 def checked_archive(store: Path, name: str, version: str) -> tuple[Path, str]:
@@ -95,7 +70,12 @@ def _call(client: ServerClient, method: str, path: str, timeout: float = 120) ->
 
 def deploy(client: ServerClient, store: Path, version: str, workers: int | None = None, timeout: float = 180) -> str:
     mar, signer = checked_archive(store, client.model_name, version)
-    version = manifest_version(mar) or version
+    version = archive_version(mar) or version
+    already = [str(m["modelVersion"]) for m in registered(client)]
+    if any(same_version(v, version) for v in already):
+        role = "the default" if same_version(default_version(client), version) else "beside the default"
+        raise ServerError(f"{client.model_name} {version} is already registered ({role}): nothing to deploy; "
+                          f"`make versions` lists what serves")
     workers = workers or archive_workers(mar)
     # Asynchronous, then polled: a synchronous registration holds one of the frontend's netty threads
     # until the new worker has loaded, and the inference connections served by that thread stall as
@@ -162,23 +142,29 @@ def _save_history(client: ServerClient, history: list[str]) -> None:
     (client.run_dir / HISTORY).write_text(json.dumps(record) + "\n")
 
 
-def promote(client: ServerClient, version: str) -> str:
+def promote(client: ServerClient, version: str, store: Path | None = None) -> str:
+    """Make a registered version the default; with `store`, also the version `make serve` starts next."""
     version = resolve_registered(client, version)
     previous = default_version(client)
     if previous == version:
         return f"{client.model_name} {version} is already the default"
     set_default(client, version)
     _save_history(client, [*_history(client), previous])
+    if store is not None:
+        record_default(store, client.model_name, version)
     return f"{client.model_name} {version} is the default (was {previous}; `make rollback` returns to it)"
 
 
-def rollback(client: ServerClient) -> str:
+def rollback(client: ServerClient, store: Path | None = None) -> str:
+    """Return to the default before the last promote; with `store`, also for the next `make serve`."""
     history = _history(client)
     if not history:
         raise ServerError("nothing to roll back to: no promote recorded for this server")
     current, previous = default_version(client), resolve_registered(client, history[-1])
     set_default(client, previous)
     _save_history(client, history[:-1])
+    if store is not None:
+        record_default(store, client.model_name, previous)
     return f"{client.model_name} {previous} is the default again (was {current})"
 
 
@@ -250,9 +236,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "deploy":
             print(deploy(client, args.model_store, args.version))
         elif args.command == "promote":
-            print(promote(client, args.version))
+            print(promote(client, args.version, args.model_store))
         elif args.command == "rollback":
-            print(rollback(client))
+            print(rollback(client, args.model_store))
         elif args.command == "undeploy":
             print(undeploy(client, args.version))
         else:

@@ -24,6 +24,7 @@ from serving.errors import ServerError
 from serving.java import check_java
 from serving.ports import DEFAULT_ADDRESSES, DEFAULT_GRPC_PORTS, free_port, host_port, port_is_free
 from serving.signing import verify_archive
+from serving.store import archive_to_serve
 from training.data import sha256_of
 
 __all__ = ["ServerError", "TorchServe", "free_port", "port_is_free", "verify_checksum"]
@@ -90,9 +91,7 @@ class TorchServe(ServerClient):
 
     def check_can_start(self) -> Path:
         """Everything that can be refused before a process starts; returns the archive to serve."""
-        mar = self.model_store / f"{self.model_name}.mar"
-        if not mar.is_file():
-            raise ServerError(f"no archive at {mar}: run `make archive` first")
+        mar, _ = archive_to_serve(self.model_store, self.model_name)  # <name>.mar, or the last promoted version
         verify_checksum(mar)
         verify_archive(mar)  # the checksum catches corruption; only the signature catches tampering
         if (pid := self.running_pid()) is not None:

@@ -26,6 +26,7 @@ from serving.compare import compare, report
 from serving.handler import serving_model, to_model_input
 from serving.server import ServerError, TorchServe
 from serving.signing import SignatureError, fingerprint, signing_key
+from serving.store import archive_to_serve, archive_version
 from training.checkpoint import load_checkpoint, model_from_checkpoint
 
 pytest.register_assert_rewrite("serving_fixtures")
@@ -84,8 +85,13 @@ def test_only_verified_archives_of_the_store_can_be_registered(server, tmp_path)
 
 @pytest.mark.slow
 def test_deploy_promote_rollback_undeploy(server):
-    message = lifecycle.deploy(server, server.model_store, "2")  # `make deploy VERSION=2`
+    store = server.model_store
+    with pytest.raises(ServerError, match=r"^mnist 1\.0 is already registered \(the default\): nothing to deploy"):
+        lifecycle.deploy(server, store, "1")  # was TorchServe's raw 409
+    message = lifecycle.deploy(server, store, "2")  # `make deploy VERSION=2`
     assert message.startswith("deployed mnist 2.0 from mnist-2.0.mar (signed by ")
+    with pytest.raises(ServerError, match=r"^mnist 2\.0 is already registered \(beside the default\)"):
+        lifecycle.deploy(server, store, "2.0")
     assert registered(server) == ["1.0", "2.0"]
     assert answered_by(server) == (200, "1.0", 7)
     assert answered_by(server, "/predictions/mnist/2.0") == (200, "2.0", 7)  # shadow: reachable, not default
@@ -95,15 +101,18 @@ def test_deploy_promote_rollback_undeploy(server):
     workers = [w["status"] for w in json.loads(body)[0]["workers"]]
     assert workers == ["READY"] * lifecycle.archive_workers(server.model_store / "mnist-2.0.mar") == ["READY"] * 2
 
-    assert lifecycle.promote(server, "2") == "mnist 2.0 is the default (was 1.0; `make rollback` returns to it)"
+    assert lifecycle.promote(server, "2", store) == "mnist 2.0 is the default (was 1.0; `make rollback` returns to it)"
     assert answered_by(server) == (200, "2.0", 7)
+    assert archive_to_serve(store, "mnist") == (store / "mnist-2.0.mar", "2.0")  # what a restart would serve
     table = lifecycle.versions_table(server, server.model_store)
     signer = fingerprint(signing_key().public_key())
     assert [(line[:9].strip(), line[10:18].strip()) for line in table[1:]] == [("1.0", ""), ("2.0", "*")]
     assert all(signer in line for line in table[1:])
 
-    assert lifecycle.rollback(server) == "mnist 1.0 is the default again (was 2.0)"
+    assert lifecycle.rollback(server, store) == "mnist 1.0 is the default again (was 2.0)"
     assert answered_by(server) == (200, "1.0", 7)
+    mar, chosen = archive_to_serve(store, "mnist")  # a restart serves 1.0 again, not the newest archive
+    assert (archive_version(mar), chosen) == ("1.0", "1.0")
     with pytest.raises(ServerError, match="nothing to roll back to"):
         lifecycle.rollback(server)
     with pytest.raises(ServerError, match=r"^1\.0 is the default: promote or roll back to another version first$"):

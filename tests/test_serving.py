@@ -394,8 +394,9 @@ def test_cli_predicts_and_reports_status_against_the_running_server(server):
     # A GPU host gives the worker a GPU (gpu True): both are a healthy worker.
     pids = worker_pids(server)
     for line in lines[1:]:
-        found = re.fullmatch(r"  worker \d+  READY  pid (\d+)  gpu (True|False)  memory \d+", line)
+        found = re.fullmatch(r"  worker \d+  READY  pid (\d+)  gpu (True|False)  memory (\d+) MiB", line)
         assert found and int(found[1]) in pids, line
+        assert int(found[3]) > 50  # the worker's resident memory (torch alone is more), not TorchServe's 0
     assert len(lines) == 1 + len(pids)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 
 from training import config as cfglib
 from training import train, tune
@@ -107,3 +108,36 @@ def test_two_processes_share_one_study_and_ctrl_c_leaves_it_consistent(tmp_path,
     assert fourth.returncode == 0, output
     final = states(load(tmp_path))
     assert final.count("COMPLETE") + final.count("PRUNED") == before + 2 and "RUNNING" not in final
+
+
+def test_a_stop_request_ends_the_epoch_before_its_next_step():
+    """Ctrl-C in `make tune` only sets a flag; training raises KeyboardInterrupt at its next step."""
+    from training.distributed import Dist
+    from training.model import ModelConfig, Net
+
+    cfg = cfglib.apply(TrainConfig(), {"device": "cpu", "batch_size": 32, "schedule": "none", "augment": False})
+    images = torch.zeros(320, 28, 28, dtype=torch.uint8)
+    labels = torch.zeros(320, dtype=torch.long)
+    model = Net(ModelConfig(conv1=4, conv2=8, hidden=16))
+    opt = train.build_optimizer(model, cfg)
+    steps = []
+    opt.register_step_post_hook(lambda *_: steps.append(1))
+    asked = []
+
+    def stop() -> bool:
+        asked.append(1)
+        return len(asked) > 3  # false before steps 1-3, true before step 4
+
+    with pytest.raises(KeyboardInterrupt):
+        train.train_epoch(model, opt, None, train.Splits(images, labels, images[:0], labels[:0], images[:0],
+                                                         labels[:0]), cfg, Dist(), 1, torch.Generator(),
+                          show=False, dry_run=False, stop=stop)
+    assert len(steps) == 3
+
+
+def test_the_first_ctrl_c_sets_the_flag_without_raising_and_the_second_raises(monkeypatch):
+    monkeypatch.setattr(tune, "INTERRUPTED", type(tune.INTERRUPTED)())
+    tune._on_sigint(signal.SIGINT, None)  # no KeyboardInterrupt in the middle of a SQLite commit
+    assert tune.INTERRUPTED.is_set()
+    with pytest.raises(KeyboardInterrupt):
+        tune._on_sigint(signal.SIGINT, None)

@@ -224,7 +224,9 @@ class Progress:
 
 
 def train_epoch(model, opt, sched, data: Splits, cfg: TrainConfig, dd: Dist, epoch: int,
-                gen: torch.Generator, show: bool, dry_run: bool) -> dict[str, float]:
+                gen: torch.Generator, show: bool, dry_run: bool,
+                stop: Callable[[], bool] | None = None) -> dict[str, float]:
+    """One epoch; `stop()` true before a step raises KeyboardInterrupt there (training/tune.py's Ctrl-C)."""
     model.train()
     device = data.train_x.device
     gen.manual_seed(derived_seed(cfg.seed, epoch, dd.rank, "augment"))
@@ -242,6 +244,8 @@ def train_epoch(model, opt, sched, data: Splits, cfg: TrainConfig, dd: Dist, epo
     bar = Progress(show, steps * cfg.batch_size, epoch, cfg.epochs)
     start = time.perf_counter()
     for step in range(steps):
+        if stop is not None and stop():
+            raise KeyboardInterrupt
         idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
         x, y = normalize(data.train_x[idx]), data.train_y[idx]
         if cfg.augment:
@@ -333,14 +337,15 @@ def _resume_config(last: Path, saved: dict[str, Any], cfg: TrainConfig, flags: d
 def fit(cfg: TrainConfig, resume: bool = False, dry_run: bool = False, quiet: bool = False,
         force: bool = False, test_every_epoch: bool = False, flags: dict[str, Any] | None = None,
         on_epoch: Callable[[dict], None] | None = None, score_test: bool = True,
-        run_name: str | None = None) -> dict[str, Any]:
+        run_name: str | None = None, stop: Callable[[], bool] | None = None) -> dict[str, Any]:
     """Train, keep the best epoch by validation accuracy, score it on the test set, write artifacts.
 
     With `resume`, the run continues with the config saved in last.pt; `flags` are the config keys
     given on the command line (dotted name → value), which may change only RESUME_MAY_CHANGE.
     Returns the metrics written to metrics.json (on every rank). `on_epoch(row)` sees each epoch's
     history row (training/tune.py reports it to Optuna and may raise to stop the run);
-    score_test=False never loads the test split and returns validation metrics without publishing.
+    score_test=False never loads the test split and returns validation metrics without publishing;
+    `stop()` is asked before every training step and stops the run with KeyboardInterrupt when true.
     """
     out = Path(cfg.out_dir)
     # cpu_bf16: the CPU precision decision, kept in last.pt so a resumed run trains as it began.
@@ -411,7 +416,7 @@ def fit(cfg: TrainConfig, resume: bool = False, dry_run: bool = False, quiet: bo
 
         for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
             stats = train_epoch(net, opt, sched, data, cfg, dd, epoch, gen, show=not quiet and dd.is_main,
-                                dry_run=dry_run)
+                                dry_run=dry_run, stop=stop)
             sync_buffers(model, dd)
             val = score(model, data.val_x, data.val_y, dd) if len(data.val_x) else \
                 {"accuracy": stats["train_accuracy"], "loss": stats["train_loss"]}

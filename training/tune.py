@@ -10,8 +10,9 @@ The study lives in an RDB storage: by default SQLite in `<out_dir>/tune/study.db
 same storage share it, each asking for the next trial; `--storage postgresql://user@host/db` lets
 processes on several machines share one study, which is how Optuna scales out. `--trials N` is the
 study's total of finished (complete or pruned) trials, so a resumed study runs only what is left.
-Ctrl-C marks the running trial FAIL (Optuna does that before re-raising) and leaves the study
-consistent; a process killed outright leaves a RUNNING trial that the heartbeat turns into FAIL.
+Ctrl-C stops the running trial at its next training step and marks it FAIL (Optuna does that
+before re-raising), which leaves the study consistent; a process killed outright leaves a RUNNING
+trial that the heartbeat turns into FAIL.
 
 At the end: `configs/tuned.yaml` (configs/train.yaml with the best trial's values; an ordinary
 train config) and plots of the optimisation history and parameter importances in `<out_dir>/tune/`.
@@ -125,15 +126,26 @@ def enqueue_baseline(study: optuna.Study, base: TrainConfig) -> None:
     study.enqueue_trial(params, user_attrs={"baseline": True})
 
 
-# Set by Ctrl-C. Python raises KeyboardInterrupt wherever the main thread is, and one that lands in a
-# garbage-collector callback (SQLAlchemy has several) is printed and dropped: the flag makes the trial
-# stop at its next epoch all the same.
+# Set by the first Ctrl-C. The handler does not raise: a KeyboardInterrupt raised wherever the main
+# thread happens to be can land inside SQLAlchemy (a commit, or a garbage-collector callback that
+# returns a connection to the pool) and leave a SQLite transaction open, whose lock then makes every
+# later write, the heartbeat's and the trial's FAIL, wait and fail with "database is locked". The
+# trial stops at its next training step instead (fit(stop=...)), between storage calls. A second
+# Ctrl-C raises at once.
 INTERRUPTED = threading.Event()
 
 
 def _on_sigint(signum: int, frame: Any) -> None:
+    if INTERRUPTED.is_set():
+        raise KeyboardInterrupt
     INTERRUPTED.set()
-    raise KeyboardInterrupt
+    print("\nCtrl-C: stopping the running trial at its next step (Ctrl-C again to stop at once)",
+          file=sys.stderr, flush=True)
+
+
+def _stop_if_interrupted(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    if INTERRUPTED.is_set():  # Ctrl-C between two trials: start no other
+        study.stop()
 
 
 def objective(base: TrainConfig, trials_dir: Path, dry_run: bool):
@@ -150,7 +162,9 @@ def objective(base: TrainConfig, trials_dir: Path, dry_run: bool):
                 raise optuna.TrialPruned(f"validation accuracy {row['val_accuracy']:.2%} at epoch {row['epoch']}")
 
         metrics = fit(cfg, quiet=True, dry_run=dry_run, on_epoch=report, score_test=False,
-                      run_name=f"trial-{trial.number}")
+                      run_name=f"trial-{trial.number}", stop=INTERRUPTED.is_set)
+        if INTERRUPTED.is_set():  # Ctrl-C after its last step: the trial was interrupted all the same
+            raise KeyboardInterrupt
         trial.set_user_attr("train_seconds", metrics["train_seconds"])
         return metrics["val_accuracy"]
 
@@ -236,8 +250,9 @@ def main(argv: list[str] | None = None) -> int:
             enqueue_baseline(study, base)
             signal.signal(signal.SIGINT, _on_sigint)
             study.optimize(objective(base, folder / "trials", args.dry_run), n_trials=left, catch=(),
-                           callbacks=[optuna.study.MaxTrialsCallback(args.trials, states=FINISHED)])
-            if INTERRUPTED.is_set():  # a Ctrl-C that was dropped after the last epoch's report
+                           callbacks=[optuna.study.MaxTrialsCallback(args.trials, states=FINISHED),
+                                      _stop_if_interrupted])
+            if INTERRUPTED.is_set():  # Ctrl-C after the last step of a trial, which then finished
                 raise KeyboardInterrupt
     except KeyboardInterrupt:
         print("\ninterrupted: the running trial is marked FAIL and the study is consistent; "
