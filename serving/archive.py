@@ -10,7 +10,6 @@ signed by a key it trusts.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -26,6 +25,7 @@ from serving.handler import DEFAULT_VARIANT, ONNX_FILES, VARIANTS
 from serving.signing import SignatureError, sign_archive, signature_path
 from serving.store import archive_version, forget_default
 from training.checkpoint import CheckpointError, load_checkpoint
+from training.config import ArgumentParser
 from training.data import sha256_of
 from training.ensemble_train import DEFAULT_OUT as ENSEMBLE_DIR
 from training.ensemble_train import load_ensemble_checkpoint, member_configs
@@ -207,7 +207,7 @@ def build_archive(checkpoint: Path, model_store: Path, name: str, version: str, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m serving.archive", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m serving.archive", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default="artifacts/model.pt", type=Path)
     parser.add_argument("--model-store", default="model_store", type=Path)
     parser.add_argument("--model-name", default="mnist")

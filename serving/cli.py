@@ -19,6 +19,7 @@ from serving.client import ROOT, ServerClient
 from serving.errors import ServerError
 from serving.server import TorchServe
 from serving.store import archive_to_serve, archive_version, default_record
+from training.config import ArgumentParser
 
 
 def _start(server: TorchServe, foreground: bool) -> int:
@@ -80,7 +81,7 @@ def _predict(client: ServerClient, image: Path) -> int:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m serving.cli", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m serving.cli", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     start = sub.add_parser("start", help="start TorchServe and wait until the model's workers are READY")
     start.add_argument("--auth", choices=("on", "off"), default="on")

@@ -8,7 +8,6 @@ disagree: what to read before `make promote`.
 
 from __future__ import annotations
 
-import argparse
 import http.client
 import json
 import sys
@@ -22,6 +21,7 @@ import cv2
 
 from serving.client import ServerClient
 from serving.errors import ServerError
+from training.config import ArgumentParser
 from training.data import load_split
 
 
@@ -112,7 +112,7 @@ def report(result: Comparison, model_name: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m serving.compare", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m serving.compare", description=__doc__.splitlines()[0])
     parser.add_argument("a", help="a registered version, e.g. 1.0")
     parser.add_argument("b", help="another registered version, e.g. 2.0")
     parser.add_argument("--limit", type=int, default=None, help="only the first N test digits")

@@ -12,7 +12,6 @@ the live tests and the drain measurement use it.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -24,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from serving.server import ServerError, TorchServe, free_port, verify_checksum
+from training.config import ArgumentParser
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = ROOT / "configs" / "kserve.properties"
@@ -114,7 +114,7 @@ def start_local(bundle: Path, run_dir: Path, envelope: str | None = "kservev2", 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m serving.kserve", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m serving.kserve", description=__doc__.splitlines()[0])
     parser.add_argument("--model-store", default="model_store", type=Path)
     parser.add_argument("--model-name", default="mnist")
     parser.add_argument("--out", default="artifacts/kserve", type=Path)

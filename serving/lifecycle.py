@@ -12,7 +12,6 @@ the store's file:// pattern). TorchServe itself checks no signature, so `deploy`
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
@@ -28,6 +27,7 @@ from serving.errors import ServerError
 from serving.server import verify_checksum
 from serving.signing import SignatureError, verify_archive
 from serving.store import archive_version, find_archive, record_default, same_version
+from training.config import ArgumentParser
 
 HISTORY = "lifecycle.json"  # in the run dir: the defaults before each promote, for rollback
 
@@ -219,7 +219,7 @@ def versions_table(client: ServerClient, store: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m serving.lifecycle", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m serving.lifecycle", description=__doc__.splitlines()[0])
     parser.add_argument("--model-name", default="mnist")
     parser.add_argument("--model-store", default=ROOT / "model_store", type=Path)
     sub = parser.add_subparsers(dest="command", required=True)

@@ -9,7 +9,6 @@ monitor for a session, not an archive of metrics). `--fast` shortens every rate 
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import shutil
@@ -30,6 +29,7 @@ import yaml
 from serving.client import ROOT
 from serving.errors import ServerError
 from serving.ports import address_from_env, host_port, normalize_address
+from training.config import ArgumentParser
 
 PROMETHEUS_YML = ROOT / "configs" / "prometheus.yml"
 ALERTS_YML = ROOT / "configs" / "alerts.yml"
@@ -123,7 +123,7 @@ class Prometheus:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m serving.monitor", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m serving.monitor", description=__doc__.splitlines()[0])
     parser.add_argument("--listen", default="127.0.0.1:9090", help="Prometheus web address (keep it on loopback)")
     parser.add_argument("--run-dir", default=ROOT / "logs" / "prometheus", type=Path)
     parser.add_argument("--fast", action="store_true", help="1 s scrapes, 30 s windows, 10 s `for:` (demos, tests)")

@@ -16,7 +16,6 @@ base64 signature over the archive's bytes.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import hashlib
 import json
@@ -30,6 +29,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from serving.errors import ServerError
+from training.config import ArgumentParser
 
 PRIVATE_KEY = "signing-key.pem"
 TRUSTED = "trusted"
@@ -196,7 +196,7 @@ def untrust(fp: str, directory: Path | None = None) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m serving.signing", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m serving.signing", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("keygen", help="create the signing key and trust its public key")
     gen.add_argument("--rotate", action="store_true", help="replace the key; the old public key stays trusted")

@@ -7,7 +7,6 @@ beside the running TorchServe, with its pid file in TorchServe's run directory (
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import subprocess
@@ -22,6 +21,7 @@ import psutil
 
 from serving.page import PageServer
 from serving.server import TorchServe, free_port
+from training.config import ArgumentParser
 
 PID_FILE = "ui.pid"
 LOG_FILE = "ui.log"
@@ -109,7 +109,7 @@ def stop(run_dir: Path, timeout: float = 10) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m serving.ui", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m serving.ui", description=__doc__.splitlines()[0])
     parser.add_argument("--model-name", default="mnist")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in [("start", "start the page in the background (TorchServe must be running)"),

@@ -154,11 +154,23 @@ def test_the_shipped_train_yaml_loads_into_train_config():
             assert getattr(cfg, key) == value, key
 
 
-def test_an_unknown_flag_is_an_argparse_error(capsys):
+def test_an_unknown_flag_is_one_line_naming_the_closest_flag(capsys):
     with pytest.raises(SystemExit) as exit_:
-        train.main(["--bogus-flag"])
+        train.main(["--model.dropuot", "0.2"])
     assert exit_.value.code == 2
-    assert "unrecognized arguments: --bogus-flag" in capsys.readouterr().err
+    assert capsys.readouterr().err == (
+        "python -m training.train: error: unrecognized arguments: --model.dropuot 0.2 (did you mean "
+        "--model.dropout?); `python -m training.train --help` lists the options\n")
+    with pytest.raises(SystemExit):
+        train.main(["--bogus-flag"])
+    assert capsys.readouterr().err.count("\n") == 1  # no 20-line usage first, no made-up suggestion
+    from serving import cli  # every command line of the project uses the same parser
+
+    with pytest.raises(SystemExit):
+        cli.main(["strat"])
+    err = capsys.readouterr().err
+    assert err.startswith("python -m serving.cli: error: argument command: invalid choice: 'strat'") and \
+        err.count("\n") == 1
 
 
 def test_an_unknown_yaml_key_makes_main_print_one_line_and_return_2(tmp_path, capsys):

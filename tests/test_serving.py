@@ -405,8 +405,8 @@ def test_server_listens_on_loopback_only(server):
     frontend = psutil.Process(server.running_pid())
     listening = [c.laddr for p in (frontend, *frontend.children(recursive=True))
                  for c in p.net_connections("inet") if c.status == psutil.CONN_LISTEN]
-    ports = {int(url.rsplit(":", 1)[1]) for url in server.addresses.values()}
-    assert ports <= {a.port for a in listening}
+    ports = {int(url.rsplit(":", 1)[1]) for url in server.addresses.values()} | set(server.grpc_ports.values())
+    assert ports <= {a.port for a in listening}  # the three HTTP endpoints and the two gRPC ports
     assert {a.ip for a in listening} <= {"127.0.0.1", "::ffff:127.0.0.1"}, listening
 
 

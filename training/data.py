@@ -8,7 +8,6 @@ place, so a partial or corrupt file is never read.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import shutil
@@ -19,6 +18,8 @@ import tarfile
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from training.config import ArgumentParser
 
 SHA256 = {
     "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
@@ -156,7 +157,7 @@ def load_split(root: str | os.PathLike | None, train: bool) -> tuple:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.data", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m training.data", description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=None, help="default: $MNIST_DIR or data/")
     args = parser.parse_args(argv)
     try:

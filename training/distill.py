@@ -39,6 +39,7 @@ from training.checkpoint import (
     model_from_checkpoint,
     read_checkpoint_file,
 )
+from training.config import ArgumentParser
 from training.data import DataError
 from training.distributed import Dist
 from training.model import ModelConfig, Net
@@ -184,7 +185,7 @@ def _student(text: str) -> ModelConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.distill", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m training.distill", description=__doc__.splitlines()[0])
     parser.add_argument("--teacher", default="artifacts/model.pt", type=Path)
     parser.add_argument("--out", default="artifacts", type=Path)
     parser.add_argument("--seeds", type=int, default=3)

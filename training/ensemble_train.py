@@ -10,7 +10,6 @@ written as one checkpoint, `<out_dir>/ensemble.pt`, which `make archive ARGS=--e
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from training.checkpoint import (
     provenance,
     read_checkpoint_file,
 )
+from training.config import ArgumentParser
 from training.data import DataError, load_split
 from training.ensemble import EnsembleError, build_ensemble
 from training.evaluate import summarize
@@ -188,7 +188,7 @@ def _train_concurrently(todo: list[tuple[int, TrainConfig]], jobs: int, dry_run:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.ensemble_train", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m training.ensemble_train", description=__doc__.splitlines()[0])
     parser.add_argument("--members", type=int, default=5, help="how many members (default 5)")
     parser.add_argument("--config", action="append", default=None,
                         help="train config (repeat for members with different configs; default configs/train.yaml)")

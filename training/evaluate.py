@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from training.checkpoint import CLASS_NAMES, CheckpointError, load_checkpoint, model_from_checkpoint
+from training.config import ArgumentParser
 from training.tensors import normalize
 
 
@@ -110,7 +110,7 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     from training.data import DataError, load_split
 
-    parser = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m training.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default="artifacts/model.pt")
     parser.add_argument("--data-dir", default=None, help="default: $MNIST_DIR or data/")
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")

@@ -18,12 +18,12 @@ the functions that need them.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 
+from training.config import ArgumentParser
 from training.tensors import normalize
 
 IG_STEPS = 32  # Riemann steps; the completeness gap at 32 is in README (Trust)
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     from training.data import DataError, load_split
     from training.preprocess import PreprocessError
 
-    parser = argparse.ArgumentParser(prog="python -m training.explain", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m training.explain", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default="artifacts/model.pt", type=Path)
     parser.add_argument("--image", type=Path, help="explain this image: writes <image>.explain.png")
     parser.add_argument("--eval", action="store_true", help="deletion test on MNIST test digits")

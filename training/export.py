@@ -14,7 +14,6 @@ calibrated confidence is softmax(logits / T) with it.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 
 from training.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from training.config import ArgumentParser
 from training.data import DataError, data_dir, load_split
 from training.formats import FormatError, Runner, load_runner, softmax
 from training.model import Net
@@ -229,7 +229,7 @@ def parity(run: Runner, reference: np.ndarray, x: np.ndarray, labels: np.ndarray
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.export", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m training.export", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default="artifacts/model.pt", type=Path)
     parser.add_argument("--out", default="artifacts/export", type=Path)
     parser.add_argument("--formats", default=",".join(FORMATS), help=f"comma-separated subset of {FORMATS}")

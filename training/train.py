@@ -7,7 +7,6 @@ shard of every epoch and the metrics are summed over ranks; rank 0 alone prints 
 
 from __future__ import annotations
 
-import argparse
 import copy
 import hashlib
 import json
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 from training import config as cfglib
 from training import precision
 from training.checkpoint import CheckpointError, atomic_save, make_checkpoint, publish, read_checkpoint_file
+from training.config import ArgumentParser
 from training.data import DataError, load_split
 from training.distributed import (
     Dist,
@@ -527,7 +527,7 @@ def _write_outputs(out: Path, model: Net, cfg: TrainConfig, metrics: dict, state
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m training.train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML file (default: configs/train.yaml)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run saved in <out_dir>/last.pt with its saved config (flags may change "

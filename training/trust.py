@@ -12,7 +12,6 @@ loads as T = 1.0 everywhere); the second prints the numbers that chose the OOD m
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 
 from training.calibration import calibrated_softmax, expected_calibration_error, fit_temperature, plot_reliability
+from training.config import ArgumentParser
 from training.model import Net
 from training.ood import (
     DEFAULT_METHOD,
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     from training.data import DataError
     from training.train import TrainConfig, load_data
 
-    parser = argparse.ArgumentParser(prog="python -m training.trust", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m training.trust", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default="artifacts/model.pt", type=Path)
     parser.add_argument("--data-dir", default=None, help="default: $MNIST_DIR or data/")
     parser.add_argument("--eval", action="store_true", help="print the OOD table for every method (no writes)")

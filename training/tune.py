@@ -36,6 +36,7 @@ import yaml
 
 from training import config as cfglib
 from training.checkpoint import CheckpointError
+from training.config import ArgumentParser
 from training.data import DataError
 from training.train import DEFAULT_CONFIG, TrainConfig, fit
 
@@ -220,7 +221,7 @@ def write_plots(study: optuna.Study, folder: Path) -> list[Path]:
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m training.tune", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m training.tune", description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=20, help="finished trials the study should reach (default 20)")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="base config (default configs/train.yaml)")
     parser.add_argument("--storage", default=None, help="Optuna RDB URL (default sqlite:///<out_dir>/tune/study.db)")

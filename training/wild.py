@@ -9,7 +9,6 @@ the MNIST stroke-width percentiles that training/preprocess.py's THIN_STROKE and
 
 from __future__ import annotations
 
-import argparse
 import base64
 import io
 import json
@@ -21,6 +20,7 @@ import numpy as np
 import pillow_heif
 from PIL import Image
 
+from training.config import ArgumentParser
 from training.decode import ORIENTATION_TAG
 from training.preprocess import box_stroke_width, digit_box, ink, skeleton
 
@@ -213,7 +213,7 @@ def stroke_widths(images: np.ndarray, size: int = 224) -> np.ndarray:
 def main(argv: list[str] | None = None) -> int:
     from training.data import DataError, load_split
 
-    parser = argparse.ArgumentParser(prog="python -m training.wild", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m training.wild", description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=None, help="default: $MNIST_DIR or data/")
     parser.add_argument("--stroke-widths", type=int, default=2000, metavar="N",
                         help="print the stroke-width percentiles of the first N training digits")
