@@ -126,10 +126,10 @@ serve: $(STAMP) ## start TorchServe on 127.0.0.1 in the background (MODEL_API=on
 deploy: $(STAMP) ## register the signed archive of VERSION from model_store beside the default version
 	$(PY) -m serving.lifecycle --model-name $(MODEL_NAME) deploy $(VERSION)
 
-promote: $(STAMP) ## make the registered VERSION the default (`make rollback` undoes it)
+promote: $(STAMP) ## make the registered VERSION the default, also after a restart (`make rollback` undoes it)
 	$(PY) -m serving.lifecycle --model-name $(MODEL_NAME) promote $(VERSION)
 
-rollback: $(STAMP) ## make the version before the last promote the default again
+rollback: $(STAMP) ## make the version before the last promote the default again, also after a restart
 	$(PY) -m serving.lifecycle --model-name $(MODEL_NAME) rollback
 
 versions: $(STAMP) ## registered versions: default, answers, low-confidence share, batch time, signer
