@@ -18,7 +18,7 @@ import psutil
 from serving.client import ROOT, ServerClient
 from serving.errors import ServerError
 from serving.server import TorchServe
-from serving.store import archive_to_serve, archive_version, default_record
+from serving.store import archive_version, default_record
 from training.config import ArgumentParser
 
 
@@ -26,12 +26,11 @@ def _start(server: TorchServe, foreground: bool) -> int:
     if not server.auth:
         print("WARNING: token authorization is OFF: anyone who can reach the ports can use and manage the model",
               file=sys.stderr)
-    server.start()
+    mar = server.start()
     name = server.model_name
-    mar, chosen = archive_to_serve(server.model_store, name)
     print(f"TorchServe is up: model {name} {archive_version(mar)} ({mar.name}) ready; logs and tokens in "
           f"{server.run_dir}/")
-    if chosen is not None:
+    if mar.name != f"{name}.mar":
         print(f"({mar.name}, not {name}.mar: {default_record(server.model_store, name)} keeps the default chosen by "
               f"the last `make promote` or `make rollback`; the next `make archive` resets it)")
     auth = ' -H "Authorization: Bearer $(make -s token)"' if server.auth else ""

@@ -23,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from serving.server import ServerError, TorchServe, free_port, verify_checksum
+from serving.store import archive_to_serve
 from training.config import ArgumentParser
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,10 +57,8 @@ def model_snapshot(mar: Path, batch_size: int | None = None) -> dict:
 
 
 def build_bundle(model_store: Path, model_name: str, out: Path, batch_size: int | None = None) -> Path:
-    mar = model_store / f"{model_name}.mar"
-    if not mar.is_file():
-        raise BundleError(f"no archive at {mar}: run `make archive` first")
     try:
+        mar, _ = archive_to_serve(model_store, model_name)  # as `make serve`: the last promoted version, if any
         verify_checksum(mar)
     except ServerError as err:
         raise BundleError(str(err)) from None

@@ -109,7 +109,8 @@ class TorchServe(ServerClient):
         check_java()  # last: the checks above need neither Java nor a network
         return mar
 
-    def start(self, timeout: float = 120) -> None:
+    def start(self, timeout: float = 120) -> Path:
+        """Start TorchServe and wait until the model's workers are READY; returns the archive it serves."""
         mar = self.check_can_start()
         (self.run_dir / "tmp").mkdir(parents=True, exist_ok=True)
         self.pid_file.unlink(missing_ok=True)  # stale: its process is gone (checked above)
@@ -130,6 +131,7 @@ class TorchServe(ServerClient):
             raise ServerError(f"`torchserve --start` failed ({err}); see {self.run_dir}/console.log:\n"
                               + self.log_tail("console.log")) from None
         self.wait_until_ready(timeout)
+        return mar
 
     def wait_until_ready(self, timeout: float) -> None:
         """Wait until every worker of the model is READY. `/ping` is not enough: it answers

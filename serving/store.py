@@ -17,13 +17,18 @@ from pathlib import Path
 from serving.errors import ServerError
 
 
-def archive_version(mar: Path) -> str | None:
-    """The modelVersion in the archive's manifest; None when it is not a readable archive."""
+def _manifest(mar: Path) -> dict | None:
     try:
         with zipfile.ZipFile(mar) as z:
-            return str(json.loads(z.read("MAR-INF/MANIFEST.json"))["model"]["modelVersion"])
+            return json.loads(z.read("MAR-INF/MANIFEST.json"))["model"]
     except (OSError, KeyError, ValueError, zipfile.BadZipFile):
         return None
+
+
+def archive_version(mar: Path) -> str | None:
+    """The modelVersion in the archive's manifest; None when it is not a readable archive."""
+    model = _manifest(mar)
+    return None if model is None or "modelVersion" not in model else str(model["modelVersion"])
 
 
 def same_version(a: str, b: str) -> bool:
@@ -33,13 +38,25 @@ def same_version(a: str, b: str) -> bool:
     return norm(a) == norm(b)
 
 
+def _archives(store: Path, name: str) -> list[tuple[Path, str]]:
+    """(archive, version) of `name` in the store: <name>.mar first (the newest, maybe rebuilt with
+    --force), then the kept <name>-<version>.mar; another model's archives (mnist-small-1.0.mar) are
+    told apart by the model name in their manifest."""
+    found = []
+    for mar in [store / f"{name}.mar", *sorted(store.glob(f"{name}-*.mar"))]:
+        model = _manifest(mar) if mar.is_file() else None
+        if model is not None and model.get("modelName") == name and "modelVersion" in model:
+            found.append((mar, str(model["modelVersion"])))
+    return found
+
+
 def find_archive(store: Path, name: str, version: str) -> Path:
-    """The store's archive of `name` at `version`: <name>-<version>.mar first, then <name>.mar."""
-    candidates = [*sorted(store.glob(f"{name}-*.mar")), store / f"{name}.mar"]
-    for mar in candidates:
-        if mar.is_file() and (found := archive_version(mar)) is not None and same_version(found, version):
+    """The store's archive of `name` at `version`."""
+    archives = _archives(store, name)
+    for mar, found in archives:
+        if same_version(found, version):
             return mar
-    have = sorted({v for m in candidates if m.is_file() and (v := archive_version(m))})
+    have = sorted({v for _, v in archives})
     raise ServerError(f"no archive of {name} version {version} in {store} (found: {', '.join(have) or 'none'}): "
                       f"build it with `make archive VERSION={version}`")
 
@@ -56,11 +73,21 @@ def recorded_default(store: Path, name: str) -> str | None:
 
 
 def record_default(store: Path, name: str, version: str) -> None:
-    """Remember `version` as the one to serve at the next start (written whole: a temporary file, renamed)."""
+    """Remember `version` as the one to serve at the next start (written whole: a temporary file,
+    renamed). The newest archive needs no record: it is what serves without one."""
+    newest = archive_version(store / f"{name}.mar")
+    if newest is not None and same_version(newest, version):
+        forget_default(store, name)
+        return
     record = default_record(store, name)
     tmp = record.with_name(f".{record.name}.tmp-{os.getpid()}")
-    tmp.write_text(f"{version}\n")
-    os.replace(tmp, record)
+    try:
+        tmp.write_text(f"{version}\n")
+        os.replace(tmp, record)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise ServerError(f"could not record {version} as the version `make serve` starts ({err}): the running "
+                          f"server serves it, a restart serves {name}.mar") from None
 
 
 def forget_default(store: Path, name: str) -> None:

@@ -247,3 +247,39 @@ def test_a_kept_version_is_never_overwritten_unless_forced(tmp_path, capsys):
     assert main([*args, checkpoints[0], "--version", "3.0", "--force"]) == 0
     assert archive_version(store / "mnist.mar") == "3.0"
     assert sha256_file(store / "mnist-1.0.mar") != first
+
+
+def _project_imports(path: Path, everywhere: bool) -> set[str]:
+    """The training.* / serving.* modules a file imports: at module level, or anywhere in it."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    nodes = ast.walk(tree) if everywhere else [n for top in tree.body for n in ast.walk(top)
+                                                  if not isinstance(top, (ast.FunctionDef, ast.AsyncFunctionDef,
+                                                                          ast.ClassDef))]
+    found = set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module in ("training", "serving"):
+            names = [f"{node.module}.{a.name}" for a in node.names]  # from training import model
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names = [node.module or ""]
+        else:
+            names = []
+        found |= {n for n in names if n.split(".")[0] in ("training", "serving")}
+    return found
+
+
+def test_the_packed_files_import_only_packed_files():
+    """The .mar is self-contained: a server without this repository installed (KServe's runtime image)
+    has only what the archive holds, so a packed file that imports another project module breaks there
+    even though every test here passes (the project is installed in the virtualenv)."""
+    from serving.archive import HANDLER, PACKED_SERVING_FILES, PACKED_TRAINING_FILES
+
+    packed = {f"training.{f[:-3]}" for f in PACKED_TRAINING_FILES} | {f"serving.{f[:-3]}" for f in PACKED_SERVING_FILES}
+    packed |= {"training", "serving"}  # their __init__.py is packed too
+    files = [(HANDLER, True)] + [(ROOT / "serving" / f, True) for f in PACKED_SERVING_FILES] + \
+        [(ROOT / "training" / f, False) for f in PACKED_TRAINING_FILES]
+    for path, everywhere in files:
+        assert _project_imports(path, everywhere) <= packed, path.name

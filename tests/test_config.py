@@ -171,6 +171,14 @@ def test_an_unknown_flag_is_one_line_naming_the_closest_flag(capsys):
     err = capsys.readouterr().err
     assert err.startswith("python -m serving.cli: error: argument command: invalid choice: 'strat'") and \
         err.count("\n") == 1
+    from serving import lifecycle
+
+    with pytest.raises(SystemExit):  # a flag of the top level given after the subcommand
+        lifecycle.main(["deploy", "2", "--model-name", "mnist"])
+    assert "(--model-name goes before the command)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a subcommand's flag, mistyped
+        cli.main(["start", "--model-api", "on", "--forground"])
+    assert "(did you mean --foreground?)" in capsys.readouterr().err
 
 
 def test_an_unknown_yaml_key_makes_main_print_one_line_and_return_2(tmp_path, capsys):

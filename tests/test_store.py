@@ -26,15 +26,38 @@ def store(tmp_path: Path) -> Path:
     return store
 
 
-def test_serve_starts_the_newest_archive_until_a_default_is_recorded(store, tmp_path):
+def test_serve_starts_the_newest_archive_until_a_default_is_recorded(store):
     assert archive_to_serve(store, "mnist") == (store / "mnist.mar", None)
     record_default(store, "mnist", "1.0")  # what `make rollback` to 1.0 writes
     assert archive_to_serve(store, "mnist") == (store / "mnist-1.0.mar", "1.0")
-    # The server's own start checks use the same choice (and verify that archive's signature).
+    record_default(store, "mnist", "2")  # back to the newest archive (as `2`): no record needed
+    assert recorded_default(store, "mnist") is None
+    assert archive_to_serve(store, "mnist") == (store / "mnist.mar", None)
+
+
+@pytest.mark.slow  # check_can_start looks for Java and the torchserve launcher too
+def test_the_server_starts_the_recorded_version(store, tmp_path):
+    record_default(store, "mnist", "1.0")
     server = TorchServe.on_free_ports(tmp_path / "run", store)
-    assert server.check_can_start() == store / "mnist-1.0.mar"
-    record_default(store, "mnist", "2")  # `make promote VERSION=2` names the 2.0 archive
-    assert archive_to_serve(store, "mnist") == (store / "mnist.mar", "2")
+    assert server.check_can_start() == store / "mnist-1.0.mar"  # what start() passes to --models
+
+
+def test_archives_are_found_by_the_name_and_version_in_their_manifest(store, tmp_path):
+    # Another model's archive whose file name starts like this one's is not a version of it...
+    build_archive(save_tiny_checkpoint(tmp_path / "small.pt"), store, "mnist-small", "1.0")
+    assert find_archive(store, "mnist", "1.0") == store / "mnist-1.0.mar"
+    with pytest.raises(ServerError, match=r"\(found: 1\.0, 2\.0\)"):
+        find_archive(store, "mnist", "3.0")
+    # ...and mnist.mar comes first: rebuilt with --force as 1.0, it is newer than the kept copy.
+    build_archive(save_tiny_checkpoint(tmp_path / "again.pt", seed=5), store, "mnist", "1.0", force=True)
+    assert find_archive(store, "mnist", "1") == store / "mnist.mar"
+
+
+def test_a_record_that_cannot_be_written_is_a_server_error(store):
+    (store / "mnist.default").mkdir()  # in the way of the rename, even for root
+    with pytest.raises(ServerError, match=r"^could not record 1\.0 as the version `make serve` starts"):
+        record_default(store, "mnist", "1.0")
+    assert sorted(p.name for p in store.glob(".mnist.default.tmp-*")) == []
 
 
 def test_a_new_archive_forgets_the_recorded_default(store, tmp_path):

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 
-from training.config import ArgumentParser
 from training.tensors import normalize
 
 IG_STEPS = 32  # Riemann steps; the completeness gap at 32 is in README (Trust)
@@ -158,6 +157,7 @@ def explain_image(checkpoint: Path, image: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     from training.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+    from training.config import ArgumentParser
     from training.data import DataError, load_split
     from training.preprocess import PreprocessError
 

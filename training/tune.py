@@ -86,6 +86,9 @@ def as_config(params: dict[str, Any]) -> dict[str, Any]:
     return nested
 
 
+GRACE_SECONDS = 120  # a RUNNING trial without a heartbeat for this long is failed by any process
+
+
 def open_storage(url: str, attempts: int = 5) -> optuna.storages.RDBStorage:
     """The study's RDB storage; two processes starting at once may race to create its tables."""
     import sqlalchemy.exc
@@ -94,7 +97,8 @@ def open_storage(url: str, attempts: int = 5) -> optuna.storages.RDBStorage:
     for attempt in range(attempts):
         try:
             # The heartbeat lets any process mark FAIL a trial whose process died without a word (SIGKILL).
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=30, grace_period=120)
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=30,
+                                              grace_period=GRACE_SECONDS)
         except sqlalchemy.exc.SQLAlchemyError:  # "table already exists": the other process won; retry
             if attempt == attempts - 1:
                 raise
@@ -132,13 +136,16 @@ def enqueue_baseline(study: optuna.Study, base: TrainConfig) -> None:
 # returns a connection to the pool) and leave a SQLite transaction open, whose lock then makes every
 # later write, the heartbeat's and the trial's FAIL, wait and fail with "database is locked". The
 # trial stops at its next training step instead (fit(stop=...)), between storage calls. A second
-# Ctrl-C raises at once.
+# Ctrl-C ends the process at once, as a kill would: SQLite rolls back what it was writing, and the
+# trial left RUNNING is failed by the heartbeat check of the next `make tune`.
 INTERRUPTED = threading.Event()
 
 
 def _on_sigint(signum: int, frame: Any) -> None:
     if INTERRUPTED.is_set():
-        raise KeyboardInterrupt
+        print(f"\nstopped at once: a trial left RUNNING is marked FAIL by the next `make tune` after "
+              f"{GRACE_SECONDS} s without a heartbeat", file=sys.stderr, flush=True)
+        os._exit(130)
     INTERRUPTED.set()
     print("\nCtrl-C: stopping the running trial at its next step (Ctrl-C again to stop at once)",
           file=sys.stderr, flush=True)
@@ -249,20 +256,30 @@ def main(argv: list[str] | None = None) -> int:
               f"running up to {max(left, 0)} more in process {os.getpid()}")
         if left > 0:
             enqueue_baseline(study, base)
-            signal.signal(signal.SIGINT, _on_sigint)
-            study.optimize(objective(base, folder / "trials", args.dry_run), n_trials=left, catch=(),
-                           callbacks=[optuna.study.MaxTrialsCallback(args.trials, states=FINISHED),
-                                      _stop_if_interrupted])
-            if INTERRUPTED.is_set():  # Ctrl-C after the last step of a trial, which then finished
+            INTERRUPTED.clear()
+            previous = signal.signal(signal.SIGINT, _on_sigint)
+            try:
+                study.optimize(objective(base, folder / "trials", args.dry_run), n_trials=left, catch=(),
+                               callbacks=[optuna.study.MaxTrialsCallback(args.trials, states=FINISHED),
+                                          _stop_if_interrupted])
+            finally:
+                signal.signal(signal.SIGINT, previous)
+            # Ctrl-C after the last step of a trial, which then finished: stop, unless the study is done.
+            if INTERRUPTED.is_set() and len(study.get_trials(deepcopy=False, states=FINISHED)) < args.trials:
                 raise KeyboardInterrupt
     except KeyboardInterrupt:
-        print("\ninterrupted: the running trial is marked FAIL and the study is consistent; "
+        print("\ninterrupted: the study is consistent (a trial that was running is marked FAIL); "
               "run `make tune` again to continue it", file=sys.stderr)
         return 130
     except (ValueError, CheckpointError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return report(study, args, base, folder)
+    try:
+        return report(study, args, base, folder)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted while writing {args.output} and the plots: run `make tune` again to write them",
+              file=sys.stderr)
+        return 130
 
 
 def report(study: optuna.Study, args: argparse.Namespace, base: TrainConfig, folder: Path) -> int:
