@@ -29,7 +29,8 @@ archive() {
 }
 
 serve() {
-    if [ ! -f "$MAR" ]; then
+    # A store with a version recorded by promote/rollback (serving/store.py) serves that one as it is.
+    if [ ! -f "$MAR" ] && [ ! -f "model_store/$MODEL_NAME.default" ]; then
         [ -f "$CHECKPOINT" ] || die "no $MAR and no $CHECKPOINT to archive: mount a model store" \
             "(-v \$PWD/model_store:/app/model_store:ro) or archive first (docker/run.sh archive)"
         echo "entrypoint: no $MAR: archiving $CHECKPOINT"
