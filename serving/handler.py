@@ -24,9 +24,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from ts.metrics.dimension import Dimension
-from ts.metrics.metric_type_enum import MetricTypes
-from ts.torch_handler.base_handler import BaseHandler
+
+# TorchServe's base handler warns at import that OpenVINO and Torch-TensorRT are absent. Neither is
+# used here, and `make archive` (which imports this module) printed both lines on the user's terminal.
+logging.getLogger("ts.torch_handler.base_handler").addFilter(
+    lambda record: record.getMessage() not in ("OpenVINO is not enabled", "Torch TensorRT not enabled"))
+
+from ts.metrics.dimension import Dimension  # noqa: E402
+from ts.metrics.metric_type_enum import MetricTypes  # noqa: E402
+from ts.torch_handler.base_handler import BaseHandler  # noqa: E402
 
 # Serve the code the archive was built with, even where another `training` is importable.
 _HERE = Path(__file__).resolve().parent
