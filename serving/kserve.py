@@ -17,13 +17,12 @@ import os
 import shutil
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import yaml
 
 from serving.server import ServerError, TorchServe, free_port, verify_checksum
-from serving.store import archive_to_serve
+from serving.store import archive_to_serve, manifest
 from training.config import ArgumentParser
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,8 +46,9 @@ def read_properties(path: Path) -> dict[str, str]:
 
 def model_snapshot(mar: Path, batch_size: int | None = None) -> dict:
     """TorchServe's startup snapshot for one archive: which model to load, with what workers and batching."""
-    with zipfile.ZipFile(mar) as z:
-        model = json.loads(z.read("MAR-INF/MANIFEST.json"))["model"]
+    model = manifest(mar)
+    if model is None:
+        raise BundleError(f"{mar} is not a readable model archive (no MAR-INF/MANIFEST.json)")
     settings = yaml.safe_load(MODEL_CONFIG.read_text())
     entry = {"defaultVersion": True, "marName": mar.name, **{k: settings[k] for k in SNAPSHOT_KEYS}}
     if batch_size is not None:  # GPU replicas batch more (configs/model-config.yaml)

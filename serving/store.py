@@ -17,7 +17,8 @@ from pathlib import Path
 from serving.errors import ServerError
 
 
-def _manifest(mar: Path) -> dict | None:
+def manifest(mar: Path) -> dict | None:
+    """The "model" entry of the archive's MAR-INF/MANIFEST.json; None when it is not a readable archive."""
     try:
         with zipfile.ZipFile(mar) as z:
             return json.loads(z.read("MAR-INF/MANIFEST.json"))["model"]
@@ -27,7 +28,7 @@ def _manifest(mar: Path) -> dict | None:
 
 def archive_version(mar: Path) -> str | None:
     """The modelVersion in the archive's manifest; None when it is not a readable archive."""
-    model = _manifest(mar)
+    model = manifest(mar)
     return None if model is None or "modelVersion" not in model else str(model["modelVersion"])
 
 
@@ -44,7 +45,7 @@ def _archives(store: Path, name: str) -> list[tuple[Path, str]]:
     told apart by the model name in their manifest."""
     found = []
     for mar in [store / f"{name}.mar", *sorted(store.glob(f"{name}-*.mar"))]:
-        model = _manifest(mar) if mar.is_file() else None
+        model = manifest(mar) if mar.is_file() else None
         if model is not None and model.get("modelName") == name and "modelVersion" in model:
             found.append((mar, str(model["modelVersion"])))
     return found
