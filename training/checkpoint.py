@@ -148,13 +148,12 @@ def _swap_in(ckpt: dict[str, Any], target: Path, keep_as: Path) -> None:
 class Published(str):
     """`publish`'s sentence, and whether this run became a candidate (the model.pt there was kept)."""
 
-    candidate: bool = False
+    candidate: bool
 
-
-def _candidate(sentence: str) -> Published:
-    result = Published(sentence)
-    result.candidate = True
-    return result
+    def __new__(cls, sentence: str, candidate: bool = False) -> Published:
+        result = super().__new__(cls, sentence)
+        result.candidate = candidate
+        return result
 
 
 def publish(ckpt: dict[str, Any], out_dir: Path, force: bool = False) -> Published:
@@ -179,12 +178,13 @@ def publish(ckpt: dict[str, Any], out_dir: Path, force: bool = False) -> Publish
         reason = _incomparable(old, new)
         if reason is not None:
             atomic_save(ckpt, candidate)
-            return _candidate(f"kept {target}: {reason}, so their accuracies do not compare; this run was saved "
-                              f"as {candidate} (pass --force to replace)")
+            return Published(f"kept {target}: {reason}, so their accuracies do not compare; this run was saved "
+                             f"as {candidate} (pass --force to replace)", candidate=True)
         if new["val_accuracy"] < old["val_accuracy"]:
             atomic_save(ckpt, candidate)
-            return _candidate(f"kept {target} (validation accuracy {old['val_accuracy']:.2%}); this run scored "
-                              f"{new['val_accuracy']:.2%} and was saved as {candidate} (pass --force to replace)")
+            return Published(f"kept {target} (validation accuracy {old['val_accuracy']:.2%}); this run scored "
+                             f"{new['val_accuracy']:.2%} and was saved as {candidate} (pass --force to replace)",
+                             candidate=True)
     previous = out_dir / "model.prev.pt"
     _swap_in(ckpt, target, previous)
     before = "unreadable" if old is None else f"{old.get('val_accuracy', float('nan')):.2%}"
