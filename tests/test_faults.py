@@ -24,6 +24,7 @@ import torch
 from serving import archive
 from training import evaluate
 from training.checkpoint import load_checkpoint
+from training.train import HOLD_ENV
 
 pytest.register_assert_rewrite("serving_fixtures")
 from serving_fixtures import save_tiny_checkpoint, training_numbers  # noqa: E402
@@ -36,9 +37,10 @@ SLICE = ["--amp", "false", "--device", "cpu", "--threads", "1", "--epochs", "3",
          "--val-size", "500", "--test-limit", "500", "--batch-size", "32", "--lr", "0.02", "--model.dropout", "0"]
 
 
-def train_cli(*args: str | Path, **popen) -> subprocess.Popen:
+def train_cli(*args: str | Path, env_extra: dict[str, str] | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "training.train", "--quiet", *map(str, args)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env_extra or {})})
 
 
 def finish(process: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str]:
@@ -56,9 +58,9 @@ def test_ctrl_c_keeps_the_good_model_and_resume_ends_where_an_uninterrupted_run_
     # A good model.pt from an earlier run is already in the output folder.
     interrupted.mkdir()
     good = save_tiny_checkpoint(interrupted / "model.pt", test_accuracy=0.999).read_bytes()
-    # Lowest priority for the run to interrupt: on a busy machine the test must see last.pt and send
-    # SIGINT before the two remaining epochs (a second or two) are over.
-    run = train_cli(*SLICE, "--data-dir", mnist_dir, "--out-dir", interrupted, preexec_fn=lambda: os.nice(19))
+    # The run holds after writing last.pt of epoch 1 (training/train.py: HOLD_ENV), so SIGINT arrives at that
+    # point on any machine, however fast it finishes the remaining epochs.
+    run = train_cli(*SLICE, "--data-dir", mnist_dir, "--out-dir", interrupted, env_extra={HOLD_ENV: "1"})
     deadline = time.monotonic() + 240
     while not (interrupted / "last.pt").exists():  # written (atomically) at the end of epoch 1
         assert run.poll() is None and time.monotonic() < deadline, "no last.pt from epoch 1"
