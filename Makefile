@@ -39,7 +39,7 @@ export METRICS_ADDRESS ?= 127.0.0.1:8082
 
 .PHONY: help setup lock system-deps data train train-ddp tune train-ensemble tensorboard report-models evaluate \
         eval-wild calibrate trust-eval explain explain-eval latency keygen archive serve predict status token ui stop \
-        demo kserve-bundle deploy promote rollback versions undeploy compare monitor rollout-check test test-fast lint \
+        demo kserve-bundle deploy promote rollback versions undeploy compare monitor rollout-check test test-isa test-fast lint int8-parity \
         bench bench-train bench-serve gpu-check chaos export distill bench-compress bench-hybrid edge-install \
         docker-build docker-run docker-train docker-archive docker-test clean
 
@@ -187,6 +187,12 @@ distill: $(STAMP) ## train a 5x smaller student from CHECKPOINT (SEEDS=3, with a
 	$(PY) -m training.distill --teacher $(CHECKPOINT) --seeds $(SEEDS) $(ARGS)
 	$(PY) -m training.export --checkpoint artifacts/student.pt --out artifacts/export/student --formats onnx
 
+# ISA=avx2: run as the lowest x86 CPU the project supports would (PyTorch and oneDNN capped to AVX2).
+ISA        ?=
+ISA_CAP    := $(if $(filter avx2,$(ISA)),ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2)
+int8-parity: $(STAMP) ## int8 vs fp32 answers on the 10k test digits on this CPU (ISA=avx2: capped; ARGS=--aoti)
+	$(ISA_CAP) $(PY) -m bench.int8_parity --checkpoint $(CHECKPOINT) $(ARGS)
+
 bench-compress: $(STAMP) ## the compression table: size, accuracy, 1-thread latency/throughput, memory per format
 	$(PY) -m bench.compress $(ARGS)
 
@@ -198,6 +204,13 @@ edge-install: ## install the torch-free edge client (edge/) into the active Pyth
 
 test: $(STAMP) ## the whole test suite, slow ones included (training, torchrun, a real TorchServe)
 	$(PY) -m pytest $(ARGS)
+
+# The tests whose answers depend on the CPU's kernels (variants, export, precision, train/serve parity),
+# run as an AVX2-only CPU would: PyTorch (ATEN_CPU_CAPABILITY) and oneDNN (ONEDNN_MAX_CPU_ISA) capped.
+ISA_TESTS ?= tests/test_export.py tests/test_precision.py tests/test_handler.py tests/test_tensors.py \
+             tests/test_model.py
+test-isa: $(STAMP) ## the CPU-sensitive tests again, capped to AVX2 (no AVX-512, VNNI or bf16)
+	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $(PY) -m pytest $(ISA_TESTS) $(ARGS)
 
 test-fast: $(STAMP) ## unit tests only: no training, no server, no Java, no download (MNIST tests skip without data)
 	MNIST_OFFLINE=1 $(PY) -m pytest -m "not slow" $(ARGS)

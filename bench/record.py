@@ -19,22 +19,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from training.precision import cpu_flags
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results"
-# The /proc/cpuinfo flags that decide which kernels run: int8 dot products (VNNI), bf16, AMX.
-ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
 CAP_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
-
-
-def cpu_flags() -> list[str]:
-    """The ISA_FLAGS this CPU reports (empty where /proc/cpuinfo is absent)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
-    have = set(line.split(":", 1)[-1].split())
-    return [flag for flag in ISA_FLAGS if flag in have]
 
 
 def cpu_model() -> str:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from serving.handler import DEFAULT_VARIANT, ONNX_FILES, VARIANTS
+from serving.handler import APPROXIMATE_VARIANTS, DEFAULT_VARIANT, ONNX_FILES, SELF_CHECK_FILE, VARIANTS
 from serving.signing import SignatureError, sign_archive, signature_path
 from serving.store import archive_version, forget_default
 from training.checkpoint import CheckpointError, load_checkpoint
@@ -94,6 +94,8 @@ def _stage(ckpt: dict, variant: str, checkpoint: Path, staging: Path) -> tuple[P
         meta["ood"] = {k: v for k, v in detector.items() if not isinstance(v, torch.Tensor)}
     if variant in ONNX_FILES:
         _export_variant(checkpoint, variant, extra)
+    if variant in APPROXIMATE_VARIANTS:
+        _write_self_check_digits(variant, extra / SELF_CHECK_FILE)
     if ensemble:  # the handler runs the members as one model (training/ensemble.py)
         meta["ensemble"] = {"members": len(ckpt["members"]), "temperatures": ckpt["temperatures"],
                             "model_configs": member_configs(ckpt),
@@ -170,6 +172,24 @@ def _export_variant(checkpoint: Path, variant: str, extra: Path) -> None:
         raise ArchiveError(f"variant {variant}: {err}") from None
     if variant == "int8":
         (extra / ONNX_FILES["onnx"]).unlink()  # the fp32 model it was quantised from: not served
+
+
+# The worker compares an approximate variant with the fp32 model on these test digits before it serves.
+SELF_CHECK_DIGITS = 512
+
+
+def _write_self_check_digits(variant: str, path: Path) -> None:
+    """A fixed sample of MNIST test digits (uint8, N×28×28) for the worker's load-time self-check."""
+    import numpy as np
+
+    from training.data import DataError, load_split
+
+    try:
+        images, _ = load_split(None, train=False)
+    except DataError as err:
+        raise ArchiveError(f"variant {variant}: its load-time self-check needs MNIST test digits: {err}") from None
+    pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:SELF_CHECK_DIGITS]
+    np.save(path, images[pick].numpy())
 
 
 def build_archive(checkpoint: Path, model_store: Path, name: str, version: str, variant: str = DEFAULT_VARIANT,

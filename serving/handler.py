@@ -63,6 +63,12 @@ ONNX_FILES = {"onnx": "model.onnx", "int8": "model_int8.onnx"}
 # ONNX Runtime here and packed int8 weights run only on the CPU: on a GPU host such a worker stays on
 # the CPU (not a reload loop).
 CPU_ONLY_VARIANTS = ("onnx", "int8", "int8-legacy")
+# Variants that approximate the fp32 model: each carries SELF_CHECK_FILE (MNIST test digits, written by
+# serving/archive.py) and a worker serves it only if it agrees with the fp32 model on at least
+# SELF_CHECK_MIN_AGREEMENT of them on this host (int8 and bf16 kernels differ by CPU; a broken file too).
+APPROXIMATE_VARIANTS = ("bf16", "onnx", "int8", "int8-legacy")
+SELF_CHECK_FILE = "selfcheck.npy"
+SELF_CHECK_MIN_AGREEMENT = 0.99  # 512 digits: at most 5 may differ (the shipped int8 differs on 0-2 of 10k/512)
 # fused (batch norm folded into the convs) is the fastest at equal test accuracy: README, Benchmarks.
 # The one default: serving/archive.py writes it into model.json, and an archive without one gets it too.
 DEFAULT_VARIANT = "fused"
@@ -70,6 +76,10 @@ DEFAULT_VARIANT = "fused"
 # Training uses label smoothing 0.1, so even sure answers sit near 0.9: 0.5 (the digit less likely than all
 # others together) flags 0.9% of the MNIST test digits for the default model.
 LOW_CONFIDENCE = 0.5
+
+
+class SelfCheckError(RuntimeError):
+    """An approximate variant does not give the fp32 model's answers on this host: the worker must not serve it."""
 
 
 def optimize(model: torch.nn.Module, variant: str) -> torch.nn.Module:
@@ -271,6 +281,8 @@ class MNISTHandler(BaseHandler):
                 self.detector = {**meta["ood"], **tensors}
         if self.detector is None:
             logger.warning("archive has no OOD detector: every answer says is_digit true")
+        if variant in APPROXIMATE_VARIANTS and self.explainer is not self.model:
+            self._self_check(variant, model_dir / SELF_CHECK_FILE)
         self.classes = meta["class_names"]
         self.batch_size = int(properties.get("batch_size") or 1)
         with torch.inference_mode():  # warm-up: first-call allocations happen here, not on a request
@@ -291,6 +303,19 @@ class MNISTHandler(BaseHandler):
         self.initialized = True
         worker_io.install()  # from the next message on: README, Benchmarks (serving overhead)
         logger.info("MNIST model loaded on %s (variant %s, batch size %d)", self.device, variant, self.batch_size)
+
+    def _self_check(self, variant: str, path: Path) -> None:
+        """Refuse to serve `variant` unless it gives the fp32 model's answers on the packed digits (one line)."""
+        if not path.is_file():
+            raise SelfCheckError(f"variant {variant}: the archive has no {SELF_CHECK_FILE} for its load-time "
+                                 "self-check: rebuild it with `make archive`")
+        agree, total = precision.agreement(self.model, self.explainer, to_model_input(np.load(path), self.device))
+        line = (f"variant {variant} agrees with the fp32 model on {agree} of {total} self-check digits "
+                f"({agree / total:.1%}; needs {SELF_CHECK_MIN_AGREEMENT:.0%})")
+        if agree < SELF_CHECK_MIN_AGREEMENT * total:
+            raise SelfCheckError(f"{line}: refusing to serve it on this CPU ({precision.cpu_isa()}); "
+                                 "archive another variant (e.g. fused)")
+        logger.info(line)
 
     def handle(self, data: list[dict[str, Any]], context) -> list[bytes]:
         """Decode each request on its own, run the good ones as one batch, answer each in order."""

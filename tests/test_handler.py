@@ -10,6 +10,7 @@ import dataclasses
 import json
 import logging
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -23,7 +24,15 @@ from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 from ts.service import Service
 
 from serving.archive import build_archive
-from serving.handler import DEFAULT_VARIANT, LOW_CONFIDENCE, MNISTHandler, decode_request
+from serving.handler import (
+    DEFAULT_VARIANT,
+    LOW_CONFIDENCE,
+    ONNX_FILES,
+    SELF_CHECK_FILE,
+    MNISTHandler,
+    SelfCheckError,
+    decode_request,
+)
 from training.checkpoint import load_checkpoint, model_from_checkpoint
 from training.ood import is_digit, ood_score
 from training.ood_data import noise_images
@@ -389,18 +398,42 @@ def test_every_variant_serves_the_trained_model(variant, trained_checkpoint, mni
         assert worker.handler.model.has_features == (variant == "onnx")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["onnx", "int8"])
+def test_a_variant_that_answers_unlike_fp32_is_refused_at_load(variant, trained_checkpoint, tmp_path):
+    """The load-time self-check: another network's file planted as the variant's (an untrained one, whose
+    answers are noise) is refused with the figure, as a CPU that computed int8 wrongly would be."""
+    from training.export import export_all
+
+    model_dir = unpack(build_archive(trained_checkpoint, tmp_path / "store", "mnist", "1.0", variant).path,
+                       tmp_path / "model")
+    InProcessWorker(model_dir)  # the archive as built passes its self-check
+    export_all(save_tiny_checkpoint(tmp_path / "tiny.pt"), tmp_path / "tiny", ("onnx",), None, log=lambda _: None)
+    shutil.copyfile(tmp_path / "tiny" / "model.onnx", model_dir / ONNX_FILES[variant])
+    with pytest.raises(SelfCheckError, match=rf"^variant {variant} agrees with the fp32 model on \d+ of 512 "
+                       r"self-check digits \(\d+\.\d%; needs 99%\): refusing to serve it on this CPU \(.*\); "
+                       r"archive another variant \(e\.g\. fused\)$"):
+        InProcessWorker(model_dir)
+    (model_dir / SELF_CHECK_FILE).unlink()
+    with pytest.raises(SelfCheckError, match=f"variant {variant}: the archive has no {SELF_CHECK_FILE}"):
+        InProcessWorker(model_dir)
+
+
 @pytest.mark.parametrize("variant", ["eager", "fused", "onnx", "int8"])
 def test_a_two_convs_per_block_model_serves_in_every_exact_variant(variant, tmp_path, mnist_test_images, mnist_pngs):
     # Net(convs=2) goes through the same archive and handler; fused folds all four batch norms.
     checkpoint = save_tiny_checkpoint(tmp_path / "model.pt", model=dataclasses.replace(TINY_MODEL, convs=2))
-    worker = InProcessWorker(unpack(build_archive(checkpoint, tmp_path / "store", "mnist", "1.0", variant).path,
-                                    tmp_path / "model"))
+    model_dir = unpack(build_archive(checkpoint, tmp_path / "store", "mnist", "1.0", variant).path, tmp_path / "model")
+    if variant == "int8":  # an untrained model's int8 answers are noise (the self-check refuses to serve such a
+        # file: test_a_variant_that_answers_unlike_fp32_is_refused_at_load); here: its weights fit in 7 bits
+        from training.export import int8_weight_bound
+
+        assert int8_weight_bound(model_dir / ONNX_FILES["int8"]) <= 64
+        return
+    worker = InProcessWorker(model_dir)
     images, _ = mnist_test_images
     expected = offline_probabilities(checkpoint, images[:64])
     answers = worker.answers(mnist_pngs[:64])
-    if variant == "int8":  # an untrained model's quantised answers are noise: it serves, and says so in full
-        assert len(answers) == 64 and all(len(a["probabilities"]) == 10 for a in answers)
-        return
     assert [a["digit"] for a in answers] == expected.argmax(1).tolist()
     for answer, probabilities in zip(answers, expected, strict=True):
         assert list(answer["probabilities"].values()) == pytest.approx(probabilities.tolist(), abs=1e-4)

@@ -123,3 +123,31 @@ class BF16Model(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x.to(torch.bfloat16)).float()
+
+
+def agreement(model, reference, x: torch.Tensor, batch: int = 64) -> tuple[int, int]:
+    """(inputs on which `model` and `reference` pick the same class, inputs): the variants' self-check."""
+    same = 0
+    with torch.inference_mode():
+        for chunk in x.split(batch):
+            same += int((model(chunk).float().argmax(1) == reference(chunk).float().argmax(1)).sum())
+    return same, len(x)
+
+
+# The /proc/cpuinfo flags that decide which int8 and bf16 kernels run (dot products: VNNI; bf16; AMX).
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_flags() -> list[str]:
+    """The ISA_FLAGS this CPU reports (empty where /proc/cpuinfo is absent)."""
+    try:
+        line = next(t for t in open("/proc/cpuinfo").read().splitlines() if t.startswith("flags"))
+    except (OSError, StopIteration):
+        return []
+    have = set(line.split(":", 1)[1].split())
+    return [flag for flag in ISA_FLAGS if flag in have]
+
+
+def cpu_isa() -> str:
+    """cpu_flags() for an error line: e.g. "avx2, avx512f, avx512_vnni"."""
+    return ", ".join(cpu_flags()) or "no AVX2"
