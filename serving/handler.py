@@ -47,6 +47,7 @@ from training.explain import IG_STEPS, integrated_gradients  # noqa: E402
 from training.formats import OnnxModel  # noqa: E402  (TorchServe: one class per handler module)
 from training.model import build_model, fuse_batch_norm  # noqa: E402
 from training.ood import features_and_logits, is_digit, ood_score  # noqa: E402
+from training.precision import SelfCheckError  # noqa: E402  (TorchServe: one class per handler module)
 from training.preprocess import PreprocessError, from_pixels, preprocess_bytes, to_mnist  # noqa: E402
 from training.tensors import normalize  # noqa: E402
 
@@ -76,10 +77,6 @@ DEFAULT_VARIANT = "fused"
 # Training uses label smoothing 0.1, so even sure answers sit near 0.9: 0.5 (the digit less likely than all
 # others together) flags 0.9% of the MNIST test digits for the default model.
 LOW_CONFIDENCE = 0.5
-
-
-class SelfCheckError(RuntimeError):
-    """An approximate variant does not give the fp32 model's answers on this host: the worker must not serve it."""
 
 
 def optimize(model: torch.nn.Module, variant: str) -> torch.nn.Module:

@@ -43,6 +43,7 @@ class TorchServe(ServerClient):
     # Where ts_log.log ended when this start began: a crash loop is counted from there, not over the
     # whole log, which survives restarts.
     _log_offset: int = field(default=0, init=False, repr=False)
+    _model_log_offset: int = field(default=0, init=False, repr=False)
 
     @classmethod
     def on_free_ports(cls, run_dir: Path, model_store: Path, **kwargs: Any) -> TorchServe:
@@ -143,6 +144,9 @@ class TorchServe(ServerClient):
             if pid is None and time.monotonic() > deadline - timeout + 5:
                 raise ServerError(f"TorchServe exited during start-up; see {self.run_dir}/console.log:\n"
                                   + self.log_tail("console.log"))
+            if (refused := self.self_check_refusal()) is not None:
+                self.stop()
+                raise ServerError(f"the model's workers refuse to serve it: {refused}")
             if (failures := self.failed_worker_loads()) >= 3:
                 break  # a crash loop: waiting longer only repeats it
             try:
@@ -162,8 +166,21 @@ class TorchServe(ServerClient):
                           f"worker log ({self.run_dir}/model_log.log):\n" + self.log_tail("model_log.log"))
 
     def mark_log_start(self) -> None:
-        log = self.run_dir / "ts_log.log"
+        log, model_log = self.run_dir / "ts_log.log", self.run_dir / "model_log.log"
         self._log_offset = log.stat().st_size if log.exists() else 0
+        self._model_log_offset = model_log.stat().st_size if model_log.exists() else 0
+
+    def self_check_refusal(self) -> str | None:
+        """The worker's one line when an approximate variant failed its load-time self-check (serving/handler.py)."""
+        log = self.run_dir / "model_log.log"
+        if not log.exists():
+            return None
+        with log.open("rb") as f:
+            f.seek(self._model_log_offset)
+            text = f.read().decode(errors="replace")
+        marker = "SelfCheckError: "
+        line = next((line for line in text.splitlines() if marker in line), None)
+        return None if line is None else line.split(marker, 1)[1].strip()
 
     def failed_worker_loads(self) -> int:
         """How often a worker failed to load the model since this start began."""

@@ -10,7 +10,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -131,10 +130,8 @@ def test_no_sources_at_all_is_a_data_error(root):
 def test_a_second_call_is_a_fast_no_op(real_raw, root):
     ensure_mnist(root, sources={"good": CopySource(real_raw, raw_dir(root))}, log=lambda _: None)
     again = CopySource(real_raw, raw_dir(root))
-    start = time.perf_counter()
     ensure_mnist(root, sources={"again": again}, log=lambda _: None)
-    assert again.calls == []
-    assert time.perf_counter() - start < 2.0  # hashing 55 MB takes ~0.1 s; any fetch would take far longer
+    assert again.calls == []  # verified in place: nothing fetched
 
 
 def test_a_corrupt_file_already_in_raw_is_replaced(real_raw, root):

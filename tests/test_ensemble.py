@@ -145,7 +145,7 @@ def test_an_ensemble_archive_needs_an_ensemble_checkpoint(tmp_path):
 def test_members_train_concurrently_and_are_reused_afterwards(tmp_path, mnist_dir, monkeypatch, capsys):
     monkeypatch.setenv("MNIST_DIR", str(mnist_dir))
     config = tmp_path / "member.yaml"
-    config.write_text("epochs: 1\ntrain_limit: 2000\nval_size: 500\ntensorboard: false\nbatch_size: 64\n")
+    config.write_text("epochs: 1\ntrain_limit: 2000\nval_size: 500\ntensorboard: false\nbatch_size: 64\nthreads: 1\n")
     args = ["--members", "2", "--jobs", "2", "--config", str(config), "--out-dir", str(tmp_path / "ens"), "--dry-run"]
     assert ensemble_train.main(args) == 0
     first = capsys.readouterr().out

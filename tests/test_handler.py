@@ -30,12 +30,12 @@ from serving.handler import (
     ONNX_FILES,
     SELF_CHECK_FILE,
     MNISTHandler,
-    SelfCheckError,
     decode_request,
 )
 from training.checkpoint import load_checkpoint, model_from_checkpoint
 from training.ood import is_digit, ood_score
 from training.ood_data import noise_images
+from training.precision import SelfCheckError
 from training.preprocess import PreprocessError
 from training.tensors import normalize
 from training.trust import outputs
@@ -474,3 +474,23 @@ def test_bf16_variant_takes_and_returns_fp32():
     with torch.inference_mode():
         out = model(to_model_input(torch.zeros(3, 28, 28, dtype=torch.uint8)))
     assert out.dtype == torch.float32 and out.shape == (3, 10)
+
+
+@pytest.mark.slow
+def test_torchserve_never_makes_a_variant_that_fails_its_self_check_ready(trained_checkpoint, tmp_path, monkeypatch):
+    """End to end: a signed archive whose int8 file answers unlike fp32 (another network's, planted where
+    `make archive` writes it) is refused by every worker TorchServe starts, with the figure in its log."""
+    from serving import archive as archive_module
+    from serving.server import ServerError, TorchServe
+    from training.export import export_all
+
+    export_all(save_tiny_checkpoint(tmp_path / "tiny.pt"), tmp_path / "tiny", ("onnx",), None, log=lambda _: None)
+    monkeypatch.setattr(archive_module, "_export_variant", lambda checkpoint, variant, extra: shutil.copyfile(
+        tmp_path / "tiny" / "model.onnx", extra / ONNX_FILES[variant]))
+    store = tmp_path / "store"
+    build_archive(trained_checkpoint, store, "mnist", "1.0", "int8")
+    ts = TorchServe.on_free_ports(tmp_path / "run", store, model_name="mnist", auth=True)
+    with pytest.raises(ServerError, match=r"^the model's workers refuse to serve it: variant int8 agrees with the fp32 "
+                       r"model on \d+ of 512 self-check digits \(.*\): refusing to serve it on this CPU"):
+        ts.start(timeout=180)
+    assert ts.running_pid() is None

@@ -31,7 +31,7 @@ RDZV_PORT = 29400
 # 8192 = 128 steps of a global batch of 64: divisible by world × batch, so every rank takes the same steps.
 # Two epochs: after one, two runs of the same recipe can still differ by 15 points of accuracy.
 SLICE = ["--epochs", "2", "--train-limit", "8192", "--val-size", "1000", "--test-limit", "2000", "--threads", "1",
-         "--device", "cpu"]
+         "--device", "cpu", "--amp", "false"]
 
 
 def _why_no_netns() -> str | None:
@@ -171,8 +171,7 @@ def test_a_node_killed_mid_epoch_ends_the_other_within_seconds(tmp_path):
     with two_nodes() as nodes:
         procs = [start_node(n, r, tmp_path / f"node{r}", logs[r], extra) for r, n in enumerate(nodes)]
         try:
-            wait_for(logs[0], "training on", procs[0])
-            time.sleep(1.0)  # inside the first epoch (about 4 s on this slice)
+            wait_for(logs[0], "training on", procs[0])  # killed at once: inside the run on any CPU
             node1 = psutil.Process(procs[1].pid)
             for p in [node1, *node1.children(recursive=True)]:  # node 1 dies: agent and worker at once
                 p.kill()  # (the worker is in a session of its own: killing the agent's group misses it)
@@ -185,7 +184,7 @@ def test_a_node_killed_mid_epoch_ends_the_other_within_seconds(tmp_path):
     print(f"node 0 exited {code} {took:.1f} s after node 1 was killed")
     assert code != 0
     assert "ChildFailedError" in out and "training.train FAILED" in out, out[-3000:]
-    assert "epoch 1/2" not in out  # it died inside the first epoch
+    assert "epoch 2/2" not in out  # it died inside the run
     assert not (tmp_path / "node0" / "model.pt").exists()
 
 

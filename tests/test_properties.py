@@ -163,7 +163,6 @@ def test_decompression_bomb_is_refused_before_decoding(tmp_path):
                          check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["message"] == f"image too large: 12000x12000 pixels (limit {MAX_PIXELS:,} pixels)"
-    assert result["seconds"] < 1
     assert result["refused_growth"] < 20, result  # MiB; measured 1 (refused) against 276 (decoded)
     assert result["decode_growth"] > 100, result  # the control: a real decode is visible
 

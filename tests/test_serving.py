@@ -289,7 +289,7 @@ def assert_a_batch_mixes_good_and_bad(server: TorchServe, requests: list[tuple[b
                 assert (status, answer["type"]) == (400, "InvalidInput")
                 assert answer["message"].startswith(expected)
                 bad_ids.add(request_id)
-        deadline = time.monotonic() + 10  # the frontend logs the worker's metric lines asynchronously
+        deadline = time.monotonic() + 60  # the frontend logs the worker's metric lines asynchronously
         while not (good_ids | bad_ids) <= set().union(*_batches_in_log(server.run_dir), set()):
             assert time.monotonic() < deadline, "the round's requests never showed up in ts_log.log"
             time.sleep(0.1)
@@ -366,7 +366,7 @@ def test_prometheus_metrics_count_predictions_by_digit(server):
     for _ in range(3):
         assert predict(server, SAMPLE_7.read_bytes(), "image/png")[0] == 200
     assert predict(server, b"seven", "text/plain")[0] == 400
-    deadline = time.monotonic() + 10  # the frontend turns the worker's metric log lines into samples
+    deadline = time.monotonic() + 60  # the frontend turns the worker's metric log lines into samples
     while True:
         counts = tuple(now - then for now, then in zip(counters(), (sevens, rejected), strict=True))
         if counts == (3, 1) or time.monotonic() > deadline:
@@ -436,7 +436,7 @@ def test_each_log_line_goes_to_one_rotated_file(server):
     before = answered()
     for _ in range(10):
         assert predict(server, SAMPLE_7.read_bytes(), "image/png")[0] == 200
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60  # returns as soon as they are counted; the bound only stops a hang
     while answered() < before + 10 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert answered() == before + 10
@@ -467,7 +467,7 @@ def test_a_second_server_can_start_beside_another(trained_archive, tmp_path):
         # ...and on its own ports it serves beside the other, its worker socket in its own run dir.
         second = TorchServe.on_free_ports(tmp_path / "b", trained_archive.path.parent)
         try:
-            second.start(timeout=60)
+            second.start(timeout=180)
             assert predict(second, SAMPLE_7.read_bytes(), "image/png")[1]["digit"] == 7
             assert any((tmp_path / "b" / "tmp").glob(".ts.sock.*"))
         finally:

@@ -17,7 +17,7 @@ import torch
 
 from training import config as cfglib
 from training import train, tune
-from training.train import TrainConfig
+from training.train import HOLD_ENV, RELEASE_ENV, TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 # Enough to run the whole trial path (two epochs, so the pruner gets a report to act on), not to learn;
@@ -66,14 +66,31 @@ def test_tuning_never_loads_the_test_split_and_writes_a_train_config(tmp_path, m
     assert len(events) == 1  # each trial has its own TensorBoard run
 
 
-def start(tmp: Path, trials: int) -> subprocess.Popen:
+def start(tmp: Path, trials: int, release: Path | None = None) -> subprocess.Popen:
+    """`release`: each trial holds after epoch 1 until that file exists or Ctrl-C (training/train.py: HOLD_ENV)."""
+    hold = {HOLD_ENV: "1", RELEASE_ENV: str(release)} if release is not None else {}
     return subprocess.Popen([sys.executable, "-m", "training.tune", *tune_args(tmp, trials)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **hold})
+
+
+def wait_for_trial(tmp: Path, process: subprocess.Popen, running: bool = False) -> None:
+    """Until `process` has a trial in the study (a RUNNING one if `running`)."""
+    deadline = time.monotonic() + 600
+    while not any(t.user_attrs.get("pid") == process.pid and (t.state.name == "RUNNING" or not running)
+                  for t in (load(tmp).get_trials(deepcopy=False) if (tmp / "tune" / "study.db").exists() else [])):
+        assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()
+        time.sleep(0.5)
 
 
 @pytest.mark.slow
 def test_two_processes_share_one_study_and_ctrl_c_leaves_it_consistent(tmp_path, mnist_dir):
-    first, second = start(tmp_path, 4), start(tmp_path, 4)
+    # The first holds inside its first trial until the second has taken one: both work on the study on any CPU.
+    release = tmp_path / "release"
+    first = start(tmp_path, 4, release)
+    wait_for_trial(tmp_path, first, running=True)
+    second = start(tmp_path, 4)
+    wait_for_trial(tmp_path, second)
+    release.touch()
     outputs = [p.communicate(timeout=900)[0] for p in (first, second)]
     assert [first.returncode, second.returncode] == [0, 0], outputs
     study = load(tmp_path)
@@ -87,11 +104,8 @@ def test_two_processes_share_one_study_and_ctrl_c_leaves_it_consistent(tmp_path,
 
     # Ctrl-C in the middle of a trial: that trial becomes FAIL, nothing is left RUNNING.
     before = len(trials)
-    third = start(tmp_path, before + 2)
-    deadline = time.monotonic() + 600
-    while "RUNNING" not in states(load(tmp_path)):
-        assert third.poll() is None and time.monotonic() < deadline, third.stdout.read()
-        time.sleep(0.5)
+    third = start(tmp_path, before + 2, release=tmp_path / "never")  # holds in its first trial until Ctrl-C
+    wait_for_trial(tmp_path, third, running=True)
     third.send_signal(signal.SIGINT)
     output = third.communicate(timeout=300)[0]
     # 130, or death by SIGINT (-2): CPython exits by the signal itself once a KeyboardInterrupt has passed

@@ -135,7 +135,11 @@ def quantize_pt2e(model: torch.nn.Module, calibration: np.ndarray) -> torch.nn.M
     import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
+    # reduce_range (torchao's advice for CPUs without VNNI): 7-bit activations here (0..127), so a pair of
+    # u7 x s8 products fits int16 (2 * 127 * 128 = 32512): no overflow that depends on the CPU, as in
+    # quantize_onnx (which narrows the weights instead).
+    config = xiq.get_default_x86_inductor_quantization_config(reduce_range=True)
+    quantizer = xiq.X86InductorQuantizer().set_global(config)
     prepared = prepare_pt2e(export_program(model).module(), quantizer)
     with torch.no_grad():
         for batch in np.array_split(calibration, max(1, len(calibration) // 128)):

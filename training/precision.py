@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import time
 from functools import cache
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -125,6 +126,11 @@ class BF16Model(nn.Module):
         return self.model(x.to(torch.bfloat16)).float()
 
 
+class SelfCheckError(RuntimeError):
+    """An approximate variant does not give the fp32 model's answers on this host: the worker must not serve
+    it (serving/handler.py). Here, not in the handler: TorchServe wants one class in a handler module."""
+
+
 def agreement(model, reference, x: torch.Tensor, batch: int = 64) -> tuple[int, int]:
     """(inputs on which `model` and `reference` pick the same class, inputs): the variants' self-check."""
     same = 0
@@ -141,7 +147,8 @@ ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_t
 def cpu_flags() -> list[str]:
     """The ISA_FLAGS this CPU reports (empty where /proc/cpuinfo is absent)."""
     try:
-        line = next(t for t in open("/proc/cpuinfo").read().splitlines() if t.startswith("flags"))
+        text = Path("/proc/cpuinfo").read_text()
+        line = next(t for t in text.splitlines() if t.startswith("flags"))
     except (OSError, StopIteration):
         return []
     have = set(line.split(":", 1)[1].split())

@@ -319,17 +319,21 @@ def _save_last(path: Path, model: Net, opt, sched, state: dict[str, Any]) -> Non
                  "schedule": sched.state_dict() if sched is not None else None, **state}, path)
 
 
-# Test-only hook: with MNIST_TEST_HOLD_AFTER_EPOCH=N a run waits (up to 10 min) right after last.pt of
-# epoch N is written, so a Ctrl-C test (tests/test_faults.py) interrupts it at a known point instead of
-# racing the machine's speed. Unset in every normal run.
+# Test-only hook: with MNIST_TEST_HOLD_AFTER_EPOCH=N a run waits right after last.pt of epoch N is written,
+# until a signal, `stop()`, the file named by MNIST_TEST_RELEASE_FILE, or 10 minutes: tests
+# (test_faults.py, test_tune.py) interrupt or overlap runs at a known point instead of racing the
+# machine's speed. Unset in every normal run.
 HOLD_ENV = "MNIST_TEST_HOLD_AFTER_EPOCH"
+RELEASE_ENV = "MNIST_TEST_RELEASE_FILE"
 
 
-def _hold_for_test(epoch: int) -> None:
-    if os.environ.get(HOLD_ENV) == str(epoch):
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            time.sleep(0.05)
+def _hold_for_test(epoch: int, stop: Callable[[], bool] | None) -> None:
+    if os.environ.get(HOLD_ENV) != str(epoch):
+        return
+    release = Path(os.environ.get(RELEASE_ENV) or "/nonexistent/release")
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and not release.exists() and not (stop is not None and stop()):
+        time.sleep(0.05)
 
 
 # What --resume lets the command line change: where the run reads and writes, and what it runs on.
@@ -470,7 +474,7 @@ def fit(cfg: TrainConfig, resume: bool = False, dry_run: bool = False, quiet: bo
             if dd.is_main:
                 _save_last(out / "last.pt", model, opt, sched,
                            {**state, "config": cfglib.to_dict(cfg), "world_size": dd.world})
-                _hold_for_test(epoch)
+                _hold_for_test(epoch, stop)
             if on_epoch is not None:
                 on_epoch(row)
             if cfg.early_stop and state["stale"] >= cfg.early_stop:
