@@ -13,6 +13,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import sqlalchemy.exc
 import torch
 
 from training import config as cfglib
@@ -73,11 +74,21 @@ def start(tmp: Path, trials: int, release: Path | None = None) -> subprocess.Pop
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **hold})
 
 
+def trials_so_far(tmp: Path) -> list:
+    """The study's trials; none while the tune process has not created the study yet."""
+    if not (tmp / "tune" / "study.db").exists():
+        return []
+    try:
+        return load(tmp).get_trials(deepcopy=False)
+    except (KeyError, sqlalchemy.exc.SQLAlchemyError):  # the tables or the study are being created
+        return []
+
+
 def wait_for_trial(tmp: Path, process: subprocess.Popen, running: bool = False) -> None:
     """Until `process` has a trial in the study (a RUNNING one if `running`)."""
     deadline = time.monotonic() + 600
     while not any(t.user_attrs.get("pid") == process.pid and (t.state.name == "RUNNING" or not running)
-                  for t in (load(tmp).get_trials(deepcopy=False) if (tmp / "tune" / "study.db").exists() else [])):
+                  for t in trials_so_far(tmp)):
         assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()
         time.sleep(0.5)
 
