@@ -30,7 +30,7 @@ B          ?= 2.0
 LIMIT      ?=
 # Debian packages the slow tests and benchmarks use (wrk: bench-serve; chromium: the page's browser
 # test; iproute2: `ip netns` for the two-node torchrun test; dataset-fashion-mnist: the "not a digit"
-# test set of training/ood_data.py; prometheus: `make monitor` and its test); `make system-deps`
+# test set of training/tools/ood_data.py; prometheus: `make monitor` and its test); `make system-deps`
 # installs the missing ones.
 APT_PACKAGES ?= wrk chromium iproute2 dataset-fashion-mnist prometheus
 export INFERENCE_ADDRESS ?= 127.0.0.1:8080
@@ -82,10 +82,10 @@ train-ddp: $(STAMP) ## train with torchrun on NPROC processes (nccl: one GPU eac
 	$(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) -m training.train --config $(CONFIG) $(ARGS)
 
 tune: $(STAMP) ## Optuna search (TRIALS=20) on validation accuracy → configs/tuned.yaml, plots in artifacts/tune/
-	$(PY) -m training.tune --trials $(TRIALS) --config $(CONFIG) $(TUNE_ARGS) $(ARGS)
+	$(PY) -m training.recipes.tune --trials $(TRIALS) --config $(CONFIG) $(TUNE_ARGS) $(ARGS)
 
 train-ensemble: $(STAMP) ## train N=5 members (seeds 0..N-1; CONFIG=configs/ensemble-deep.yaml: deeper members; ARGS="--config B": members alternate between CONFIG and B; ARGS=--jobs N: at once) → artifacts/ensemble/ensemble.pt
-	$(PY) -m training.ensemble_train --members $(N) --config $(CONFIG) $(ARGS)
+	$(PY) -m training.recipes.ensemble_train --members $(N) --config $(CONFIG) $(ARGS)
 
 tensorboard: $(STAMP) ## TensorBoard on 127.0.0.1:6006 over every run under artifacts/ (training, trials, members)
 	$(VENV)/bin/tensorboard --logdir artifacts --host 127.0.0.1 --port 6006
@@ -94,25 +94,25 @@ report-models: $(STAMP) ## test accuracy ± std, training time and served speed:
 	$(PY) -m bench.models $(ARGS)
 
 evaluate: $(STAMP) ## re-score a checkpoint on the MNIST test set (CHECKPOINT=...)
-	$(PY) -m training.evaluate --checkpoint $(CHECKPOINT) $(ARGS)
+	$(PY) -m training.tools.evaluate --checkpoint $(CHECKPOINT) $(ARGS)
 
 eval-wild: $(STAMP) ## score CHECKPOINT on the wild MNIST test set through the handler's decoding (~10 min)
 	$(PY) -m bench.eval_wild --checkpoint $(CHECKPOINT) $(ARGS)
 
 calibrate: $(STAMP) ## fit temperature + "not a digit" threshold into an existing CHECKPOINT (train does it too)
-	$(PY) -m training.trust --checkpoint $(CHECKPOINT) $(ARGS)
+	$(PY) -m training.tools.trust --checkpoint $(CHECKPOINT) $(ARGS)
 
 trust-eval: $(STAMP) ## "not a digit" table: AUROC vs Fashion-MNIST, noise, texture, text for every OOD score
-	$(PY) -m training.trust --checkpoint $(CHECKPOINT) --eval $(ARGS)
+	$(PY) -m training.tools.trust --checkpoint $(CHECKPOINT) --eval $(ARGS)
 
 explain: $(STAMP) ## write IMAGE.explain.png: the 28×28 input, its Integrated Gradients map and an overlay
-	$(PY) -m training.explain --checkpoint $(CHECKPOINT) --image $(IMAGE) $(ARGS)
+	$(PY) -m training.tools.explain --checkpoint $(CHECKPOINT) --image $(IMAGE) $(ARGS)
 
 latency: $(STAMP) ## one request at a time: /predictions vs /explanations on a fresh server (~2 min)
 	$(PY) -m bench.latency --checkpoint $(CHECKPOINT) $(ARGS)
 
 explain-eval: $(STAMP) ## deletion test of the explanations on 1,000 test digits (artifacts/deletion_curves.png)
-	$(PY) -m training.explain --checkpoint $(CHECKPOINT) --eval $(ARGS)
+	$(PY) -m training.tools.explain --checkpoint $(CHECKPOINT) --eval $(ARGS)
 
 keygen: $(STAMP) ## create the archive signing key in ~/.config/mnist-serve (ARGS=--rotate replaces it)
 	$(PY) -m serving.signing keygen $(ARGS)
@@ -181,11 +181,11 @@ demo: $(STAMP) ## the whole path: data → train → archive → serve → curl 
 	      http://$(INFERENCE_ADDRESS)/predictions/$(MODEL_NAME); echo
 
 export: $(STAMP) ## export CHECKPOINT to artifacts/export/: ONNX, torch.export, AOTInductor, int8 (+ parity lines)
-	$(PY) -m training.export --checkpoint $(CHECKPOINT) $(ARGS)
+	$(PY) -m training.tools.export --checkpoint $(CHECKPOINT) $(ARGS)
 
 distill: $(STAMP) ## train a 5x smaller student from CHECKPOINT (SEEDS=3, with and without the teacher); export it
-	$(PY) -m training.distill --teacher $(CHECKPOINT) --seeds $(SEEDS) $(ARGS)
-	$(PY) -m training.export --checkpoint artifacts/student.pt --out artifacts/export/student --formats onnx
+	$(PY) -m training.recipes.distill --teacher $(CHECKPOINT) --seeds $(SEEDS) $(ARGS)
+	$(PY) -m training.tools.export --checkpoint artifacts/student.pt --out artifacts/export/student --formats onnx
 
 # ISA=avx2: run as the lowest x86 CPU the project supports would (PyTorch and oneDNN capped to AVX2).
 ISA        ?=
@@ -207,7 +207,7 @@ test: $(STAMP) ## the whole test suite, slow ones included (training, torchrun, 
 
 # The tests whose answers depend on the CPU's kernels (variants, export, precision, train/serve parity,
 # preprocessing, DDP), run as an AVX2-only CPU would: PyTorch, oneDNN, NumPy and OpenCV capped. ONNX
-# Runtime has no cap: its int8 file is exact on every x86 CPU by construction (training/export.py).
+# Runtime has no cap: its int8 file is exact on every x86 CPU by construction (training/tools/export.py).
 AVX2_CAP  := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 OPENCV_CPU_DISABLE=AVX512_SKX \
              NPY_DISABLE_CPU_FEATURES="X86_V4 AVX512_ICL AVX512_SPR"
 ISA_TESTS ?= tests/test_export.py tests/test_precision.py tests/test_handler.py tests/test_tensors.py \

@@ -39,14 +39,14 @@ ROWS = {  # name: (file, how it runs)
 
 def runner_for(path: Path, how: str):
     """eager and fused as a worker runs them (channels_last, one thread), without importing TorchServe."""
-    from training.formats import load_runner
+    from training.tools.export import load_runner
 
     if how == "file":
         return load_runner(path, threads=1)
     import torch
 
     from training.checkpoint import load_checkpoint, model_from_checkpoint
-    from training.model import fuse_batch_norm
+    from training.core.model import fuse_batch_norm
 
     model = model_from_checkpoint(load_checkpoint(path))
     model = (fuse_batch_norm(model) if how == "fused" else model).to(memory_format=torch.channels_last)
@@ -130,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.measure:  # the child: one row, printed as JSON
         print(json.dumps(measure(Path(args.measure[0]), args.measure[1], Path(args.measure[2]), args.repeats)))
         return 0
+    from training.core.inputs.preprocess import normalize_array
     from training.data import data_dir, load_split
-    from training.preprocess import normalize_array
 
     images, labels = load_split(data_dir(args.data_dir), train=False)
     results: dict[str, dict] = {}

@@ -15,8 +15,8 @@ import time
 import torch
 
 from serving.handler import serving_model
-from training.ensemble import METHODS, build_ensemble
-from training.model import Net
+from training.core.ensemble import METHODS, build_ensemble
+from training.core.model import Net
 
 
 def timed(models: dict[str, torch.nn.Module], x: torch.Tensor, repeats: int) -> dict[str, float]:

@@ -1,6 +1,6 @@
 """Score a checkpoint on the wild MNIST test set through the server's own decoding: `make eval-wild`.
 
-Each test digit is rendered by every transform of training/wild.py as the request a client sends,
+Each test digit is rendered by every transform of training/tools/wild.py as the request a client sends,
 decoded by the handler's `decode_request` (the code path TorchServe runs: JSON, base64, image
 decoding, EXIF, `to_mnist`), and classified by the model as a worker runs it (`serving_model`,
 `to_model_input`). Prints accuracy per transform beside the clean accuracy on the same digits, and
@@ -21,9 +21,9 @@ import torch
 from serving.archive import DEFAULT_VARIANT
 from serving.handler import decode_request, serving_model, to_model_input
 from training.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from training.decode import load_image
-from training.preprocess import PreprocessError
-from training.wild import TRANSFORMS, render
+from training.core.inputs.decode import load_image
+from training.core.inputs.preprocess import PreprocessError
+from training.tools.wild import TRANSFORMS, render
 
 
 @dataclass

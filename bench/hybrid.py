@@ -5,7 +5,7 @@ int8 ONNX of the default model: the small model is the point of an edge) and sen
 TorchServe, serving CHECKPOINT, when its calibrated confidence, softmax(logits / T) with the
 temperature the ONNX file carries (`make export`), is below the threshold: the very `EdgeModel` and
 `ask_server` of `mnist-edge`. For each threshold: the share answered locally, the accuracy of each
-path and overall, on the 10k MNIST test images and on the wild set (training/wild.py: each test
+path and overall, on the 10k MNIST test images and on the wild set (training/tools/wild.py: each test
 digit rendered as browsers and phones send it), each forwarded image sent to a live TorchServe on
 free loopback ports. The images forwarded at the highest threshold include those of every lower
 one, so each is sent once and its answer reused.
@@ -32,7 +32,8 @@ from training.data import data_dir, load_split
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "edge"))  # the edge client from the source tree, as pip would install it
 from mnist_edge.cli import EdgeError, EdgeModel, ask_server  # noqa: E402
-from mnist_edge.preprocess import PreprocessError, preprocess_bytes  # noqa: E402
+
+from training.core.inputs.preprocess import PreprocessError, preprocess_bytes  # noqa: E402  (the edge runs this very code)
 
 # Calibrated confidences (T ≈ 0.47 for the default model) mean what they say: at 0.9 the edge's own
 # answers are right ~99.9% of the time on MNIST. 0.8 is mnist-edge's default --threshold.
@@ -90,11 +91,11 @@ def mnist_set(images: np.ndarray) -> tuple[list[np.ndarray | None], Callable[[in
 
 
 def wild_set(images: np.ndarray, seed: int) -> tuple[list[np.ndarray | None], Callable[[int], bytes], list[str]]:
-    """Every transform of training/wild.py over `images`, in order: what the edge reads, and (re-rendered,
+    """Every transform of training/tools/wild.py over `images`, in order: what the edge reads, and (re-rendered,
     deterministic) the bytes to send. The data-URL transform's JSON wrapper is a browser's; the edge and
     the server both get the image inside it, as the mnist-edge CLI sends the file it read."""
     from bench.eval_wild import _image_bytes
-    from training.wild import TRANSFORMS, render
+    from training.tools.wild import TRANSFORMS, render
 
     names = list(TRANSFORMS)
 
@@ -117,7 +118,7 @@ def load_wild(images: np.ndarray, labels: np.ndarray, limit: int, seed: int) -> 
         return None, "wild set: left out (--wild-limit 0)"
     try:
         digits, payload, names = wild_set(images[:limit], seed)
-    except ImportError as err:  # training/wild.py (or its HEIC encoder) is not in this tree
+    except ImportError as err:  # training/tools/wild.py (or its HEIC encoder) is not in this tree
         return None, f"wild set: ABSENT ({err}), so the table is MNIST only"
     return ((digits, payload, np.tile(labels[:limit], len(names))),
             f"wild set: {len(names)} transforms × {min(limit, len(images)):,} test digits")

@@ -2,7 +2,7 @@
 
 Quantises CHECKPOINT the ways the project ships and has shipped, runs all 10k MNIST test digits
 through each, and prints the share whose digit equals the fp32 model's, with the largest int8
-weight (<= 64: no int16 pair sum can saturate on a CPU without VNNI; see training/export.py).
+weight (<= 64: no int16 pair sum can saturate on a CPU without VNNI; see training/tools/export.py).
 Run it once as is and once as the lowest ISA would (`make int8-parity ISA=avx2` caps PyTorch and
 oneDNN to AVX2; ONNX Runtime has no such switch, which is why its int8 file is exact by construction).
 Writes a results record (bench/record.py).
@@ -20,20 +20,20 @@ import torch
 
 from bench.record import machine, write_record
 from training.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from training.core.inputs.preprocess import normalize_array
 from training.data import DataError, load_split
-from training.export import (
+from training.tools.export import (
     ExportError,
     calibration_images,
     compile_int8,
     export_onnx,
     int8_weight_bound,
+    load_runner,
     parity,
     predict_all,
     quantize_onnx,
     quantize_pt2e,
 )
-from training.formats import load_runner
-from training.preprocess import normalize_array
 
 # ONNX Runtime picks its kernels from the CPU's features and has no cap: under ISA=avx2 its rows still
 # ran this CPU's best ISA, and the record says so.

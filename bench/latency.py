@@ -25,9 +25,9 @@ from serving.archive import build_archive
 from serving.handler import serving_model, to_model_input
 from serving.server import TorchServe
 from training.checkpoint import load_checkpoint, model_from_checkpoint
+from training.core.model import Net
+from training.core.ood import features_and_logits, is_digit, ood_score
 from training.data import load_split
-from training.model import Net
-from training.ood import features_and_logits, is_digit, ood_score
 
 
 def _post(server: TorchServe, path: str, body: bytes, token: str) -> float:

@@ -25,10 +25,10 @@ import torch
 from serving.handler import serving_model, to_model_input
 from training import config as cfglib
 from training.checkpoint import CheckpointError, atomic_save, load_checkpoint, model_from_checkpoint
+from training.core.ensemble import build_ensemble
 from training.data import DataError, load_split
-from training.ensemble import build_ensemble
-from training.ensemble_train import combine, train_members
-from training.train import DEFAULT_CONFIG, TrainConfig
+from training.recipes.ensemble_train import combine, train_members
+from training.train_config import DEFAULT_CONFIG, TrainConfig
 
 DRY = {"epochs": 1, "train_limit": 500, "val_size": 500, "device": "cpu", "threads": 1, "batch_size": 32}
 

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from training.core.inputs.preprocess import MNIST_MEAN, MNIST_STD
 from training.data import ensure_mnist
-from training.preprocess import MNIST_MEAN, MNIST_STD
 
 
 def plain_net() -> nn.Sequential:

@@ -28,7 +28,7 @@ def cpu_model() -> str:
 
 def machine_line() -> str:
     """One line naming the machine a table was measured on: CPU model, cores, native bf16, load."""
-    from training.precision import mkldnn_bf16_supported
+    from training.core.precision import mkldnn_bf16_supported
 
     load = "/".join(f"{x:.1f}" for x in os.getloadavg())
     return (f"CPU: {cpu_model()}, {os.cpu_count()} cores, native bf16: "

@@ -28,8 +28,8 @@ from serving.handler import DEFAULT_VARIANT
 from serving.server import TorchServe
 from serving.signing import sign_archive
 from training.checkpoint import atomic_save, load_checkpoint, model_from_checkpoint
+from training.core.tensors import normalize
 from training.data import load_split, sha256_of
-from training.tensors import normalize
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,7 +47,7 @@ class MNISTDigitClassifier(ImageClassifier):
         return data.argmax(1).tolist()
 '''
 # BaseHandler wants exactly one class defined in the model file: the same network, same weights.
-BASELINE_MODEL = "from training.model import Net\n\n\nclass MNISTNet(Net):\n    pass\n"
+BASELINE_MODEL = "from training.core.model import Net\n\n\nclass MNISTNet(Net):\n    pass\n"
 
 def baseline_archive(checkpoint: Path, store: Path, work: Path) -> None:
     """The same weights packaged the way TorchServe's MNIST example does it."""
@@ -98,8 +98,8 @@ def bench_setup(label: str, server: TorchServe, script_path: Path, digits: list[
 def variant_model(checkpoint: Path, variant: str, work: Path):
     """The model exactly as a worker of a `variant` archive runs it (one thread)."""
     from serving.handler import ONNX_FILES, serving_model
-    from training.export import calibration_images, export_all
-    from training.formats import OnnxModel
+    from training.core.runners import OnnxModel
+    from training.tools.export import calibration_images, export_all
 
     if variant not in ONNX_FILES:
         return serving_model(model_from_checkpoint(load_checkpoint(checkpoint)), variant)
@@ -179,8 +179,8 @@ def variant_table(checkpoint: Path, compiled: bool = True) -> str:
 
 def ensemble_answers(path: Path, images: torch.Tensor) -> list[int]:
     """What the ensemble says offline (members one by one): the sampler checks the server against it."""
-    from training.ensemble import build_ensemble
-    from training.ensemble_train import ensemble_members, load_ensemble_checkpoint
+    from training.core.ensemble import build_ensemble
+    from training.recipes.ensemble_train import ensemble_members, load_ensemble_checkpoint
 
     ckpt = load_ensemble_checkpoint(path)
     members = ensemble_members(ckpt)

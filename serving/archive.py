@@ -27,15 +27,14 @@ from serving.store import archive_version, forget_default
 from training.checkpoint import CheckpointError, load_checkpoint
 from training.config import ArgumentParser
 from training.data import sha256_of
-from training.ensemble_train import DEFAULT_OUT as ENSEMBLE_DIR
-from training.ensemble_train import load_ensemble_checkpoint, member_configs
+from training.recipes.ensemble_train import DEFAULT_OUT as ENSEMBLE_DIR
+from training.recipes.ensemble_train import load_ensemble_checkpoint, member_configs
 
 ROOT = Path(__file__).resolve().parent.parent
 HANDLER = ROOT / "serving" / "handler.py"
-# What the handler imports from training/: the model, decoding and preprocessing, the OOD score, the
-# explainer, the exported formats' runners, the bf16 check and the ensemble.
-PACKED_TRAINING_FILES = ("model.py", "preprocess.py", "decode.py", "tensors.py", "formats.py", "ood.py", "explain.py",
-                         "precision.py", "ensemble.py")
+# The served core, packed whole: the model, decoding and preprocessing, the OOD score, the explainer, the
+# exported formats' runners, precision variants and the ensemble (it imports nothing outside itself).
+CORE = ROOT / "training" / "core"
 # and from serving/: the KServe v2 protocol, buffered reads of the worker socket, metrics once a second
 PACKED_SERVING_FILES = ("oip.py", "worker_io.py", "metric_buffer.py")
 MODEL_CONFIG = ROOT / "configs" / "model-config.yaml"  # CPU profile; configs/model-config-gpu.yaml for GPUs
@@ -67,9 +66,8 @@ def _stage(ckpt: dict, variant: str, checkpoint: Path, staging: Path) -> tuple[P
     torch.save({"members": ckpt["members"]} if ensemble else ckpt["state_dict"], weights)
     extra = staging / "extra"
     (extra / "training").mkdir(parents=True)
-    (extra / "training" / "__init__.py").write_text('"""Model and preprocessing code packed from training/."""\n')
-    for name in PACKED_TRAINING_FILES:
-        shutil.copy2(ROOT / "training" / name, extra / "training" / name)
+    (extra / "training" / "__init__.py").write_text('"""The served core packed from training/core/."""\n')
+    shutil.copytree(CORE, extra / "training" / "core", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     (extra / "serving").mkdir()
     (extra / "serving" / "__init__.py").write_text('"""Serving code packed from serving/."""\n')
     for name in PACKED_SERVING_FILES:
@@ -80,7 +78,7 @@ def _stage(ckpt: dict, variant: str, checkpoint: Path, staging: Path) -> tuple[P
         "normalization": ckpt["normalization"],
         "variant": variant,
         # Calibrated confidence: the handler divides the logits by it. 1.0 for checkpoints trained
-        # before temperature scaling existed (`python -m training.trust` fits one afterwards).
+        # before temperature scaling existed (`python -m training.tools.trust` fits one afterwards).
         "temperature": float(ckpt.get("temperature", 1.0)),
         "metrics": {k: ckpt.get("metrics", {}).get(k) for k in ("test_accuracy", "val_accuracy", "epochs",
                                                                 "test_ece_before", "test_ece_after",
@@ -96,7 +94,7 @@ def _stage(ckpt: dict, variant: str, checkpoint: Path, staging: Path) -> tuple[P
         _export_variant(checkpoint, variant, extra)
     if variant in APPROXIMATE_VARIANTS:
         _write_self_check_digits(variant, extra / SELF_CHECK_FILE)
-    if ensemble:  # the handler runs the members as one model (training/ensemble.py)
+    if ensemble:  # the handler runs the members as one model (training/core/ensemble.py)
         meta["ensemble"] = {"members": len(ckpt["members"]), "temperatures": ckpt["temperatures"],
                             "model_configs": member_configs(ckpt),
                             "method": "grouped", "member_test_accuracy": ckpt["metrics"]["member_test_accuracy"]}
@@ -162,7 +160,7 @@ def _install(built: Path, target: Path, keep_as: Path | None) -> str:
 def _export_variant(checkpoint: Path, variant: str, extra: Path) -> None:
     """The ONNX file the handler runs for `variant`; int8 is calibrated on MNIST training images."""
     from training.data import DataError
-    from training.export import ExportError, calibration_images, export_all
+    from training.tools.export import ExportError, calibration_images, export_all
 
     try:
         calibration = calibration_images(None, 512) if variant == "int8" else None

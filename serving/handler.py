@@ -41,21 +41,21 @@ if (_HERE / "training").is_dir() and str(_HERE) not in sys.path[:1]:
 
 from serving import oip, worker_io  # noqa: E402  (KServe v2 protocol; buffered reads of the worker socket)
 from serving.metric_buffer import MetricBuffer, interval_from_env  # noqa: E402  (counters and gauges once a second)
-from training import precision  # noqa: E402
-from training.ensemble import load_ensemble  # noqa: E402
-from training.explain import IG_STEPS, integrated_gradients  # noqa: E402
-from training.formats import OnnxModel  # noqa: E402  (TorchServe: one class per handler module)
-from training.model import build_model, fuse_batch_norm  # noqa: E402
-from training.ood import features_and_logits, is_digit, ood_score  # noqa: E402
-from training.precision import SelfCheckError  # noqa: E402  (TorchServe: one class per handler module)
-from training.preprocess import PreprocessError, from_pixels, preprocess_bytes, to_mnist  # noqa: E402
-from training.tensors import normalize  # noqa: E402
+from training.core import precision  # noqa: E402
+from training.core.ensemble import load_ensemble  # noqa: E402
+from training.core.explain import IG_STEPS, integrated_gradients  # noqa: E402
+from training.core.inputs.preprocess import PreprocessError, from_pixels, preprocess_bytes, to_mnist  # noqa: E402
+from training.core.model import build_model, fuse_batch_norm  # noqa: E402
+from training.core.ood import features_and_logits, is_digit, ood_score  # noqa: E402
+from training.core.precision import SelfCheckError  # noqa: E402  (TorchServe: one class per handler module)
+from training.core.runners import OnnxModel  # noqa: E402  (TorchServe: one class per handler module)
+from training.core.tensors import normalize  # noqa: E402
 
 logger = logging.getLogger(__name__)
 MAX_JSON_DEPTH = 32  # far above any valid request (3 levels), far below Python's recursion limit
 
 # Load-time transforms of the eager model, chosen per archive (`make archive ARGS="--variant ..."`).
-# onnx and int8 run a file the archive carries (training/export.py) with ONNX Runtime: int8 is static
+# onnx and int8 run a file the archive carries (training/tools/export.py) with ONNX Runtime: int8 is static
 # int8 of every conv and linear. int8-legacy is torch's deprecated dynamic quantisation of the
 # linears only, kept as a labelled row for comparison (README, Compression and edge). bf16 is fused
 # in bfloat16 where the CPU (AMX / AVX512-BF16) or GPU runs it natively.
@@ -251,7 +251,7 @@ class MNISTHandler(BaseHandler):
             logger.warning(why)
         self.temperature = float(meta.get("temperature", 1.0))
         self.detector = None
-        if "ensemble" in meta:  # N members, one batched forward, averaged probabilities: training/ensemble.py
+        if "ensemble" in meta:  # N members, one batched forward, averaged probabilities: training/core/ensemble.py
             # bf16 wraps the whole ensemble (a copy: the explainer stays fp32); the grouped forward
             # batches the fused networks themselves, not bf16 wrappers of them.
             member_variant = "fused" if variant == "bf16" else variant
@@ -269,7 +269,7 @@ class MNISTHandler(BaseHandler):
                 float_model.load_state_dict(state_dict)
             if variant in ONNX_FILES:
                 self.model = OnnxModel(model_dir / ONNX_FILES[variant], torch.get_num_threads(),
-                                       use_features=variant == "onnx")  # training/formats.py
+                                       use_features=variant == "onnx")  # training/core/runners.py
             else:
                 self.model = serving_model(model, variant, self.device)
             self.explainer = self.model if float_model is None else serving_model(float_model, "eager", self.device)

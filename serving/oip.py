@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from training.preprocess import PreprocessError, from_pixels, preprocess_bytes, to_mnist
+from training.core.inputs.preprocess import PreprocessError, from_pixels, preprocess_bytes, to_mnist
 
 
 def v2_body(request: dict[str, Any]) -> dict[str, Any] | None:

@@ -2,7 +2,7 @@
 
 The page (plain HTML, JS and CSS, nothing to build) talks only to this small standard-library
 server. It adds the inference token, so no token ever reaches the browser, and it returns the 28×28
-digit the model saw, made by training/preprocess.py (the handler's own function): the page has no
+digit the model saw, made by training/core/inputs/preprocess.py (the handler's own function): the page has no
 copy of the preprocessing. `serving/ui.py` starts and stops it (`make ui`, `make stop`).
 """
 
@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 
 from serving.server import ServerError, TorchServe
-from training.preprocess import SIZE, PreprocessError, preprocess_bytes
+from training.core.inputs.preprocess import SIZE, PreprocessError, preprocess_bytes
 
 WEB = Path(__file__).resolve().parent / "web"
 STATIC = {"/": ("index.html", "text/html; charset=utf-8"),

@@ -11,10 +11,11 @@ from pathlib import Path
 # Run as a script, its own folder comes first on sys.path: put the repository it belongs to before
 # any installed copy, so the code tested is the code beside this file.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import training.loop as loop
 import training.train as train
 
 if __name__ == "__main__":
-    real_epoch = train.train_epoch
+    real_epoch = loop.train_epoch
     ranks = os.environ.get("DDP_FAIL_RANKS", "1").split(",")
     epoch = int(os.environ.get("DDP_FAIL_EPOCH", "1"))
     interrupt = os.environ.get("DDP_FAIL_WITH", "error") == "interrupt"
@@ -26,5 +27,5 @@ if __name__ == "__main__":
             raise RuntimeError(f"injected failure on rank {os.environ['RANK']}")
         return real_epoch(*args, **kwargs)
 
-    train.train_epoch = failing_epoch
+    loop.train_epoch = failing_epoch
     sys.exit(train.main())

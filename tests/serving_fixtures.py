@@ -24,9 +24,10 @@ import torch
 from serving.archive import Archive, build_archive
 from training import config as cfglib
 from training.checkpoint import atomic_save, load_checkpoint, make_checkpoint, model_from_checkpoint
-from training.model import ModelConfig, Net
-from training.tensors import normalize
-from training.train import DEFAULT_CONFIG, TrainConfig, fit
+from training.core.model import ModelConfig, Net
+from training.core.tensors import normalize
+from training.loop import fit
+from training.train_config import DEFAULT_CONFIG, TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_7 = ROOT / "serving" / "samples" / "7.png"
@@ -36,7 +37,7 @@ TINY_MODEL = ModelConfig(conv1=4, conv2=8, hidden=16, dropout=0.0)
 # configs/train.yaml shrunk: 12k images × 2 epochs on the CPU scores ~98% on the first 1000 test
 # images in about 10 s. One thread: on a small shared box two threads fighting other jobs for the
 # cores made the same run 7x slower. amp off: on CPUs with native bf16 the bf16-or-fp32 choice is a timing
-# (training/precision.py), and the tests that check this model's answers must see the same model everywhere.
+# (training/core/precision.py), and the tests that check this model's answers must see the same model everywhere.
 TRAIN_SLICE = {"device": "cpu", "epochs": 2, "train_limit": 12_000, "val_size": 500, "test_limit": 1000,
                "threads": 1, "amp": False}
 

@@ -15,7 +15,7 @@ import yaml
 from serving.archive import DEFAULT_VARIANT, ArchiveError, archive_version, build_archive, main
 from serving.signing import verify_archive
 from training.checkpoint import CheckpointError, load_checkpoint
-from training.model import build_model
+from training.core.model import build_model
 
 # Shared fixtures (tiny_archive) load as a plugin, so each
 # exists once per session; helpers are imported by name, after registering for assert rewriting.
@@ -23,11 +23,12 @@ pytest.register_assert_rewrite("serving_fixtures")
 pytest_plugins = ["serving_fixtures"]
 from serving_fixtures import ROOT, TINY_MODEL, failing_replace, save_tiny_checkpoint  # noqa: E402
 
+CORE_FILES = {f"training/core/{p.relative_to(ROOT / 'training' / 'core')}"
+              for p in (ROOT / "training" / "core").rglob("*.py")}
 EXPECTED_FILES = {
     "handler.py", "weights.pt", "model.json", "index_to_name.json", "model-config.yaml",
-    "training/__init__.py", "training/model.py", "training/preprocess.py", "training/decode.py",
-    "training/tensors.py", "training/formats.py", "training/ood.py", "training/explain.py", "training/precision.py",
-    "training/ensemble.py", "MAR-INF/MANIFEST.json", "serving/__init__.py", "serving/oip.py", "serving/worker_io.py",
+    "training/__init__.py", *CORE_FILES,
+    "MAR-INF/MANIFEST.json", "serving/__init__.py", "serving/oip.py", "serving/worker_io.py",
     "serving/metric_buffer.py",
 }  # the tiny checkpoint predates calibration: no ood.pt (the trained one's archive adds it)
 
@@ -47,16 +48,9 @@ def test_archive_holds_exactly_what_the_server_needs(tiny_archive):
     assert {k: manifest[k] for k in ("modelName", "modelVersion", "handler", "serializedFile")} == {
         "modelName": "mnist", "modelVersion": "1.0", "handler": "handler.py", "serializedFile": "weights.pt"}
     # The served code is the repository's code at archive time, byte for byte.
-    for packed, source in [("handler.py", "serving/handler.py"), ("training/model.py", "training/model.py"),
-                           ("training/preprocess.py", "training/preprocess.py"), ("serving/oip.py", "serving/oip.py"),
-                           ("training/decode.py", "training/decode.py"), ("training/ood.py", "training/ood.py"),
-                           ("training/explain.py", "training/explain.py"),
-                           ("training/preprocess.py", "training/preprocess.py"),
-                           ("training/tensors.py", "training/tensors.py"),
-                           ("training/formats.py", "training/formats.py"),
-                           ("training/precision.py", "training/precision.py"),
-                           ("serving/worker_io.py", "serving/worker_io.py"),
-                           ("serving/metric_buffer.py", "serving/metric_buffer.py"),
+    served = [(f, f) for f in sorted(CORE_FILES)] + [(f"serving/{f}", f"serving/{f}")
+                                                     for f in ("oip.py", "worker_io.py", "metric_buffer.py")]
+    for packed, source in [("handler.py", "serving/handler.py"), *served,
                            ("model-config.yaml", "configs/model-config.yaml")]:
         assert read_member(archive.path, packed) == (ROOT / source).read_bytes(), packed
     meta = json.loads(read_member(archive.path, "model.json"))
@@ -275,11 +269,14 @@ def test_the_packed_files_import_only_packed_files():
     """The .mar is self-contained: a server without this repository installed (KServe's runtime image)
     has only what the archive holds, so a packed file that imports another project module breaks there
     even though every test here passes (the project is installed in the virtualenv)."""
-    from serving.archive import HANDLER, PACKED_SERVING_FILES, PACKED_TRAINING_FILES
+    from serving.archive import CORE, HANDLER, PACKED_SERVING_FILES
 
-    packed = {f"training.{f[:-3]}" for f in PACKED_TRAINING_FILES} | {f"serving.{f[:-3]}" for f in PACKED_SERVING_FILES}
-    packed |= {"training", "serving"}  # their __init__.py is packed too
-    files = [(HANDLER, True)] + [(ROOT / "serving" / f, True) for f in PACKED_SERVING_FILES] + \
-        [(ROOT / "training" / f, False) for f in PACKED_TRAINING_FILES]
-    for path, everywhere in files:
-        assert _project_imports(path, everywhere) <= packed, path.name
+    core = {"training", "training.core", *(".".join(("training", "core", *p.relative_to(CORE).with_suffix("").parts))
+                                            for p in CORE.rglob("*.py") if p.name != "__init__.py")}
+    core |= {m.rsplit(".", 1)[0] for m in core}  # the packages themselves (training.core.inputs)
+    packed = core | {f"serving.{f[:-3]}" for f in PACKED_SERVING_FILES} | {"serving"}
+    # The served core imports nothing outside itself, not even inside a function.
+    for path in CORE.rglob("*.py"):
+        assert _project_imports(path, everywhere=True) <= core, path
+    for path in [HANDLER, *(ROOT / "serving" / f for f in PACKED_SERVING_FILES)]:
+        assert _project_imports(path, everywhere=True) <= packed, path.name

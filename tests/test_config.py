@@ -11,8 +11,8 @@ import yaml
 from training import config as cfglib
 from training import train
 from training.config import ConfigError, apply
-from training.model import ModelConfig
-from training.train import DEFAULT_CONFIG, TrainConfig
+from training.core.model import ModelConfig
+from training.train_config import DEFAULT_CONFIG, TrainConfig
 
 
 def parse_flags(*argv: str) -> argparse.Namespace:

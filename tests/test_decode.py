@@ -1,4 +1,5 @@
-"""training.decode: what phones and browsers send → an upright gray array, every format under one pixel limit.
+"""training/core/inputs/decode.py: what phones and browsers send → an upright gray array, every format under
+one pixel limit.
 
 Pictures are asymmetric on purpose (a bar in the top-left corner), so a wrong or missing rotation
 cannot pass. Lossless encodings are compared exactly; lossy ones (JPEG, HEIC) by where the bar is.
@@ -14,9 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-import training.decode as decode
-from training.decode import ORIENTATION_TAG, PreprocessError, load_image, orient
-from training.wild import unorient
+import training.core.inputs.decode as decode
+from training.core.inputs.decode import ORIENTATION_TAG, PreprocessError, load_image, orient
+from training.tools.wild import unorient
 
 
 def upright() -> np.ndarray:

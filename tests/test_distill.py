@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from training import distill
 from training.checkpoint import atomic_save, load_checkpoint
-from training.ensemble_train import combine
-from training.model import ModelConfig, Net
+from training.core.model import ModelConfig, Net
+from training.recipes import distill
+from training.recipes.ensemble_train import combine
 
 pytest.register_assert_rewrite("serving_fixtures")
 from serving_fixtures import save_tiny_checkpoint  # noqa: E402

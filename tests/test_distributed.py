@@ -9,7 +9,7 @@ import torch
 
 from training.config import ConfigError
 from training.distributed import Dist, derived_seed, epoch_shard, steps_per_epoch
-from training.train import pick_device
+from training.loop import pick_device
 
 
 @pytest.mark.parametrize(("images", "world"), [(511, 2), (512, 2), (10, 3), (1, 2), (7, 8)])

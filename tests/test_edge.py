@@ -7,14 +7,15 @@ import os
 import subprocess
 import sys
 import venv
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from training.export import export_all, export_onnx, onnx_temperature
-from training.formats import load_runner, softmax
-from training.preprocess import normalize_array, preprocess_bytes
+from training.core.inputs.preprocess import normalize_array, preprocess_bytes
+from training.core.runners import softmax
+from training.tools.export import export_all, export_onnx, load_runner, onnx_temperature
 
 pytest.register_assert_rewrite("serving_fixtures")
 pytest_plugins = ["serving_fixtures"]
@@ -45,11 +46,16 @@ def tiny_onnx(tmp_path_factory) -> tuple[Path, Path]:
     return checkpoint, onnx_of(checkpoint, base / "model.onnx")
 
 
-@pytest.mark.parametrize("name", ["preprocess.py", "decode.py"])
-def test_the_edge_preprocessing_is_training_preprocess_py_itself(name):
-    shipped = EDGE / "mnist_edge" / name
-    assert shipped.is_symlink()
-    assert shipped.resolve() == (ROOT / "training" / name).resolve()
+def test_the_edge_wheel_carries_the_served_input_path_itself(tmp_path):
+    """No copy to drift: the wheel packs training/core/inputs/ as mnist_edge.inputs, byte for byte."""
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                    "--disable-pip-version-check", "-w", str(tmp_path), str(EDGE)], check=True, timeout=300)
+    (wheel,) = tmp_path.glob("mnist_edge-*.whl")
+    sources = sorted((ROOT / "training" / "core" / "inputs").glob("*.py"))
+    assert {p.name for p in sources} >= {"__init__.py", "decode.py", "preprocess.py"}
+    with zipfile.ZipFile(wheel) as z:
+        for source in sources:
+            assert z.read(f"mnist_edge/inputs/{source.name}") == source.read_bytes(), source.name
 
 
 def sample_logits(checkpoint: Path) -> np.ndarray:
@@ -174,7 +180,8 @@ def test_edge_installs_in_a_fresh_venv_without_torch_and_reads_a_seven(trained_c
     assert not {name for name in installed if "torch" in name}
     site = next((env_dir / "lib").glob("python*/site-packages"))
     for name in ("preprocess.py", "decode.py"):
-        assert (site / "mnist_edge" / name).read_bytes() == (ROOT / "training" / name).read_bytes()
+        assert (site / "mnist_edge" / "inputs" / name).read_bytes() == \
+            (ROOT / "training" / "core" / "inputs" / name).read_bytes()
     model = onnx_of(trained_checkpoint, tmp_path / "model.onnx")
     result = subprocess.run([env_dir / "bin" / "mnist-edge", "predict", str(SAMPLE_7), "--model", str(model)],
                             capture_output=True, text=True, timeout=120)
@@ -233,7 +240,7 @@ def test_the_hybrid_bench_says_when_the_wild_set_is_absent(monkeypatch):
 
     images, labels = np.zeros((3, 28, 28), np.uint8), np.array([0, 1, 2])
     assert load_wild(images, labels, 0, 0) == (None, "wild set: left out (--wild-limit 0)")
-    monkeypatch.setitem(sys.modules, "training.wild", None)  # as in a tree without training/wild.py
+    monkeypatch.setitem(sys.modules, "training.tools.wild", None)  # as in a tree without training/tools/wild.py
     wild, note = load_wild(images, labels, 3, 0)
     assert wild is None
     assert note.startswith("wild set: ABSENT (") and note.endswith("), so the table is MNIST only")

@@ -14,12 +14,12 @@ import torch
 
 from serving import handler
 from serving.archive import build_archive
-from training import ensemble_train
 from training.checkpoint import atomic_save, load_checkpoint, model_from_checkpoint
-from training.ensemble import METHODS, EnsembleError, GroupedEnsemble, build_ensemble
-from training.ensemble_train import combine, load_ensemble_checkpoint
-from training.model import ModelConfig, Net
-from training.tensors import normalize
+from training.core.ensemble import METHODS, EnsembleError, GroupedEnsemble, build_ensemble
+from training.core.model import ModelConfig, Net
+from training.core.tensors import normalize
+from training.recipes import ensemble_train
+from training.recipes.ensemble_train import combine, load_ensemble_checkpoint
 
 pytest.register_assert_rewrite("serving_fixtures")
 pytest_plugins = ["serving_fixtures"]
@@ -121,7 +121,7 @@ def test_an_ensemble_archive_serves_the_average_in_the_single_model_format(tmp_p
     assert explained == 200  # explanations run on the fp32 ensemble (Integrated Gradients)
     assert torch.tensor(answer["explanation"]["attributions"]).shape == (28, 28)
 
-    from training.preprocess import preprocess_bytes
+    from training.core.inputs.preprocess import preprocess_bytes
 
     nets = [model_from_checkpoint(load_checkpoint(p)) for p in paths]
     expected = one_by_one(nets, normalize(preprocess_bytes(SAMPLE_7.read_bytes())), TEMPERATURES)[0]

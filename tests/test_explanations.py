@@ -16,8 +16,8 @@ import pytest
 
 from serving.server import TorchServe
 from training.checkpoint import load_checkpoint, model_from_checkpoint
-from training.ood import is_digit, ood_score
-from training.ood_data import FASHION_DEFAULT_DIR, load_fashion, noise_images, texture_images
+from training.core.ood import is_digit, ood_score
+from training.tools.ood_data import FASHION_DEFAULT_DIR, load_fashion, noise_images, texture_images
 from training.trust import outputs
 
 pytest.register_assert_rewrite("serving_fixtures")

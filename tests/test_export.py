@@ -1,4 +1,4 @@
-"""`make export`: every format loads back and answers like the eager model (training/export.py)."""
+"""`make export`: every format loads back and answers like the eager model (training/tools/export.py)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from training.export import FILES, export_all, int8_weight_bound, parity, predict_all, quantize_pt2e
-from training.formats import FormatError, load_runner
-from training.preprocess import normalize_array
+from training.core.inputs.preprocess import normalize_array
+from training.core.runners import FormatError
+from training.tools.export import FILES, export_all, int8_weight_bound, load_runner, parity, predict_all, quantize_pt2e
 
 pytest.register_assert_rewrite("serving_fixtures")
 pytest_plugins = ["serving_fixtures"]

@@ -22,9 +22,9 @@ import pytest
 import torch
 
 from serving import archive
-from training import evaluate
 from training.checkpoint import load_checkpoint
-from training.train import HOLD_ENV
+from training.loop import HOLD_ENV
+from training.tools import evaluate
 
 pytest.register_assert_rewrite("serving_fixtures")
 from serving_fixtures import save_tiny_checkpoint, training_numbers  # noqa: E402

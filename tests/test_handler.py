@@ -33,11 +33,11 @@ from serving.handler import (
     decode_request,
 )
 from training.checkpoint import load_checkpoint, model_from_checkpoint
-from training.ood import is_digit, ood_score
-from training.ood_data import noise_images
-from training.precision import SelfCheckError
-from training.preprocess import PreprocessError
-from training.tensors import normalize
+from training.core.inputs.preprocess import PreprocessError
+from training.core.ood import is_digit, ood_score
+from training.core.precision import SelfCheckError
+from training.core.tensors import normalize
+from training.tools.ood_data import noise_images
 from training.trust import outputs
 
 # Shared fixtures (tiny_archive, trained_archive, trained_checkpoint) load as a plugin, so each
@@ -164,7 +164,8 @@ batch = [{"requestId": str(i).encode(), "parameters": [{"name": "body", "content
 context.request_processor, data, context.request_ids = Service.retrieve_data_for_inference(batch)
 metrics.request_ids = context.request_ids
 bodies = worker.handle(data, context)
-modules = ("handler", "training", "training.model", "training.preprocess", "training.ood", "training.explain")
+modules = ("handler", "training", "training.core.model", "training.core.inputs.preprocess", "training.core.ood",
+           "training.core.explain")
 print(json.dumps({"files": {m: sys.modules[m].__file__ for m in modules},
                   "status": [context.get_response_status(i)[0] for i in range(len(bodies))],
                   "bodies": [json.loads(b) for b in bodies]}))
@@ -403,7 +404,7 @@ def test_every_variant_serves_the_trained_model(variant, trained_checkpoint, mni
 def test_a_variant_that_answers_unlike_fp32_is_refused_at_load(variant, trained_checkpoint, tmp_path):
     """The load-time self-check: another network's file planted as the variant's (an untrained one, whose
     answers are noise) is refused with the figure, as a CPU that computed int8 wrongly would be."""
-    from training.export import export_all
+    from training.tools.export import export_all
 
     model_dir = unpack(build_archive(trained_checkpoint, tmp_path / "store", "mnist", "1.0", variant).path,
                        tmp_path / "model")
@@ -426,7 +427,7 @@ def test_a_two_convs_per_block_model_serves_in_every_exact_variant(variant, tmp_
     model_dir = unpack(build_archive(checkpoint, tmp_path / "store", "mnist", "1.0", variant).path, tmp_path / "model")
     if variant == "int8":  # an untrained model's int8 answers are noise (the self-check refuses to serve such a
         # file: test_a_variant_that_answers_unlike_fp32_is_refused_at_load); here: its weights fit in 7 bits
-        from training.export import int8_weight_bound
+        from training.tools.export import int8_weight_bound
 
         assert int8_weight_bound(model_dir / ONNX_FILES["int8"]) <= 64
         return
@@ -467,7 +468,7 @@ def test_cpu_only_variants_stay_on_the_cpu_and_bf16_falls_back_where_slower(monk
 
 def test_bf16_variant_takes_and_returns_fp32():
     from serving.handler import serving_model, to_model_input
-    from training.model import Net
+    from training.core.model import Net
 
     torch.manual_seed(0)
     model = serving_model(Net(), "bf16")
@@ -482,7 +483,7 @@ def test_torchserve_never_makes_a_variant_that_fails_its_self_check_ready(traine
     `make archive` writes it) is refused by every worker TorchServe starts, with the figure in its log."""
     from serving import archive as archive_module
     from serving.server import ServerError, TorchServe
-    from training.export import export_all
+    from training.tools.export import export_all
 
     export_all(save_tiny_checkpoint(tmp_path / "tiny.pt"), tmp_path / "tiny", ("onnx",), None, log=lambda _: None)
     monkeypatch.setattr(archive_module, "_export_variant", lambda checkpoint, variant, extra: shutil.copyfile(

@@ -17,7 +17,7 @@ import yaml
 
 from serving import oip
 from serving.kserve import MODEL_CONFIG, build_bundle, read_properties, start_local
-from training.preprocess import PreprocessError
+from training.core.inputs.preprocess import PreprocessError
 
 pytest.register_assert_rewrite("serving_fixtures")
 pytest_plugins = ["serving_fixtures"]

@@ -1,4 +1,4 @@
-"""training.model: the CNN's shape, size and layer order, built the same way from a config or its dict."""
+"""training.core.model: the CNN's shape, size and layer order, built the same way from a config or its dict."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from training.model import ModelConfig, Net, build_model, fuse_batch_norm
+from training.core.model import ModelConfig, Net, build_model, fuse_batch_norm
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -65,7 +65,7 @@ def test_the_readme_states_the_default_models_parameter_count():
                                               ("ensemble-deep3.yaml", (917_098, 7.9))])
 def test_the_readme_states_the_deeper_members_size(config, size):
     from training.config import load_yaml
-    from training.distill import multiply_accumulates
+    from training.recipes.distill import multiply_accumulates
 
     deep = ModelConfig(**load_yaml(ROOT / "configs" / config)["model"])
     count = parameter_count(build_model(deep))

@@ -1,11 +1,11 @@
-"""training/precision.py: when bf16 autocast is used, and that DDP ranks agree on it (no timing asserted)."""
+"""training/core/precision.py: when bf16 autocast is used, and that DDP ranks agree on it (no timing asserted)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from training import precision
+from training.core import precision
 
 
 @pytest.fixture(autouse=True)

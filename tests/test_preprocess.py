@@ -1,4 +1,4 @@
-"""training.preprocess: any digit picture → the 28×28 MNIST format, and the same tensor as training sees.
+"""training.core.inputs.preprocess: any digit picture → the 28×28 MNIST format, and the same tensor as training sees.
 
 The pictures are drawn with numpy (axis-aligned strokes, so the expected boxes are exact) and encoded
 with OpenCV; the parity test uses real MNIST test images.
@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from training.preprocess import (
+from training.core.inputs.preprocess import (
     MNIST_MEAN,
     MNIST_STD,
     PreprocessError,
@@ -26,7 +26,7 @@ from training.preprocess import (
     preprocess_bytes,
     to_mnist,
 )
-from training.tensors import normalize
+from training.core.tensors import normalize
 
 CENTRE = 14.0  # where MNIST's digits have their centre of mass, in pixel coordinates
 
@@ -302,7 +302,7 @@ def test_normalize_refuses_other_dtypes_and_shapes(images, message):
 
 def test_the_polarity_test_is_numpys_median_of_the_border():
     # to_mnist's 28×28 path decides dark-on-light (and the paper level) by the border's median, from one sort.
-    from training.preprocess import _twice_border_median
+    from training.core.inputs.preprocess import _twice_border_median
 
     rng = np.random.default_rng(0)
     for i in range(2000):

@@ -1,4 +1,4 @@
-"""Property tests of training/preprocess.py: whatever a client sends, the answer is a 28×28 digit or a
+"""Property tests of training/core/inputs/preprocess.py: whatever a client sends, the answer is a 28×28 digit or a
 PreprocessError (which the handler turns into a 400), never another exception, a hang or a huge allocation.
 
 Derandomized and database-free, so CI runs the same examples every time.
@@ -20,7 +20,15 @@ from hypothesis import assume, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from training.preprocess import MAX_PIXELS, MIN_SIDE, SIZE, PreprocessError, from_pixels, preprocess_bytes, to_mnist
+from training.core.inputs.preprocess import (
+    MAX_PIXELS,
+    MIN_SIDE,
+    SIZE,
+    PreprocessError,
+    from_pixels,
+    preprocess_bytes,
+    to_mnist,
+)
 
 DETERMINISTIC = settings(derandomize=True, database=None, deadline=None)
 # PIL warns about big or odd headers on its way to refusing them; the tests check the refusal.
@@ -144,7 +152,7 @@ def test_decompression_bomb_is_refused_before_decoding(tmp_path):
     probe = textwrap.dedent(f"""
         import json, time
         import cv2, numpy as np
-        from training.preprocess import PreprocessError, preprocess_bytes
+        from training.core.inputs.preprocess import PreprocessError, preprocess_bytes
         data = open({str(bomb)!r}, "rb").read()
         # VmHWM: this address space's peak RSS. (ru_maxrss would carry the parent's peak over exec.)
         peak = lambda: int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) // 1024

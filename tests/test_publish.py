@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from training.checkpoint import atomic_save, load_checkpoint, make_checkpoint, publish
-from training.model import ModelConfig, Net
+from training.core.model import ModelConfig, Net
 
 pytest.register_assert_rewrite("serving_fixtures")
 from serving_fixtures import failing_replace  # noqa: E402

@@ -6,11 +6,13 @@ import pytest
 import torch
 
 from training import config as cfglib
+from training.core.model import ModelConfig, Net
 from training.distributed import Dist
-from training.model import ModelConfig, Net
+from training.loop import build_optimizer, build_schedule, train_epoch
 from training.regularization import l1_penalty, penalised
 from training.schedules import restart_steps
-from training.train import Splits, TrainConfig, build_optimizer, build_schedule, train_epoch
+from training.splits import Splits
+from training.train_config import TrainConfig
 
 SMALL = ModelConfig(conv1=4, conv2=8, hidden=16)
 

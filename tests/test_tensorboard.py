@@ -6,7 +6,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from training.model import ModelConfig, Net
+from training.core.model import ModelConfig, Net
 from training.tensorboard import RunLog, misclassified
 
 ROW = {"epoch": 1, "train_loss": 0.5, "val_loss": 0.25, "train_accuracy": 0.875, "val_accuracy": 0.9375,

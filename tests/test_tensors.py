@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from training.preprocess import PreprocessError, normalize_array
-from training.tensors import normalize
+from training.core.inputs.preprocess import PreprocessError, normalize_array
+from training.core.tensors import normalize
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,8 +40,8 @@ def test_normalize_array_refuses_other_dtypes_and_shapes(images, message):
 
 
 def test_preprocess_imports_without_torch():
-    """edge/ ships training/preprocess.py and decode.py to machines without torch: they must never import it."""
-    code = ("import sys; sys.modules['torch'] = None; import training.preprocess as preprocess; "
+    """edge/ ships training/core/inputs/ to machines without torch: preprocess.py and decode.py never import it."""
+    code = ("import sys; sys.modules['torch'] = None; import training.core.inputs.preprocess as preprocess; "
             "print(preprocess.normalize_array(preprocess.to_mnist(preprocess.np.eye(28, dtype='uint8') * 255)).shape)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "(1, 1, 28, 28)"

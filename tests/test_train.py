@@ -13,12 +13,13 @@ import pytest
 import torch
 
 from training import config as cfglib
-from training import train
+from training import loop, train
 from training.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from training.core.model import ModelConfig, Net
 from training.data import load_split
-from training.evaluate import confusion, summarize
-from training.model import ModelConfig, Net
-from training.train import DEFAULT_CONFIG, TrainConfig, fit
+from training.loop import fit
+from training.metrics import confusion, summarize
+from training.train_config import DEFAULT_CONFIG, TrainConfig
 
 pytest.register_assert_rewrite("serving_fixtures")
 from serving_fixtures import training_numbers  # noqa: E402
@@ -129,7 +130,7 @@ def test_re_evaluating_the_checkpoint_reproduces_the_recorded_accuracy(trained):
 
 def interrupt_at_epoch(epoch: int):
     """A train_epoch that stops the run (as Ctrl-C would) when it reaches `epoch`."""
-    real = train.train_epoch
+    real = loop.train_epoch
 
     def train_epoch(*args, **kwargs):
         if args[6] == epoch:  # train_epoch(model, opt, sched, data, cfg, dd, epoch, ...)
@@ -153,7 +154,7 @@ def resumed(request, tmp_path_factory, mnist_dir) -> tuple[Path, Path]:
     a, b = tmp_path_factory.mktemp("straight"), tmp_path_factory.mktemp("resumed")
     fit(shrunk(a, mnist_dir, **overrides), quiet=True)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train, "train_epoch", interrupt_at_epoch(2))
+        patch.setattr(loop, "train_epoch", interrupt_at_epoch(2))
         with pytest.raises(KeyboardInterrupt):
             fit(shrunk(b, mnist_dir, **overrides), quiet=True)
     assert torch.load(b / "last.pt", weights_only=True)["epoch"] == 1
@@ -189,7 +190,7 @@ def test_resuming_without_last_pt_is_refused(tmp_path):
 def interrupted(tmp_path, mnist_dir) -> Path:
     """An out_dir holding the last.pt of a 2-epoch TINY run stopped after epoch 1."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train, "train_epoch", interrupt_at_epoch(2))
+        patch.setattr(loop, "train_epoch", interrupt_at_epoch(2))
         with pytest.raises(KeyboardInterrupt):
             fit(shrunk(tmp_path, mnist_dir, **{**TINY, "epochs": 2}), quiet=True)
     return tmp_path
@@ -228,10 +229,10 @@ def test_resume_refuses_another_world_size(interrupted):
         fit(TrainConfig(out_dir=str(interrupted)), resume=True, quiet=True)
 
 
-def random_splits(n: int = 64) -> train.Splits:
+def random_splits(n: int = 64) -> loop.Splits:
     g = torch.Generator().manual_seed(0)
     images, labels = torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8, generator=g), torch.arange(n) % 10
-    return train.Splits(images, labels, images[:8], labels[:8], images[:8], labels[:8])
+    return loop.Splits(images, labels, images[:8], labels[:8], images[:8], labels[:8])
 
 
 def test_the_warm_up_step_changes_nothing_the_run_keeps():
@@ -239,7 +240,7 @@ def test_the_warm_up_step_changes_nothing_the_run_keeps():
     torch.manual_seed(0)
     model = Net(ModelConfig(conv1=4, conv2=8, hidden=16))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    train.warm_up(model, random_splits(), TrainConfig(batch_size=16))
+    loop.warm_up(model, random_splits(), TrainConfig(batch_size=16))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # BN statistics included
     assert all(p.grad is None for p in model.parameters())
 
@@ -290,7 +291,7 @@ def test_main_dry_run_trains_a_few_batches_and_exits_0(mnist_dir, tmp_path):
 
 def test_a_one_cycle_schedule_too_short_to_warm_up_is_refused_in_one_line():
     # 4 steps in all made OneCycleLR divide by zero (its warm-up phase would span no step).
-    opt = train.build_optimizer(Net(ModelConfig(conv1=4, conv2=8, hidden=16)), TrainConfig())
+    opt = loop.build_optimizer(Net(ModelConfig(conv1=4, conv2=8, hidden=16)), TrainConfig())
     with pytest.raises(cfglib.ConfigError, match=r"^the one-cycle schedule needs at least 5 steps, this run has 4 "):
-        train.build_schedule(opt, TrainConfig(epochs=2), steps=2)
-    assert train.build_schedule(opt, TrainConfig(epochs=1), steps=5).total_steps == 5
+        loop.build_schedule(opt, TrainConfig(epochs=2), steps=2)
+    assert loop.build_schedule(opt, TrainConfig(epochs=1), steps=5).total_steps == 5

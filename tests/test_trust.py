@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from training.calibration import calibrated_softmax, expected_calibration_error, fit_temperature, reliability_bins
+from training.core.explain import integrated_gradients
+from training.core.model import ModelConfig, Net
+from training.core.ood import auroc, features_and_logits, fit_detector, is_digit, ood_score, set_threshold
+from training.core.tensors import normalize
 from training.data import DataError
-from training.explain import delete_top, integrated_gradients, saliency
-from training.model import ModelConfig, Net
-from training.ood import auroc, features_and_logits, fit_detector, is_digit, ood_score, set_threshold
-from training.ood_data import FASHION_DEFAULT_DIR, load_fashion, synthetic_sets
-from training.tensors import normalize
+from training.tools.explain import delete_top, saliency
+from training.tools.ood_data import FASHION_DEFAULT_DIR, load_fashion, synthetic_sets
 
 # --- calibration --------------------------------------------------------------------------------
 

@@ -17,8 +17,10 @@ import sqlalchemy.exc
 import torch
 
 from training import config as cfglib
-from training import train, tune
-from training.train import HOLD_ENV, RELEASE_ENV, TrainConfig
+from training import loop
+from training.loop import HOLD_ENV, RELEASE_ENV
+from training.recipes import tune
+from training.train_config import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 # Enough to run the whole trial path (two epochs, so the pruner gets a report to act on), not to learn;
@@ -43,13 +45,13 @@ def states(study: optuna.Study) -> list[str]:
 @pytest.mark.slow
 def test_tuning_never_loads_the_test_split_and_writes_a_train_config(tmp_path, mnist_dir, monkeypatch):
     splits: list[bool] = []
-    real = train.load_split
+    real = splits.load_split
 
     def recording(root, train):
         splits.append(train)
         return real(root, train=train)
 
-    monkeypatch.setattr(train, "load_split", recording)  # the trainer's one way to read MNIST
+    monkeypatch.setattr(splits, "load_split", recording)  # the trainer's one way to read MNIST
     assert tune.main(tune_args(tmp_path, 2)) == 0
     assert splits == [True, True]  # one training-split read per trial, never the test split
 
@@ -70,7 +72,7 @@ def test_tuning_never_loads_the_test_split_and_writes_a_train_config(tmp_path, m
 def start(tmp: Path, trials: int, release: Path | None = None) -> subprocess.Popen:
     """`release`: each trial holds after epoch 1 until that file exists or Ctrl-C (training/train.py: HOLD_ENV)."""
     hold = {HOLD_ENV: "1", RELEASE_ENV: str(release)} if release is not None else {}
-    return subprocess.Popen([sys.executable, "-m", "training.tune", *tune_args(tmp, trials)], cwd=ROOT,
+    return subprocess.Popen([sys.executable, "-m", "training.recipes.tune", *tune_args(tmp, trials)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **hold})
 
 
@@ -137,14 +139,14 @@ def test_two_processes_share_one_study_and_ctrl_c_leaves_it_consistent(tmp_path,
 
 def test_a_stop_request_ends_the_epoch_before_its_next_step():
     """Ctrl-C in `make tune` only sets a flag; training raises KeyboardInterrupt at its next step."""
+    from training.core.model import ModelConfig, Net
     from training.distributed import Dist
-    from training.model import ModelConfig, Net
 
     cfg = cfglib.apply(TrainConfig(), {"device": "cpu", "batch_size": 32, "schedule": "none", "augment": False})
     images = torch.zeros(320, 28, 28, dtype=torch.uint8)
     labels = torch.zeros(320, dtype=torch.long)
     model = Net(ModelConfig(conv1=4, conv2=8, hidden=16))
-    opt = train.build_optimizer(model, cfg)
+    opt = loop.build_optimizer(model, cfg)
     steps = []
     opt.register_step_post_hook(lambda *_: steps.append(1))
     asked = []
@@ -154,7 +156,7 @@ def test_a_stop_request_ends_the_epoch_before_its_next_step():
         return len(asked) > 3  # false before steps 1-3, true before step 4
 
     with pytest.raises(KeyboardInterrupt):
-        train.train_epoch(model, opt, None, train.Splits(images, labels, images[:0], labels[:0], images[:0],
+        loop.train_epoch(model, opt, None, loop.Splits(images, labels, images[:0], labels[:0], images[:0],
                                                          labels[:0]), cfg, Dist(), 1, torch.Generator(),
                           show=False, dry_run=False, stop=stop)
     assert len(steps) == 3

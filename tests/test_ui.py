@@ -27,7 +27,7 @@ import pytest
 from serving import page as pagelib
 from serving.page import PageServer, find_attribution_map, heatmap_png, strip_data_url
 from serving.server import TorchServe, free_port
-from training.preprocess import PreprocessError, preprocess_bytes
+from training.core.inputs.preprocess import PreprocessError, preprocess_bytes
 
 pytest.register_assert_rewrite("serving_fixtures")
 pytest_plugins = ["serving_fixtures"]

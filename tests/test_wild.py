@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from serving.handler import MAX_JSON_DEPTH, _nesting, decode_request
-from training.preprocess import (
+from training.core.inputs.preprocess import (
     PreprocessError,
     box_stroke_width,
     paper,
@@ -24,7 +24,7 @@ from training.preprocess import (
     stroke_width,
     to_mnist,
 )
-from training.wild import TRANSFORMS, on_paper, png, render, upscale
+from training.tools.wild import TRANSFORMS, on_paper, png, render, upscale
 
 
 def seven(height: int = 120, width: int = 100, top: int = 20, left: int = 30, gap: int = 0) -> np.ndarray:

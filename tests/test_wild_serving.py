@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training.decode import ORIENTATION_TAG
-from training.wild import on_paper, pen_strokes, png, shaded_photo, unorient, upscale
+from training.core.inputs.decode import ORIENTATION_TAG
+from training.tools.wild import on_paper, pen_strokes, png, shaded_photo, unorient, upscale
 
 pytest.register_assert_rewrite("serving_fixtures", "test_serving")
 pytest_plugins = ["serving_fixtures"]

@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from training.model import Net, build_model
-from training.preprocess import MNIST_MEAN, MNIST_STD
+from training.core.inputs.preprocess import MNIST_MEAN, MNIST_STD
+from training.core.model import Net, build_model
 
 CLASS_NAMES = [str(d) for d in range(10)]
 

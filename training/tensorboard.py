@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from training.tensors import normalize
+from training.core.tensors import normalize
 
 SHOWN = 8  # misclassified digits per image grid
 SCANNED = 1000  # images searched for them: enough to find a few errors at 99%+, one cheap inference pass

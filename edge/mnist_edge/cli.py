@@ -1,7 +1,7 @@
 """`mnist-edge predict IMAGE`: read a digit on this device; with --server, ask TorchServe when unsure.
 
 The local answer is the exported ONNX model run by ONNX Runtime on the preprocessing the server
-uses (preprocess.py is training/preprocess.py itself). Its confidence is calibrated as the server's
+uses (preprocess.py is training/core/inputs/preprocess.py itself). Its confidence is calibrated as the server's
 is: softmax(logits / T), with the temperature T fitted after training and carried in the ONNX file's
 metadata by `make export` (a file without one: T = 1, and a note on stderr says so). Hybrid mode
 answers locally when that confidence is at least --threshold and otherwise sends the image to the
@@ -20,10 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
-from mnist_edge.preprocess import PreprocessError, normalize_array, preprocess_bytes
+try:  # installed: the wheel carries training/core/inputs/ as mnist_edge.inputs
+    from mnist_edge.inputs.preprocess import PreprocessError, normalize_array, preprocess_bytes
+except ImportError:  # run from a checkout of the repository: the same files, where they live
+    from training.core.inputs.preprocess import PreprocessError, normalize_array, preprocess_bytes
 
 DEFAULT_MODEL = "artifacts/export/model.onnx"
-# The metadata key training/export.py writes (TEMPERATURE_KEY there; this package cannot import training).
+# The metadata key training/tools/export.py writes (TEMPERATURE_KEY there; this package cannot import training).
 TEMPERATURE_KEY = "temperature"
 CLASSES = [str(d) for d in range(10)]
 

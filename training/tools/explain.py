@@ -1,19 +1,10 @@
-"""Why this digit: Integrated Gradients attributions (Captum), their faithfulness, and a picture of them.
+"""How faithful the explanations are, and a picture of one: `make explain`, `make explain-eval`.
 
-    python -m training.explain --image serving/samples/7.png     # writes 7.png.explain.png (make explain)
-    python -m training.explain --eval                            # deletion test (make explain-eval)
+    python -m training.tools.explain --image serving/samples/7.png   # writes 7.png.explain.png (make explain)
+    python -m training.tools.explain --eval                          # deletion test (make explain-eval)
 
-Method: Integrated Gradients on the predicted class's logit, from a black image (every pixel 0,
-the MNIST background). Black is the baseline because on MNIST it *is* "no ink": each attribution
-then says how much that pixel's ink moved the logit, and the attributions add up to
-logit(input) − logit(blank page) (IG's completeness). It is also what the deletion test removes
-a pixel to, so the explanation and its test agree on what "absent" means. A blurred-input
-baseline would credit only edges and leave thick strokes unexplained.
-
-The second method, plain saliency (|∂logit/∂pixel|), is here for the deletion comparison. This file
-is packed into the `.mar` (the handler's /explanations branch); it imports only torch and the
-packed preprocessing at the top (Captum on first use), and the evaluation's imports stay inside
-the functions that need them.
+The method itself (Integrated Gradients from a black baseline) is the served core's
+(training/core/explain.py). Plain saliency (|∂logit/∂pixel|) is here for the deletion comparison.
 """
 
 from __future__ import annotations
@@ -23,29 +14,10 @@ from pathlib import Path
 
 import torch
 
-from training.tensors import normalize
+from training.core.explain import integrated_gradients
+from training.core.tensors import normalize
 
-IG_STEPS = 32  # Riemann steps; the completeness gap at 32 is in README (Trust)
 DELETION_K = (5, 10, 20, 50, 100, 200)
-
-
-def black_baseline(x: torch.Tensor) -> torch.Tensor:
-    """A black image, normalised exactly as a black input pixel is (so input − baseline is exactly 0 there)."""
-    black = normalize(torch.zeros(1, 28, 28, dtype=torch.uint8))
-    return black.to(x.device).expand_as(x).clone()
-
-
-def integrated_gradients(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor,
-                         steps: int = IG_STEPS) -> torch.Tensor:
-    """(N, 28, 28) attributions of the `target` logits for normalised inputs x (N, 1, 28, 28)."""
-    from captum.attr import IntegratedGradients
-
-    method = IntegratedGradients(model)
-    chunk = 8  # images per backward pass: 8 × steps interpolated inputs bound the memory
-    parts = [method.attribute(x[i : i + chunk], baselines=black_baseline(x[i : i + chunk]),
-                              target=target[i : i + chunk], n_steps=steps, internal_batch_size=chunk * steps)
-             for i in range(0, len(x), chunk)]
-    return torch.cat(parts).detach().float().reshape(-1, 28, 28)
 
 
 def saliency(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -140,7 +112,7 @@ def plot_explanation(digit: torch.Tensor, attributions: torch.Tensor, predicted:
 def explain_image(checkpoint: Path, image: Path) -> Path:
     """Preprocess the image as the server does, explain the predicted digit, write `<image>.explain.png`."""
     from training.checkpoint import load_checkpoint, model_from_checkpoint
-    from training.preprocess import preprocess_bytes
+    from training.core.inputs.preprocess import preprocess_bytes
 
     ckpt = load_checkpoint(checkpoint)
     model = model_from_checkpoint(ckpt)
@@ -158,10 +130,10 @@ def explain_image(checkpoint: Path, image: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     from training.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
     from training.config import ArgumentParser
+    from training.core.inputs.preprocess import PreprocessError
     from training.data import DataError, load_split
-    from training.preprocess import PreprocessError
 
-    parser = ArgumentParser(prog="python -m training.explain", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m training.tools.explain", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default="artifacts/model.pt", type=Path)
     parser.add_argument("--image", type=Path, help="explain this image: writes <image>.explain.png")
     parser.add_argument("--eval", action="store_true", help="deletion test on MNIST test digits")

@@ -1,6 +1,6 @@
 """uint8 digits → the normalised torch batch the model takes: the torch half of the preprocessing.
 
-Kept apart from training/preprocess.py so that file stays importable without torch (the edge client
+Kept apart from training/core/inputs/preprocess.py so that file stays importable without torch (the edge client
 in edge/ ships it with ONNX Runtime only). `normalize` runs on any device, which training needs:
 its whole dataset sits on the GPU when there is one.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from training.preprocess import MNIST_MEAN, MNIST_STD, SIZE, PreprocessError
+from training.core.inputs.preprocess import MNIST_MEAN, MNIST_STD, SIZE, PreprocessError
 
 
 def normalize(images: np.ndarray | torch.Tensor) -> torch.Tensor:

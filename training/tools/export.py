@@ -1,4 +1,4 @@
-"""Export a checkpoint for deployment: `make export`, `python -m training.export`.
+"""Export a checkpoint for deployment: `make export`, `python -m training.tools.export`.
 
 Writes into `artifacts/export/` (or --out):
   model.onnx       torch.onnx.export with the dynamo exporter, dynamic batch, checked by onnx.checker
@@ -24,11 +24,11 @@ import torch
 
 from training.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from training.config import ArgumentParser
+from training.core.inputs.preprocess import normalize_array
+from training.core.model import Net
+from training.core.ood import features_and_logits
+from training.core.runners import FormatError, Runner, onnx_runner, softmax, torch_runner
 from training.data import DataError, data_dir, load_split
-from training.formats import FormatError, Runner, load_runner, softmax
-from training.model import Net
-from training.ood import features_and_logits
-from training.preprocess import normalize_array
 
 FORMATS = ("onnx", "pt2", "aoti", "int8", "int8-onnx")
 FILES = {"onnx": "model.onnx", "pt2": "model.pt2", "aoti": "model_aoti.pt2", "int8": "model_int8.pt2",
@@ -56,7 +56,7 @@ def export_program(model: torch.nn.Module) -> torch.export.ExportedProgram:
 
 
 class _WithFeatures(torch.nn.Module):
-    """The CNN with a second output: what the "not a digit" detector reads (training/ood.py), from the
+    """The CNN with a second output: what the "not a digit" detector reads (training/core/ood.py), from the
     same forward pass. A served ONNX or int8 model then needs no float model beside it for the score."""
 
     def __init__(self, model: Net) -> None:
@@ -202,7 +202,7 @@ def export_all(checkpoint: Path, out: Path, formats: tuple[str, ...], calibratio
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
     if calibration is None and {"int8", "int8-onnx"} & set(formats):
-        raise ExportError("int8 needs calibration images (training/export.py: calibration_images)")
+        raise ExportError("int8 needs calibration images (training/tools/export.py: calibration_images)")
     steps = {
         "onnx": lambda p: export_onnx(model, p),
         "pt2": lambda p: torch.export.save(export_program(model), str(p)),
@@ -253,8 +253,36 @@ def parity(run: Runner, reference: np.ndarray, x: np.ndarray, labels: np.ndarray
                   float((predicted == labels).mean()))
 
 
+def checkpoint_runner(path: Path) -> Runner:
+    """A training checkpoint run in eager PyTorch (the reference every export is compared with)."""
+    model = model_from_checkpoint(load_checkpoint(path))
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return model(torch.from_numpy(np.ascontiguousarray(x, np.float32))).float().numpy()
+
+    return run
+
+
+def load_runner(path: str | Path, threads: int = 0) -> Runner:
+    """`threads` applies to ONNX Runtime sessions; for torch formats call torch.set_num_threads first."""
+    path = Path(path)
+    if not path.is_file():
+        raise FormatError(f"no model file at {path}: run `make export` first")
+    try:
+        if path.suffix == ".onnx":
+            return onnx_runner(path, threads)
+        if path.suffix == ".pt2":
+            return torch_runner(path)
+        if path.suffix == ".pt":
+            return checkpoint_runner(path)
+    except ImportError as err:
+        raise FormatError(f"cannot load {path}: {err.name} is not installed") from None
+    raise FormatError(f"unknown model format {path.suffix!r}: expected .onnx, .pt2 or .pt")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(prog="python -m training.export", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m training.tools.export", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default="artifacts/model.pt", type=Path)
     parser.add_argument("--out", default="artifacts/export", type=Path)
     parser.add_argument("--formats", default=",".join(FORMATS), help=f"comma-separated subset of {FORMATS}")

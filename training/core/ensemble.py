@@ -4,7 +4,7 @@ Two ways to batch the members, both exact (same answers as running them one by o
 - `StackedEnsemble`: torch.func.stack_module_state + vmap over one functional copy of the network.
   Works for any member architecture and variant that torch.func can trace (eager and fused).
 - `GroupedEnsemble`: the members' convolutions concatenated into one wider (grouped) convolution
-  and their linear layers into batched matmuls. Specific to `training.model.Net`.
+  and their linear layers into batched matmuls. Specific to `training.core.model.Net`.
 Members of different architectures (e.g. one and two convs per block) are batched per architecture
 and the groups' averages weighted by their sizes (`MixedEnsemble`): the same average over all members.
 `bench/ensemble.py` measures them against a Python loop; `build_ensemble` picks the faster
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, stack_module_state
 
-from training.model import build_model, fuse_batch_norm
+from training.core.model import build_model, fuse_batch_norm
 
 METHODS = ("grouped", "vmap", "loop")
 
@@ -101,7 +101,7 @@ def _conv_biases(block: nn.Sequential) -> list[tuple[torch.Tensor, torch.Tensor]
 
 
 class GroupedEnsemble(nn.Module):
-    """The members of `training.model.Net` as one network N times wider: grouped convs and bmm.
+    """The members of `training.core.model.Net` as one network N times wider: grouped convs and bmm.
 
     The first conv reads the same 1-channel input for every member, so its filters simply stack;
     every later conv sees each member's own channels only (groups=N); the two linear layers become
@@ -112,7 +112,7 @@ class GroupedEnsemble(nn.Module):
         super().__init__()
         self.register_buffer("temperature", _temperatures(members, temperatures))
         if len({architecture(m) for m in members}) != 1 or not hasattr(members[0], "features"):
-            raise EnsembleError("grouped ensembles need members of one training.model.Net architecture")
+            raise EnsembleError("grouped ensembles need members of one training.core.model.Net architecture")
         self.n = len(members)
         # Batch norm folded into each conv (copies: the members stay as they are).
         fused = [fuse_batch_norm(copy.deepcopy(m).eval()) for m in members]

@@ -44,7 +44,7 @@ def _read_idx(folder: Path, name: str) -> np.ndarray:
     if path.suffix == ".gz":
         raw = gzip.decompress(raw)
     if hashlib.sha256(raw).hexdigest() != FASHION_SHA256[name]:
-        raise DataError(f"{path} does not match its SHA-256 (training/ood_data.py): corrupt or a different release")
+        raise DataError(f"{path} does not match its SHA-256 (training/tools/ood_data.py): corrupt or another release")
     dims = raw[3]
     shape = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims)]
     return np.frombuffer(raw, np.uint8, offset=4 + 4 * dims).reshape(shape)

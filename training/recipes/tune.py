@@ -1,4 +1,4 @@
-"""Hyperparameter search with Optuna: `make tune TRIALS=20`, `python -m training.tune --trials 20`.
+"""Hyperparameter search with Optuna: `make tune TRIALS=20`, `python -m training.recipes.tune --trials 20`.
 
 Each trial is an ordinary `training.train.fit` run with some config fields drawn by Optuna's TPE
 sampler; it is scored on its VALIDATION accuracy (the test split is never loaded: fit(score_test=False)).
@@ -38,7 +38,8 @@ from training import config as cfglib
 from training.checkpoint import CheckpointError
 from training.config import ArgumentParser
 from training.data import DataError
-from training.train import DEFAULT_CONFIG, TrainConfig, fit
+from training.loop import fit
+from training.train_config import DEFAULT_CONFIG, TrainConfig, from_command_line
 
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
@@ -191,7 +192,7 @@ def write_tuned(study: optuna.Study, base_yaml: Path, output: Path, budget: dict
         config.pop("restart_period", None)
         config.pop("restart_mult", None)
     cfglib.apply(TrainConfig(), config)  # the file must be a valid train config
-    header = (f"# Written by `make tune` (training/tune.py) from {base_yaml.name} and the best trial of study "
+    header = (f"# Written by `make tune` (training/recipes/tune.py) from {base_yaml.name} and the best trial of study "
               f"'{study.study_name}':\n# trial {best.number}, validation accuracy {best.value:.4%}, "
               f"{len(study.get_trials(states=FINISHED))} finished trials, each trained with {json.dumps(budget)}.\n"
               "# Train it with: make train CONFIG=configs/tuned.yaml\n")
@@ -228,7 +229,7 @@ def write_plots(study: optuna.Study, folder: Path) -> list[Path]:
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = ArgumentParser(prog="python -m training.tune", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m training.recipes.tune", description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=20, help="finished trials the study should reach (default 20)")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="base config (default configs/train.yaml)")
     parser.add_argument("--storage", default=None, help="Optuna RDB URL (default sqlite:///<out_dir>/tune/study.db)")
@@ -245,9 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # the heartbeat
     try:
-        base = cfglib.from_args(TrainConfig(), args, args.config)
-        if os.environ.get("MNIST_DIR") and args.__dict__.get("cfg:data_dir") is None:
-            base = cfglib.apply(base, {"data_dir": os.environ["MNIST_DIR"]})
+        base = from_command_line(args, args.config)
         folder = Path(base.out_dir) / "tune"
         folder.mkdir(parents=True, exist_ok=True)
         study = open_study(args.storage or f"sqlite:///{folder / 'study.db'}", args.study_name, args.pruner)

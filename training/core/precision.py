@@ -50,7 +50,7 @@ def cpu_bf16_speedup(train: bool = True, model: nn.Module | None = None, batch: 
     """
     if not mkldnn_bf16_supported():
         return 0.0
-    from training.model import Net
+    from training.core.model import Net
 
     net = copy.deepcopy(model) if model is not None else Net()
     net = net.train(train).to(memory_format=torch.channels_last)

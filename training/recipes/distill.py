@@ -1,4 +1,4 @@
-"""Distil the trained CNN into a student ≥4× smaller: `make distill`, `python -m training.distill`.
+"""Distil the trained CNN into a student ≥4× smaller: `make distill`, `python -m training.recipes.distill`.
 
 The student is the same `Net` with narrower layers (`STUDENT`), so checkpoints, archives, exports
 and the handler take it unchanged. For each seed the student is trained twice with the same initial
@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from training import config as cfglib
+from training.augment import random_affine
 from training.checkpoint import (
     CheckpointError,
     atomic_save,
@@ -40,19 +41,13 @@ from training.checkpoint import (
     read_checkpoint_file,
 )
 from training.config import ArgumentParser
+from training.core.model import ModelConfig, Net
+from training.core.tensors import normalize
 from training.data import DataError
 from training.distributed import Dist
-from training.model import ModelConfig, Net
-from training.tensors import normalize
-from training.train import (
-    TrainConfig,
-    build_optimizer,
-    build_schedule,
-    load_data,
-    pick_device,
-    random_affine,
-    score,
-)
+from training.loop import build_optimizer, build_schedule, pick_device, score
+from training.splits import load_data
+from training.train_config import TrainConfig
 from training.trust import fit_trust
 
 STUDENT = ModelConfig(conv1=16, conv2=24, hidden=64)
@@ -88,8 +83,8 @@ def load_teacher(path: Path) -> tuple[torch.nn.Module, ModelConfig, int]:
     """(eval-mode teacher returning logits or log-probabilities, one member's config, all its parameters)."""
     ckpt = read_checkpoint_file(path, f"no teacher at {path}: run `make train` or `make train-ensemble` first")
     if isinstance(ckpt, dict) and "members" in ckpt:
-        from training.ensemble import build_ensemble
-        from training.ensemble_train import ensemble_members, load_ensemble_checkpoint
+        from training.core.ensemble import build_ensemble
+        from training.recipes.ensemble_train import ensemble_members, load_ensemble_checkpoint
 
         ens = load_ensemble_checkpoint(path)
         members = ensemble_members(ens)
@@ -185,7 +180,7 @@ def _student(text: str) -> ModelConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(prog="python -m training.distill", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m training.recipes.distill", description=__doc__.splitlines()[0])
     parser.add_argument("--teacher", default="artifacts/model.pt", type=Path)
     parser.add_argument("--out", default="artifacts", type=Path)
     parser.add_argument("--seeds", type=int, default=3)

@@ -1,7 +1,9 @@
-"""Load any exported model file as one callable: normalised float32 batch (N, 1, 28, 28) → logits (N, 10).
+"""Exported model files as callables: normalised float32 batch (N, 1, 28, 28) → logits (N, 10).
 
-The export parity check, the compression table and the handler's exported variants all call
-`load_runner`, so every number about a format is measured through the same loading code.
+The worker's onnx and int8 variants run `OnnxModel`; the export parity check, the compression table
+and the edge comparison load files through `training.tools.export.load_runner`, which dispatches to
+these runners (and to a checkpoint for `.pt`), so every number about a format is measured through
+the same loading code.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ def onnx_session(path: Path, threads: int = 0):
 
 
 def onnx_runner(path: Path, threads: int = 0) -> Runner:
-    """Logits only (output 0); a file may also carry the detector's `features` (training/export.py)."""
+    """Logits only (output 0); a file may also carry the detector's `features` (training/tools/export.py)."""
     session = onnx_session(path, threads)
     name, first = session.get_inputs()[0].name, session.get_outputs()[0].name
     return lambda x: session.run([first], {name: np.ascontiguousarray(x, np.float32)})[0]
@@ -43,7 +45,7 @@ def onnx_runner(path: Path, threads: int = 0) -> Runner:
 class OnnxModel:
     """An exported model run by ONNX Runtime, called like the torch module: tensor batch in, logits out.
 
-    A file exported with the detector's `features` output (training/export.py) also answers
+    A file exported with the detector's `features` output (training/tools/export.py) also answers
     `features_and_logits` from its one run, so the "not a digit" score needs no float model. Only
     for fp32 files (`use_features`): int8 features move the Mahalanobis score too far from the fp32
     statistics it was fitted on (712 of 1,020 verdicts changed in tests/test_handler.py's check).
@@ -71,8 +73,6 @@ class OnnxModel:
         return torch.from_numpy(features), torch.from_numpy(logits)
 
 
-
-
 def torch_runner(path: Path) -> Runner:
     """A .pt2 file: an AOTInductor package (compiled) or a plain torch.export ExportedProgram."""
     import zipfile
@@ -86,7 +86,7 @@ def torch_runner(path: Path) -> Runner:
         from torch._inductor import aoti_load_package
 
         module = aoti_load_package(str(path))
-        static = int(module.get_metadata().get("static_batch", 0))  # set by training.export.compile_aoti
+        static = int(module.get_metadata().get("static_batch", 0))  # set by training.tools.export.compile_aoti
     else:
         module = torch.export.load(str(path)).module()
 
@@ -104,38 +104,6 @@ def torch_runner(path: Path) -> Runner:
             return module(torch.from_numpy(padded)).float().numpy()[: len(chunk)]
 
     return run
-
-
-def checkpoint_runner(path: Path) -> Runner:
-    """A training checkpoint run in eager PyTorch (the reference every export is compared with)."""
-    import torch
-
-    from training.checkpoint import load_checkpoint, model_from_checkpoint
-
-    model = model_from_checkpoint(load_checkpoint(path))
-
-    def run(x: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return model(torch.from_numpy(np.ascontiguousarray(x, np.float32))).float().numpy()
-
-    return run
-
-
-def load_runner(path: str | Path, threads: int = 0) -> Runner:
-    """`threads` applies to ONNX Runtime sessions; for torch formats call torch.set_num_threads first."""
-    path = Path(path)
-    if not path.is_file():
-        raise FormatError(f"no model file at {path}: run `make export` first")
-    try:
-        if path.suffix == ".onnx":
-            return onnx_runner(path, threads)
-        if path.suffix == ".pt2":
-            return torch_runner(path)
-        if path.suffix == ".pt":
-            return checkpoint_runner(path)
-    except ImportError as err:
-        raise FormatError(f"cannot load {path}: {err.name} is not installed") from None
-    raise FormatError(f"unknown model format {path.suffix!r}: expected .onnx, .pt2 or .pt")
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

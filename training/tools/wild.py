@@ -4,7 +4,7 @@ Made from MNIST's test split (never trained on), deterministically: digit i of t
 gets the same canvas, colours, noise and encoding (a generator seeded with (seed, t, i)). Each
 transform returns the request the TorchServe handler receives (`{"body": bytes}`), so
 `bench/eval_wild.py` can score them through the handler's own decoding. `--stroke-widths` prints
-the MNIST stroke-width percentiles that training/preprocess.py's THIN_STROKE and STROKE_TARGET come from.
+the MNIST stroke-width percentiles that training/core/inputs/preprocess.py's THIN_STROKE and STROKE_TARGET come from.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import pillow_heif
 from PIL import Image
 
 from training.config import ArgumentParser
-from training.decode import ORIENTATION_TAG
-from training.preprocess import box_stroke_width, digit_box, ink, skeleton
+from training.core.inputs.decode import ORIENTATION_TAG
+from training.core.inputs.preprocess import box_stroke_width, digit_box, ink, skeleton
 
 Request = dict[str, bytes]
 
@@ -213,7 +213,7 @@ def stroke_widths(images: np.ndarray, size: int = 224) -> np.ndarray:
 def main(argv: list[str] | None = None) -> int:
     from training.data import DataError, load_split
 
-    parser = ArgumentParser(prog="python -m training.wild", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m training.tools.wild", description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=None, help="default: $MNIST_DIR or data/")
     parser.add_argument("--stroke-widths", type=int, default=2000, metavar="N",
                         help="print the stroke-width percentiles of the first N training digits")

@@ -1,4 +1,4 @@
-"""Train an ensemble: `make train-ensemble N=5`, `python -m training.ensemble_train --members 5`.
+"""Train an ensemble: `make train-ensemble N=5`, `python -m training.recipes.ensemble_train --members 5`.
 
 Member k is an ordinary training run with seed `seed + k` (its own weights, validation split,
 augmentation and dropout draws) in `<out_dir>/member-k/`. A member whose model.pt was trained with
@@ -32,12 +32,13 @@ from training.checkpoint import (
     read_checkpoint_file,
 )
 from training.config import ArgumentParser
+from training.core.ensemble import EnsembleError, build_ensemble
+from training.core.model import Net
+from training.core.tensors import normalize
 from training.data import DataError, load_split
-from training.ensemble import EnsembleError, build_ensemble
-from training.evaluate import summarize
-from training.model import Net
-from training.tensors import normalize
-from training.train import DEFAULT_CONFIG, TrainConfig, fit
+from training.loop import fit
+from training.metrics import summarize
+from training.train_config import DEFAULT_CONFIG, TrainConfig
 
 DEFAULT_OUT = Path("artifacts") / "ensemble"
 
@@ -69,7 +70,7 @@ def load_ensemble_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     ckpt = read_checkpoint_file(path, f"no ensemble at {path}: run `make train-ensemble` first")
     if not isinstance(ckpt, dict) or not {"members", "model_config", "temperatures"} <= ckpt.keys():
-        raise CheckpointError(f"{path} is not an ensemble written by training.ensemble_train")
+        raise CheckpointError(f"{path} is not an ensemble written by training.recipes.ensemble_train")
     return ckpt
 
 
@@ -134,7 +135,7 @@ def combine(paths: list[Path], data_dir: str, method: str = "grouped") -> dict[s
         "members": [c["state_dict"] for c in ckpts],
         "temperatures": temperatures,
         "model_config": ckpts[0]["model_config"],
-        "model_configs": [c["model_config"] for c in ckpts],  # members may differ (training/ensemble.py)
+        "model_configs": [c["model_config"] for c in ckpts],  # members may differ (training/core/ensemble.py)
         "normalization": ckpts[0]["normalization"],
         "class_names": ckpts[0]["class_names"],
         "member_files": [str(p) for p in paths],
@@ -188,7 +189,7 @@ def _train_concurrently(todo: list[tuple[int, TrainConfig]], jobs: int, dry_run:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(prog="python -m training.ensemble_train", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m training.recipes.ensemble_train", description=__doc__.splitlines()[0])
     parser.add_argument("--members", type=int, default=5, help="how many members (default 5)")
     parser.add_argument("--config", action="append", default=None,
                         help="train config (repeat for members with different configs; default configs/train.yaml)")

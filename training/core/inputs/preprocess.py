@@ -1,8 +1,8 @@
 """Image bytes → MNIST-style 28×28 digit → normalised array. Shared verbatim by training, serving and edge/.
 
 Training reads MNIST, which is already in the format `to_mnist` produces, and calls `normalize`
-(training/tensors.py, the torch twin of `normalize_array`); the TorchServe handler calls
-`load_image` (training/decode.py) → `to_mnist` → `normalize`. This file and decode.py are packed into
+(training/core/tensors.py, the torch twin of `normalize_array`); the TorchServe handler calls
+`load_image` (training/core/inputs/decode.py) → `to_mnist` → `normalize`. This file and decode.py are packed into
 the `.mar` and into the torch-free edge client (edge/), so they import nothing else from the
 repository (decode.py relatively: it sits beside this file in all three) and never import torch.
 """
@@ -26,7 +26,7 @@ MNIST_CENTRE = 14.0
 INK_THRESHOLD = 0.15  # fraction of the brightest ink; fainter pixels (noise, JPEG ringing) are background
 # Stroke width of the digit once scaled into the 20-px box, in px (2·area / edge pixels, see
 # `box_stroke_width`). MNIST's first 2000 training digits, drawn 224 px: 1st percentile 1.55, median 2.63
-# (`python -m training.wild --stroke-widths 2000`). Strokes thinner than THIN_STROKE, below MNIST's
+# (`python -m training.tools.wild --stroke-widths 2000`). Strokes thinner than THIN_STROKE, below MNIST's
 # thinnest 1% (a pen line on a big canvas), are redrawn at MNIST's median width; thicker ones are
 # kept: thinning a marker digit whose loops are filled in lost more than it gained on the wild set.
 THIN_STROKE = 1.2
@@ -346,7 +346,7 @@ def skeleton(mask: np.ndarray) -> np.ndarray:
 def normalize_array(images: np.ndarray) -> np.ndarray:
     """uint8 images (28×28 or N×28×28) → float32 (N, 1, 28, 28) with MNIST mean/std, without torch.
 
-    Bit-identical to training/tensors.py's `normalize` (float32 divide, subtract, divide in the same
+    Bit-identical to training/core/tensors.py's `normalize` (float32 divide, subtract, divide in the same
     order; tests check all 256 pixel values), so the ONNX model on the edge sees training's numbers.
     """
     x = np.asarray(images)

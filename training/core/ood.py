@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from training.model import Net
+from training.core.model import Net
 
 METHODS = ("msp", "energy", "mahalanobis", "mahalanobis_all")
 DEFAULT_METHOD = "mahalanobis_all"  # best AUROC against Fashion-MNIST and text: README, Trust
@@ -33,7 +33,7 @@ FALSE_REJECTION = 0.005
 
 
 def features_and_logits(model: Net, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward pass of `training.model.Net` that also returns what the detector reads:
+    """One forward pass of `training.core.model.Net` that also returns what the detector reads:
     [channel means of conv block 1, of conv block 2, the input of the last linear layer]."""
     pooled = []
     h = x

@@ -1,0 +1,1 @@
+"""Recipes built on the one training loop (training/loop.py): hyperparameter search, distillation, ensembles."""

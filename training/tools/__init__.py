@@ -1,0 +1,1 @@
+"""Tools that measure or convert a trained checkpoint: evaluation, exports, wild inputs, OOD data, explanations."""

@@ -1,0 +1,72 @@
+"""What a training run is: `TrainConfig`, its defaults in code, configs/train.yaml for what users change.
+
+Every field is a command-line flag of `make train` (`--lr 0.05`, `--model.dropout 0.2`): training/config.py
+turns a dataclass into flags and YAML into a checked instance, with one-line errors for unknown keys.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from training import config as cfglib
+from training.core.model import ModelConfig
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "train.yaml"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data_dir: str = "data"
+    out_dir: str = "artifacts"
+    device: str = "auto"  # auto | cuda | mps | cpu
+    seed: int = 0
+    epochs: int = 8
+    batch_size: int = 128  # per process; under torchrun the global batch is this × world size
+    optimizer: str = "nesterov"  # sgd | nesterov | adam | adamw
+    lr: float = 0.1  # peak learning rate
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "onecycle"  # onecycle | cosine | cosine_restarts | plateau | none
+    restart_period: int = 2  # cosine_restarts: epochs in the first cycle (training/schedules.py)
+    restart_mult: int = 2  # cosine_restarts: each cycle this many times longer than the one before
+    l1: float = 0.0  # L1 penalty on conv/linear weights (training/regularization.py); 0 disables
+    grad_clip: float = 0.0  # max gradient norm; 0 disables
+    label_smoothing: float = 0.1
+    augment: bool = True
+    rotate: float = 10.0  # degrees
+    shift: float = 0.1  # fraction of the image side
+    scale: float = 0.1  # ± relative zoom
+    val_size: int = 5000
+    early_stop: int = 0  # stop after this many epochs without a better validation accuracy; 0 disables
+    train_limit: int = 0  # use only this many training images (0: all); for quick runs and tests
+    test_limit: int = 0
+    threads: int = 0  # CPU intra-op threads; 0: all cores (divided between local ranks)
+    amp: bool = True  # bf16 autocast on CUDA, and on CPU where native bf16 is faster (training/core/precision.py)
+    channels_last: bool = True
+    compile: bool = False  # torch.compile the model (pays a one-off compile time)
+    tensorboard: bool = True  # curves and misclassified digits in <out_dir>/runs/ (rank 0; `make tensorboard`)
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+    def validate(self) -> None:
+        choices = {"device": ("auto", "cuda", "mps", "cpu"), "optimizer": ("sgd", "nesterov", "adam", "adamw"),
+                   "schedule": ("onecycle", "cosine", "cosine_restarts", "plateau", "none")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise cfglib.ConfigError(f"{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise cfglib.ConfigError("epochs, batch_size and lr must be positive")
+        if self.val_size < 0 or self.train_limit < 0 or self.test_limit < 0:
+            raise cfglib.ConfigError("val_size, train_limit and test_limit must be >= 0")
+        if self.l1 < 0 or self.restart_period < 1 or self.restart_mult < 1:
+            raise cfglib.ConfigError("l1 must be >= 0, restart_period and restart_mult >= 1")
+
+
+def from_command_line(args, path: str) -> TrainConfig:
+    """TrainConfig from the YAML file `path` and the flags in `args` (training/config.py: add_flags).
+    $MNIST_DIR overrides the file's data_dir; a --data-dir flag overrides both."""
+    cfg = cfglib.from_args(TrainConfig(), args, path)
+    if os.environ.get("MNIST_DIR") and args.__dict__.get("cfg:data_dir") is None:
+        cfg = cfglib.apply(cfg, {"data_dir": os.environ["MNIST_DIR"]})
+    return cfg
