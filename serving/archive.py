@@ -36,8 +36,9 @@ HANDLER = ROOT / "serving" / "handler.py"
 # explainer, the exported formats' runners, the bf16 check and the ensemble.
 PACKED_TRAINING_FILES = ("model.py", "preprocess.py", "decode.py", "tensors.py", "formats.py", "ood.py", "explain.py",
                          "precision.py", "ensemble.py")
-# and from serving/: the KServe v2 protocol, buffered reads of the worker socket, metrics once a second
-PACKED_SERVING_FILES = ("oip.py", "worker_io.py", "metric_buffer.py")
+# and from serving/: the KServe v2 protocol, buffered reads of the worker socket, metrics once a second,
+# JSON bodies parsed with a depth bound
+PACKED_SERVING_FILES = ("oip.py", "worker_io.py", "metric_buffer.py", "json_body.py")
 MODEL_CONFIG = ROOT / "configs" / "model-config.yaml"  # CPU profile; configs/model-config-gpu.yaml for GPUs
 
 

@@ -28,7 +28,7 @@ EXPECTED_FILES = {
     "training/__init__.py", "training/model.py", "training/preprocess.py", "training/decode.py",
     "training/tensors.py", "training/formats.py", "training/ood.py", "training/explain.py", "training/precision.py",
     "training/ensemble.py", "MAR-INF/MANIFEST.json", "serving/__init__.py", "serving/oip.py", "serving/worker_io.py",
-    "serving/metric_buffer.py",
+    "serving/metric_buffer.py", "serving/json_body.py",
 }  # the tiny checkpoint predates calibration: no ood.pt (the trained one's archive adds it)
 
 
@@ -57,6 +57,7 @@ def test_archive_holds_exactly_what_the_server_needs(tiny_archive):
                            ("training/precision.py", "training/precision.py"),
                            ("serving/worker_io.py", "serving/worker_io.py"),
                            ("serving/metric_buffer.py", "serving/metric_buffer.py"),
+                           ("serving/json_body.py", "serving/json_body.py"),
                            ("model-config.yaml", "configs/model-config.yaml")]:
         assert read_member(archive.path, packed) == (ROOT / source).read_bytes(), packed
     meta = json.loads(read_member(archive.path, "model.json"))

@@ -111,6 +111,19 @@ def test_handler_answers_v2_and_json_in_one_batch(tiny_archive, mnist_test_image
     assert error == {"error": "'shape' must be a list of non-negative integers"}
 
 
+def test_deep_v2_json_is_a_400_in_the_v2_shape(tiny_archive, tmp_path):
+    """The JSON depth bound guards v2 bodies too: 50,000 nested lists (50 KB) would otherwise reach
+    json.loads, whose RecursionError became a 500."""
+    threads = torch.get_num_threads()
+    worker = InProcessWorker(unpack(tiny_archive[1].path, tmp_path / "model"))
+    torch.set_num_threads(threads)
+    deep = b'{"inputs": [{"name": "input-0", "shape": [1], "datatype": "UINT8", "data": ' + \
+        b"[" * 50_000 + b"]" * 50_000 + b"}]}"
+    answers = worker.handle([raw(deep, "application/json"), raw(b'{"inputs": [', "application/json")])
+    assert answers == [(400, {"error": "JSON nested too deeply: at most 32 levels"}),
+                       (400, {"error": "malformed JSON body"})]
+
+
 # --- TorchServe run as KServe's runtime runs it -----------------------------------------------------
 
 @pytest.fixture(scope="module")
