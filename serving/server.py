@@ -63,7 +63,8 @@ class TorchServe(ServerClient):
             "management_address": self.addresses["management"],
             "metrics_address": self.addresses["metrics"],
             "model_store": str(store),
-            "allowed_urls": f"file://{re.escape(str(store))}/.*\\\\.mar",
+            # A regex: re.escape's escapes (a backslash before a non-letter) mean the same in Java's.
+            "allowed_urls": f"file://{re.escape(str(store))}/.*\\.mar",
             "metrics_config": str(ROOT / "configs" / "metrics.yaml"),
             "disable_token_authorization": "false" if self.auth else "true",
             **{k: str(v) for k, v in self.grpc_ports.items()},
@@ -206,16 +207,23 @@ def torchserve_bin() -> Path:
     return Path(sys.executable).parent / "torchserve"
 
 
+def properties_value(value: str) -> str:
+    """`value` written so that java.util.Properties reads it back unchanged: a backslash starts an escape
+    there (`\\.` reads as `.`, which drops a regex escape), so it is doubled, and a line break would end it."""
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+
+
 def render_properties(template: str, values: dict[str, str]) -> str:
-    """`template` with each `key=value` line replaced by `values[key]`, and the remaining keys appended."""
+    """`template` with each `key=value` line replaced by `values[key]`, and the remaining keys appended.
+    `values` are the values themselves; they are written escaped for java.util.Properties."""
     lines, seen = [], set()
     for line in template.splitlines():
         key = line.split("=", 1)[0].strip()
         if "=" in line and not line.lstrip().startswith("#") and key in values:
-            line = f"{key}={values[key]}"
+            line = f"{key}={properties_value(values[key])}"
             seen.add(key)
         lines.append(line)
-    lines += [f"{k}={v}" for k, v in values.items() if k not in seen]
+    lines += [f"{k}={properties_value(v)}" for k, v in values.items() if k not in seen]
     return "\n".join(lines) + "\n"
 
 

@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -475,3 +476,42 @@ def test_a_second_server_can_start_beside_another(trained_archive, tmp_path):
     finally:
         for sock in blockers:
             sock.close()
+
+
+
+# --- a store whose path needs escaping ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def odd_store_server(tiny_archive, tmp_path_factory):
+    """TorchServe with the model API open on a store named `store+(1)`: `+` and `(` are regex syntax in
+    allowed_urls, and a backslash is an escape in a Java properties file."""
+    base = tmp_path_factory.mktemp("odd")
+    store = base / "store+(1)"
+    shutil.copytree(tiny_archive[1].path.parent, store)
+    ts = TorchServe.on_free_ports(base / "run", store, extra_properties={"enable_model_api": "true"})
+    ts.start(timeout=120)
+    try:
+        yield ts
+    finally:
+        ts.stop()
+
+
+@pytest.mark.slow
+def test_allowed_urls_match_a_store_path_with_regex_characters(odd_store_server, tmp_path):
+    server, store = odd_store_server, odd_store_server.model_store
+    assert predict(server, SAMPLE_7.read_bytes(), "image/png")[0] == 200
+    (store / "sub").mkdir()
+    shutil.copy2(store / "mnist.mar", store / "sub" / "copy.mar")
+    shutil.copy2(store / "mnist.mar", tmp_path / "copy.mar")
+
+    def register(url: str) -> tuple[int, dict]:
+        query = urllib.parse.urlencode({"url": url, "model_name": "copy", "initial_workers": 1, "synchronous": "true"})
+        status, raw = server.request("management", f"/models?{query}", method="POST", timeout=120)
+        return status, json.loads(raw)
+
+    outside = f"file://{tmp_path}/copy.mar"
+    assert register(outside) == (404, {"code": 404, "type": "ModelNotFoundException",
+                                       "message": f"Given URL {outside} does not match any allowed URL(s)"})
+    status, answer = register(f"file://{store}/sub/copy.mar")  # inside the store: allowed
+    assert status == 200, answer
+    assert server.request("management", "/models/copy", method="DELETE")[0] == 200
