@@ -35,8 +35,9 @@ HANDLER = ROOT / "serving" / "handler.py"
 # The served core, packed whole: the model, decoding and preprocessing, the OOD score, the explainer, the
 # exported formats' runners, precision variants and the ensemble (it imports nothing outside itself).
 CORE = ROOT / "training" / "core"
-# and from serving/: the KServe v2 protocol, buffered reads of the worker socket, metrics once a second
-PACKED_SERVING_FILES = ("oip.py", "worker_io.py", "metric_buffer.py")
+# and from serving/: the KServe v2 protocol, buffered reads of the worker socket, metrics once a second,
+# JSON bodies parsed with a depth bound
+PACKED_SERVING_FILES = ("oip.py", "worker_io.py", "metric_buffer.py", "json_body.py")
 MODEL_CONFIG = ROOT / "configs" / "model-config.yaml"  # CPU profile; configs/model-config-gpu.yaml for GPUs
 
 

@@ -40,6 +40,7 @@ if (_HERE / "training").is_dir() and str(_HERE) not in sys.path[:1]:
     sys.path.insert(0, str(_HERE))
 
 from serving import oip, worker_io  # noqa: E402  (KServe v2 protocol; buffered reads of the worker socket)
+from serving.json_body import parse_json  # noqa: E402  (the JSON depth bound of every JSON body)
 from serving.metric_buffer import MetricBuffer, interval_from_env  # noqa: E402  (counters and gauges once a second)
 from training.core import precision  # noqa: E402
 from training.core.ensemble import load_ensemble  # noqa: E402
@@ -52,7 +53,6 @@ from training.core.runners import OnnxModel  # noqa: E402  (TorchServe: one clas
 from training.core.tensors import normalize  # noqa: E402
 
 logger = logging.getLogger(__name__)
-MAX_JSON_DEPTH = 32  # far above any valid request (3 levels), far below Python's recursion limit
 
 # Load-time transforms of the eager model, chosen per archive (`make archive ARGS="--variant ..."`).
 # onnx and int8 run a file the archive carries (training/tools/export.py) with ONNX Runtime: int8 is static
@@ -135,7 +135,7 @@ def decode_request(request: dict[str, Any]) -> np.ndarray:
         # A text body may start with a UTF-8 byte-order mark or blank space (no image format does).
         text = bytes(value).removeprefix(b"\xef\xbb\xbf").lstrip()
         if text[:1] in (b"{", b"["):
-            value = _parse_json(text)
+            value = parse_json(text)
     if isinstance(value, dict):
         return _decode_json(value)
     if isinstance(value, list):
@@ -145,33 +145,6 @@ def decode_request(request: dict[str, Any]) -> np.ndarray:
             return preprocess_bytes(_base64_image(text.decode("ascii", "replace")))
         return preprocess_bytes(bytes(value))
     raise PreprocessError("JSON body must be an object with 'data' or 'pixels'")
-
-
-def _parse_json(raw: bytes) -> Any:
-    # json.loads recurses once per nesting level: `[` × 50,000 (50 KB, well under the size limit)
-    # would raise RecursionError, a 500. Nothing valid here nests deeper than 3 (pixels: rows of
-    # numbers in an object), so anything deeper than MAX_JSON_DEPTH is refused before parsing.
-    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and _nesting(raw) > MAX_JSON_DEPTH:
-        raise PreprocessError(f"JSON nested too deeply: at most {MAX_JSON_DEPTH} levels")
-    try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise PreprocessError("malformed JSON body") from None
-
-
-def _nesting(raw: bytes) -> int:
-    """Deepest bracket nesting outside JSON strings (counted on the bytes, with numpy: no recursion)."""
-    codes = np.frombuffer(raw, np.uint8)
-    quote = codes == ord('"')
-    # A quote after an odd run of backslashes is escaped: run lengths from the last other byte's index.
-    position = np.arange(len(codes))
-    last_other = np.maximum.accumulate(np.where(codes != ord("\\"), position, -1))
-    run = np.concatenate([[0], position[:-1] - last_other[:-1]])  # backslashes right before each byte
-    escaped = run % 2 == 1
-    in_string = np.cumsum(quote & ~escaped) % 2 == 1
-    step = np.isin(codes, (ord("["), ord("{"))).astype(np.int64) - np.isin(codes, (ord("]"), ord("}")))
-    step[in_string] = 0
-    return int(np.cumsum(step).max(initial=0))
 
 
 def _base64_image(text: str) -> bytes:
@@ -329,7 +302,8 @@ class MNISTHandler(BaseHandler):
                 good.append(i)
             except PreprocessError as err:
                 context.set_response_status(400, "Bad Request", i)
-                responses[i] = oip.error_body(str(err)) if i in v2 else error_body(str(err))
+                in_v2 = i in v2 or isinstance(err, oip.V2RequestError)
+                responses[i] = oip.error_body(str(err)) if in_v2 else error_body(str(err))
             except Exception:  # a decoding bug must fail only its own request, not the batch
                 logger.exception("request %d of the batch could not be decoded", i)
                 context.set_response_status(500, "Internal Server Error", i)

@@ -5,6 +5,7 @@ Lays out what KServe's TorchServe runtime reads under an InferenceService's stor
     <out>/config/config.properties   configs/kserve.properties + a model_snapshot for the archive
     <out>/config/metrics.yaml        the handler's metrics, declared for Prometheus mode
     <out>/model-store/<name>.mar     the archive (and <name>.mar.* beside it: checksum, signatures)
+    <out>/bundle.json                which archive, and that this tool made the folder (see MARKER)
 
 `start_local` runs TorchServe on such a bundle the way the runtime does, on free loopback ports:
 the live tests and the drain measurement use it.
@@ -31,6 +32,10 @@ MODEL_CONFIG = ROOT / "configs" / "model-config.yaml"
 METRICS = ROOT / "configs" / "metrics.yaml"
 MOUNT = "/mnt/models"  # where KServe's storage initializer puts the storageUri's content
 SNAPSHOT_KEYS = ("minWorkers", "maxWorkers", "batchSize", "maxBatchDelay", "responseTimeout")
+# A bundle is rebuilt whole, so the build deletes <out> first: only where this file says an earlier
+# build made it (or where it is empty), never a folder given by mistake (`--out model_store`, `--out .`).
+MARKER = "bundle.json"
+MADE_BY = "python -m serving.kserve"
 
 
 class BundleError(RuntimeError):
@@ -56,12 +61,27 @@ def model_snapshot(mar: Path, batch_size: int | None = None) -> dict:
     return {"name": "startup.cfg", "modelCount": 1, "models": {model["modelName"]: {model["modelVersion"]: entry}}}
 
 
+def check_replaceable(out: Path) -> None:
+    """BundleError unless `out` is missing, an empty folder, or a bundle an earlier build made."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if out.is_dir() and not out.is_symlink():
+        try:
+            if not any(out.iterdir()) or json.loads((out / MARKER).read_text()).get("made_by") == MADE_BY:
+                return
+        except (OSError, ValueError, AttributeError):  # no marker, or not the JSON object this tool writes
+            pass
+    raise BundleError(f"{out} exists and is not a bundle made by `make kserve-bundle` (no {MARKER}): refusing to "
+                      "delete it; choose another --out, or delete it yourself")
+
+
 def build_bundle(model_store: Path, model_name: str, out: Path, batch_size: int | None = None) -> Path:
     try:
         mar, _ = archive_to_serve(model_store, model_name)  # as `make serve`: the last promoted version, if any
         verify_checksum(mar)
     except ServerError as err:
         raise BundleError(str(err)) from None
+    check_replaceable(out)
     if out.exists():
         shutil.rmtree(out)  # a bundle is derived: rebuilt whole, never merged with an older one
     (out / "config").mkdir(parents=True)
@@ -72,6 +92,7 @@ def build_bundle(model_store: Path, model_name: str, out: Path, batch_size: int 
     snapshot = json.dumps(model_snapshot(mar, batch_size), separators=(",", ":"))
     config = out / "config" / "config.properties"
     config.write_text(TEMPLATE.read_text() + f"model_snapshot={snapshot}\n")
+    (out / MARKER).write_text(json.dumps({"made_by": MADE_BY, "model": model_name, "archive": mar.name}) + "\n")
     return config
 
 

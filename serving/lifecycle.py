@@ -12,11 +12,15 @@ the store's file:// pattern). TorchServe itself checks no signature, so `deploy`
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import re
 import sys
 import time
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +34,10 @@ from serving.store import archive_version, find_archive, record_default, same_ve
 from training.config import ArgumentParser
 
 HISTORY = "lifecycle.json"  # in the run dir: the defaults before each promote, for rollback
+
+
+class HistoryError(ServerError):
+    """lifecycle.json cannot be read or locked; the message says what to do."""
 
 
 def archive_workers(mar: Path) -> int:
@@ -130,41 +138,77 @@ def _server_start(client: ServerClient) -> str:
         return ""
 
 
+@contextlib.contextmanager
+def promote_history(client: ServerClient) -> Iterator[list[str]]:
+    """The defaults before each promote, held under an exclusive lock for a read-modify-write: two
+    promotes or rollbacks at once (two terminals, a script) would otherwise read the same list, and the
+    later write would drop the other's record. The list as the block leaves it is written, also when
+    the block fails: by then the server's default may have changed."""
+    lock_path = client.run_dir / f"{HISTORY}.lock"  # not lifecycle.json itself: os.replace swaps that file
+    try:
+        lock = lock_path.open("a")
+    except OSError as err:
+        raise HistoryError(f"cannot lock {lock_path} ({err.strerror}): is a server running from "
+                           f"{client.run_dir} (`make serve`)?") from None
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        history = _history(client)
+        try:
+            yield history
+        finally:
+            _save_history(client, history)
+
+
 def _history(client: ServerClient) -> list[str]:
     path = client.run_dir / HISTORY
-    saved = json.loads(path.read_text()) if path.exists() else {}
+    try:
+        saved = json.loads(path.read_text()) if path.exists() else {}
+        if not isinstance(saved, dict) or not isinstance(saved.get("defaults", []), list):
+            raise ValueError("not an object with a list of defaults")
+    except (OSError, ValueError) as err:  # a file cut short by a crash or a full disk, or edited by hand
+        raise HistoryError(f"{path} is not a promote history ({err}): delete it to start a new one "
+                           "(`make rollback` then has nothing to go back to)") from None
     # Promotes recorded for an earlier run of the server mean nothing to this one (it loads one version).
     return saved.get("defaults", []) if saved.get("server_start") == _server_start(client) else []
 
 
 def _save_history(client: ServerClient, history: list[str]) -> None:
+    """Written whole (a temporary file, renamed): a reader sees the old history or the new one, never half."""
     record = {"server_start": _server_start(client), "defaults": history}
-    (client.run_dir / HISTORY).write_text(json.dumps(record) + "\n")
+    path = client.run_dir / HISTORY
+    tmp = path.with_name(f".{HISTORY}.tmp-{os.getpid()}")  # one writer at a time: the caller holds the lock
+    try:
+        tmp.write_text(json.dumps(record) + "\n")
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def promote(client: ServerClient, version: str, store: Path | None = None) -> str:
     """Make a registered version the default; with `store`, also the version `make serve` starts next."""
     version = resolve_registered(client, version)
-    previous = default_version(client)
-    if previous == version:
-        return f"{client.model_name} {version} is already the default"
-    set_default(client, version)
-    _save_history(client, [*_history(client), previous])
-    if store is not None:
-        record_default(store, client.model_name, version)
+    with promote_history(client) as history:  # the default read, changed and recorded by one promote at a time
+        previous = default_version(client)
+        if previous == version:
+            return f"{client.model_name} {version} is already the default"
+        set_default(client, version)
+        history.append(previous)
+        if store is not None:
+            record_default(store, client.model_name, version)
     return f"{client.model_name} {version} is the default (was {previous}; `make rollback` returns to it)"
 
 
 def rollback(client: ServerClient, store: Path | None = None) -> str:
     """Return to the default before the last promote; with `store`, also for the next `make serve`."""
-    history = _history(client)
-    if not history:
-        raise ServerError("nothing to roll back to: no promote recorded for this server")
-    current, previous = default_version(client), resolve_registered(client, history[-1])
-    set_default(client, previous)
-    _save_history(client, history[:-1])
-    if store is not None:
-        record_default(store, client.model_name, previous)
+    with promote_history(client) as history:
+        if not history:
+            raise ServerError("nothing to roll back to: no promote recorded for this server")
+        current, previous = default_version(client), resolve_registered(client, history[-1])
+        set_default(client, previous)
+        history.pop()
+        if store is not None:
+            record_default(store, client.model_name, previous)
     return f"{client.model_name} {previous} is the default again (was {current})"
 
 
@@ -243,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
             print(undeploy(client, args.version))
         else:
             print("\n".join(versions_table(client, args.model_store)))
-    except ServerError as err:
+    except (ServerError, OSError) as err:  # OSError: lifecycle.json could not be written (a full disk)
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

@@ -11,7 +11,8 @@ Accepted, one digit per request (the server batches requests, not tensors):
   {"inputs": [{"name": "input-0", "shape": [1], "datatype": "BYTES", "data": ["<base64 PNG/JPEG>"]}]}
   {"inputs": [{"name": "input-0", "shape": [1, 28, 28], "datatype": "UINT8", "data": [784 values]}]}
 `data` may be flat or nested, as the protocol allows. Answered with outputs `probabilities` (FP32,
-[1, 10]) and `digit` (INT64, [1]); a bad request with HTTP 400 and `{"error": "..."}`.
+[1, 10]) and `digit` (INT64, [1]); a bad request with HTTP 400 and `{"error": "..."}`, a body that
+claims to be one (an object with "inputs") but is not JSON or nests too deeply included.
 """
 
 from __future__ import annotations
@@ -23,23 +24,29 @@ from typing import Any
 
 import numpy as np
 
+from serving.json_body import parse_json
 from training.core.inputs.preprocess import PreprocessError, from_pixels, preprocess_bytes, to_mnist
+
+
+class V2RequestError(PreprocessError):
+    """A body that claims to be a v2 request but cannot be parsed: answered in the v2 error shape."""
 
 
 def v2_body(request: dict[str, Any]) -> dict[str, Any] | None:
     """The v2 inference request in one TorchServe request of a batch, or None if it is not one.
 
     The body arrives as bytes (this project's server sets TS_DECODE_INPUT_REQUEST=false) or already
-    parsed from JSON (TorchServe's default, as in KServe's runtime).
+    parsed from JSON (TorchServe's default, as in KServe's runtime). Bytes are parsed with the depth
+    bound of every JSON body; V2RequestError where that refuses them.
     """
     value = request.get("body") if request.get("data") is None else request.get("data")
     if isinstance(value, (bytes, bytearray)):
         if value.lstrip()[:1] != b"{" or b'"inputs"' not in value:
             return None
         try:
-            value = json.loads(value)
-        except (UnicodeDecodeError, ValueError):
-            return None  # not ours: the JSON path reports malformed JSON
+            value = parse_json(bytes(value))
+        except PreprocessError as err:
+            raise V2RequestError(str(err)) from None
     return value if isinstance(value, dict) and "inputs" in value else None
 
 

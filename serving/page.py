@@ -13,7 +13,10 @@ import binascii
 import contextlib
 import ipaddress
 import json
+import re
+import socket
 import threading
+import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -32,6 +35,13 @@ STATIC = {"/": ("index.html", "text/html; charset=utf-8"),
 # TorchServe's max_request_size (configs/config.properties): anything larger would be refused there
 # anyway, so refuse it here before reading it. The page shrinks big photos before sending them.
 MAX_BODY = 1_048_576
+# A slow or stalled client holds a thread: each socket read or write waits at most CLIENT_TIMEOUT_S,
+# and at most MAX_CLIENTS connections are served at once (a browser opens 6 per host; more get a 503).
+CLIENT_TIMEOUT_S = 30.0
+MAX_CLIENTS = 32
+# Where /explanations is missing while /predictions answers, ask /predictions alone, and try
+# /explanations again this much later: a version promoted since may have them.
+EXPLAIN_RECHECK_S = 300.0
 # Everything the page loads comes from this server; images are data: and blob: URLs it makes itself.
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; base-uri 'none'; "
@@ -97,12 +107,16 @@ def heatmap_png(attributions: np.ndarray) -> str:
 
 
 class Backend:
-    """The page's calls to TorchServe. /explanations is probed once: where it is missing (404/405),
-    every later call goes to /predictions; where it answers, its map becomes the heatmap."""
+    """The page's calls to TorchServe. /explanations is asked first; where it answers, its map becomes
+    the heatmap. Where it is missing (404/405/501) while /predictions answers, later calls go to
+    /predictions alone for `recheck_s`. A 404 from both (the model itself missing, as while a server
+    restarts or a version is re-registered) says nothing about explanations: the next image asks again."""
 
-    def __init__(self, torchserve: TorchServe) -> None:
+    def __init__(self, torchserve: TorchServe, recheck_s: float = EXPLAIN_RECHECK_S) -> None:
         self.torchserve = torchserve
         self.explanations: bool | None = None  # unknown until the first image
+        self.recheck_s = recheck_s
+        self._recheck_at = 0.0  # monotonic time from which a missing /explanations is asked again
 
     def predict(self, body: bytes) -> tuple[int, dict[str, Any]]:
         try:
@@ -120,10 +134,11 @@ class Backend:
 
     def _infer(self, image: bytes) -> tuple[int, dict[str, Any]]:
         extra: dict[str, Any] = {}
-        if self.explanations is not False:
+        missing = False
+        if self.explanations is not False or time.monotonic() >= self._recheck_at:
             status, explained = self._post("explanations", image)
-            if status in (404, 405, 501):  # a server without explanations: never ask again
-                self.explanations = False
+            if status in (404, 405, 501):  # no explanations, or no model: /predictions tells which
+                missing = True
             elif status == 400:  # a bad image or token: /predictions would say the same
                 return status, explained
             elif status == 200 and isinstance(explained.get("digit"), int):
@@ -133,6 +148,8 @@ class Backend:
                 extra = explained
             # and a failed explanation (5xx) still gets this image its answer from /predictions
         status, answer = self._post("predictions", image)
+        if missing and status == 200:  # the model answers but has no explanations
+            self.explanations, self._recheck_at = False, time.monotonic() + self.recheck_s
         return status, {**extra, **answer} if status == 200 else answer
 
     def _post(self, api: str, image: bytes) -> tuple[int, dict[str, Any]]:
@@ -181,6 +198,10 @@ class PageHandler(BaseHTTPRequestHandler):
     server_version = "mnist-ui"
     sys_version = ""
 
+    def setup(self) -> None:
+        self.timeout = self.server.client_timeout  # StreamRequestHandler sets it on the socket
+        super().setup()
+
     def log_message(self, format: str, *args: Any) -> None:
         if self.server.quiet:
             return
@@ -202,27 +223,66 @@ class PageHandler(BaseHTTPRequestHandler):
         if not self._host_allowed():
             return
         if self.path.split("?", 1)[0] != "/api/predict":
-            self._send_json(404, {"error": f"no API at {self.path}", "kind": "client"})
+            self._refuse(404, f"no API at {self.path}")
             return
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
-            self._send_json(411, {"error": "a Content-Length header is required", "kind": "client"})
+        if self._cross_site() or (body := self._read_body()) is None:
             return
-        if length > MAX_BODY:
-            self.close_connection = True  # the unread body must not be parsed as the next request
-            self._send_json(413, {"error": f"the image is {length:,} bytes; the limit is {MAX_BODY:,}",
-                                  "kind": "input"})
-            return
-        status, answer = self.server.backend.predict(self.rfile.read(length))
+        status, answer = self.server.backend.predict(body)
         self._send_json(status, answer)
+
+    def _cross_site(self) -> bool:
+        """Refuse what another web page open in the same browser could send, before the backend adds the
+        token (OWASP's CSRF cheat sheet): the Host check stops DNS rebinding, not a page that posts here
+        with `fetch(..., {mode: "no-cors"})` or a form. Browsers send Origin and Sec-Fetch-Site on such
+        posts; curl and scripts send neither, and get through on the content type alone."""
+        origin, site = self.headers.get("Origin"), self.headers.get("Sec-Fetch-Site")
+        if (origin is not None and origin != "http://" + self.headers.get("Host", "")) or \
+                (site is not None and site not in ("same-origin", "none")):
+            self._refuse(403, f"cross-site request refused (Origin {origin}, Sec-Fetch-Site {site}): the API "
+                              "answers the page's own requests only")
+            return True
+        # Another page can post text/plain, form-urlencoded or multipart without a CORS preflight (which
+        # this server never answers), but not these: what the page sends, and what an image is.
+        content_type = self.headers.get_content_type()  # text/plain where there is none
+        if content_type != "application/octet-stream" and not content_type.startswith("image/"):
+            self._refuse(415, "send the image as application/octet-stream or image/*")
+            return True
+        return False
+
+    def _read_body(self) -> bytes | None:
+        """The body, after a strict Content-Length check; None where an error was answered instead."""
+        lengths = self.headers.get_all("Content-Length") or []
+        if not lengths or "Transfer-Encoding" in self.headers:  # chunked: its end is not known in advance
+            self._refuse(411, "a Content-Length header is required (chunked bodies are not read)")
+            return None
+        if len(lengths) > 1 or not re.fullmatch(r"[0-9]+", text := lengths[0].strip()):
+            # int() would take "-1" (read to the end of the stream), "+5" or " 5": digits only, and one length
+            self._refuse(400, f"Content-Length must be one non-negative integer, got {', '.join(lengths)[:40]!r}")
+            return None
+        digits = text.lstrip("0") or "0"
+        if len(digits) > len(str(MAX_BODY)) or (length := int(digits)) > MAX_BODY:  # int() refuses 4,300 digits
+            self._refuse(413, f"the image is over the {MAX_BODY:,}-byte limit (Content-Length {text[:20]})", "input")
+            return None
+        try:
+            body = self.rfile.read(length)
+        except TimeoutError:
+            self._refuse(408, f"the body did not arrive: nothing for {self.server.client_timeout:g} s")
+            return None
+        if len(body) < length:  # the client closed the connection: nobody reads an answer
+            self.close_connection = True
+            return None
+        return body
+
+    def _refuse(self, status: int, message: str, kind: str = "client") -> None:
+        self.close_connection = True  # an unread body must not be parsed as the next request
+        self._send_json(status, {"error": message, "kind": kind})
 
     def _host_allowed(self) -> bool:
         """Refuse other Host names on a loopback bind: a web page elsewhere could otherwise reach this
         server through DNS rebinding and use the model with the token this backend adds."""
         if self.server.allowed_hosts is None or self.headers.get("Host", "") in self.server.allowed_hosts:
             return True
-        self._send_json(403, {"error": "unexpected Host header", "kind": "client"})
+        self._refuse(403, "unexpected Host header")
         return False
 
     def _send_json(self, status: int, body: dict[str, Any]) -> None:
@@ -239,18 +299,69 @@ class PageHandler(BaseHTTPRequestHandler):
 
 
 class PageServer(ThreadingHTTPServer):
+    """A thread per connection, at most `max_clients` at once: the next one is answered 503 at once."""
+
     daemon_threads = True
 
-    def __init__(self, torchserve: TorchServe, host: str = "127.0.0.1", port: int = 0, quiet: bool = False):
+    def __init__(self, torchserve: TorchServe, host: str = "127.0.0.1", port: int = 0, quiet: bool = False,
+                 client_timeout: float = CLIENT_TIMEOUT_S, max_clients: int = MAX_CLIENTS):
         super().__init__((host, port), PageHandler)
         self.backend = Backend(torchserve)
         self.quiet = quiet
+        self.client_timeout = client_timeout
+        self.max_clients = max_clients
+        self._clients = 0
+        self._clients_lock = threading.Lock()
         port = self.server_address[1]
         try:
             loopback = ipaddress.ip_address(host).is_loopback
         except ValueError:  # a host name
             loopback = host == "localhost"
         self.allowed_hosts = {f"{h}:{port}" for h in ("127.0.0.1", "localhost", "[::1]")} if loopback else None
+
+    def busy_clients(self) -> int:
+        """Connections being served now."""
+        return self._clients
+
+    def _count_client(self, step: int) -> bool:
+        with self._clients_lock:
+            if step > 0 and self._clients >= self.max_clients:
+                return False
+            self._clients += step
+            return True
+
+    def process_request(self, request: socket.socket, client_address: Any) -> None:
+        if not self._count_client(+1):
+            self._answer_busy(request)
+            return
+        try:
+            super().process_request(request, client_address)  # starts the thread
+        except BaseException:
+            self._count_client(-1)
+            raise
+
+    def process_request_thread(self, request: socket.socket, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._count_client(-1)
+
+    def _answer_busy(self, request: socket.socket) -> None:
+        """503 without a thread and without waiting: in this accept loop, nothing may block."""
+        body = json.dumps({"error": "the page's server is busy: try again in a moment", "kind": "busy"}).encode()
+        head = [f"HTTP/1.0 503 {HTTPStatus(503).phrase}", "Content-Type: application/json",
+                f"Content-Length: {len(body)}", "Retry-After: 1", "Connection: close",
+                *(f"{k}: {v}" for k, v in SECURITY_HEADERS.items())]
+        try:
+            request.setblocking(False)
+            # Read what the client has sent so far: closing a socket with unread bytes resets the
+            # connection, and the client could lose this answer (one still sending a large body may).
+            with contextlib.suppress(BlockingIOError):
+                request.recv(65536)
+            request.sendall("\r\n".join(head).encode() + b"\r\n\r\n" + body)
+        except OSError:
+            pass  # the client is gone, or its window is full: it gets the closed connection
+        self.shutdown_request(request)
 
     @property
     def url(self) -> str:

@@ -3,13 +3,15 @@
 Each server gets a run directory (env SERVE_DIR, default `logs/`) holding its effective
 config.properties, its token file (key_file.json), its logs and its pid file. TorchServe keeps its
 pid file in $TMPDIR and its token file in the working directory, so pointing both at the run
-directory lets several servers (a user's and a test's) coexist and stop cleanly.
+directory lets several servers (a user's and a test's) coexist and stop cleanly. The run directory
+is its owner's alone (0700), and TorchServe runs under umask 077.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import stat
 import subprocess
 import sys
 import time
@@ -64,7 +66,8 @@ class TorchServe(ServerClient):
             "management_address": self.addresses["management"],
             "metrics_address": self.addresses["metrics"],
             "model_store": str(store),
-            "allowed_urls": f"file://{re.escape(str(store))}/.*\\\\.mar",
+            # A regex: re.escape's escapes (a backslash before a non-letter) mean the same in Java's.
+            "allowed_urls": f"file://{re.escape(str(store))}/.*\\.mar",
             "metrics_config": str(ROOT / "configs" / "metrics.yaml"),
             "disable_token_authorization": "false" if self.auth else "true",
             **{k: str(v) for k, v in self.grpc_ports.items()},
@@ -113,7 +116,8 @@ class TorchServe(ServerClient):
     def start(self, timeout: float = 120) -> Path:
         """Start TorchServe and wait until the model's workers are READY; returns the archive it serves."""
         mar = self.check_can_start()
-        (self.run_dir / "tmp").mkdir(parents=True, exist_ok=True)
+        make_private_dir(self.run_dir)
+        (self.run_dir / "tmp").mkdir(exist_ok=True)
         self.pid_file.unlink(missing_ok=True)  # stale: its process is gone (checked above)
         (self.run_dir / "key_file.json").unlink(missing_ok=True)
         self.mark_log_start()
@@ -126,8 +130,10 @@ class TorchServe(ServerClient):
                "--models", f"{self.model_name}={mar.name}", "--ts-config", str(config)]
         try:
             with (self.run_dir / "console.log").open("ab") as console:
+                # umask 077: TorchServe creates key_file.json with the umask and chmods it to 0600 only
+                # afterwards; in between, anyone who can reach the file could open it and keep reading.
                 subprocess.run(cmd, cwd=self.run_dir, env=env, stdout=console, stderr=subprocess.STDOUT,
-                               start_new_session=True, check=True, timeout=60)
+                               start_new_session=True, check=True, timeout=60, umask=0o077)
         except (OSError, subprocess.SubprocessError) as err:  # CalledProcessError, TimeoutExpired
             raise ServerError(f"`torchserve --start` failed ({err}); see {self.run_dir}/console.log:\n"
                               + self.log_tail("console.log")) from None
@@ -223,16 +229,36 @@ def torchserve_bin() -> Path:
     return Path(sys.executable).parent / "torchserve"
 
 
+def make_private_dir(path: Path) -> None:
+    """Create `path` (or keep it) with mode 0700: the run directory holds the tokens and the logs."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if path.stat().st_mode & stat.S_ISVTX:  # not a run directory of its own: chmod would lock others out
+            raise ServerError(f"{path} is a shared directory (sticky bit, like /tmp): set SERVE_DIR to a "
+                              "directory for this server alone")
+        path.chmod(0o700)  # one made before, by an older version or by hand
+    except OSError as err:
+        raise ServerError(f"cannot make the run directory {path} private to its owner ({err.strerror}): "
+                          "set SERVE_DIR to a directory of your own") from None
+
+
+def properties_value(value: str) -> str:
+    """`value` written so that java.util.Properties reads it back unchanged: a backslash starts an escape
+    there (`\\.` reads as `.`, which drops a regex escape), so it is doubled, and a line break would end it."""
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+
+
 def render_properties(template: str, values: dict[str, str]) -> str:
-    """`template` with each `key=value` line replaced by `values[key]`, and the remaining keys appended."""
+    """`template` with each `key=value` line replaced by `values[key]`, and the remaining keys appended.
+    `values` are the values themselves; they are written escaped for java.util.Properties."""
     lines, seen = [], set()
     for line in template.splitlines():
         key = line.split("=", 1)[0].strip()
         if "=" in line and not line.lstrip().startswith("#") and key in values:
-            line = f"{key}={values[key]}"
+            line = f"{key}={properties_value(values[key])}"
             seen.add(key)
         lines.append(line)
-    lines += [f"{k}={v}" for k, v in values.items() if k not in seen]
+    lines += [f"{k}={properties_value(v)}" for k, v in values.items() if k not in seen]
     return "\n".join(lines) + "\n"
 
 

@@ -29,7 +29,7 @@ EXPECTED_FILES = {
     "handler.py", "weights.pt", "model.json", "index_to_name.json", "model-config.yaml",
     "training/__init__.py", *CORE_FILES,
     "MAR-INF/MANIFEST.json", "serving/__init__.py", "serving/oip.py", "serving/worker_io.py",
-    "serving/metric_buffer.py",
+    "serving/metric_buffer.py", "serving/json_body.py",
 }  # the tiny checkpoint predates calibration: no ood.pt (the trained one's archive adds it)
 
 
@@ -48,8 +48,8 @@ def test_archive_holds_exactly_what_the_server_needs(tiny_archive):
     assert {k: manifest[k] for k in ("modelName", "modelVersion", "handler", "serializedFile")} == {
         "modelName": "mnist", "modelVersion": "1.0", "handler": "handler.py", "serializedFile": "weights.pt"}
     # The served code is the repository's code at archive time, byte for byte.
-    served = [(f, f) for f in sorted(CORE_FILES)] + [(f"serving/{f}", f"serving/{f}")
-                                                     for f in ("oip.py", "worker_io.py", "metric_buffer.py")]
+    served = [(f, f) for f in sorted(CORE_FILES)] + [
+        (f"serving/{f}", f"serving/{f}") for f in ("oip.py", "worker_io.py", "metric_buffer.py", "json_body.py")]
     for packed, source in [("handler.py", "serving/handler.py"), *served,
                            ("model-config.yaml", "configs/model-config.yaml")]:
         assert read_member(archive.path, packed) == (ROOT / source).read_bytes(), packed

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import base64
 import json
+import shutil
+import subprocess
+import sys
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,12 +19,12 @@ import torch
 import yaml
 
 from serving import oip
-from serving.kserve import MODEL_CONFIG, build_bundle, read_properties, start_local
+from serving.kserve import MODEL_CONFIG, BundleError, build_bundle, read_properties, start_local
 from training.core.inputs.preprocess import PreprocessError
 
 pytest.register_assert_rewrite("serving_fixtures")
 pytest_plugins = ["serving_fixtures"]
-from serving_fixtures import encode_png, offline_probabilities, unpack  # noqa: E402
+from serving_fixtures import ROOT, encode_png, offline_probabilities, unpack  # noqa: E402
 from test_handler import InProcessWorker, as_json, raw  # noqa: E402
 from test_serving import UUID, call  # noqa: E402
 
@@ -44,7 +47,7 @@ def test_bundle_is_what_the_runtime_reads(tiny_archive, tmp_path):
     config = build_bundle(archive.path.parent, "mnist", tmp_path / "kserve")
     files = sorted(str(p.relative_to(tmp_path / "kserve")) for p in (tmp_path / "kserve").rglob("*") if p.is_file())
     # The signature travels with the archive (`make archive` signs): verify it before upload, KServe won't.
-    assert files == ["config/config.properties", "config/metrics.yaml", "model-store/mnist.mar",
+    assert files == ["bundle.json", "config/config.properties", "config/metrics.yaml", "model-store/mnist.mar",
                      "model-store/mnist.mar.sha256", "model-store/mnist.mar.sig"]
     props = read_properties(config)
     # The runtime passes --model-store=/mnt/models/model-store; the wrapper reads model_store too.
@@ -65,6 +68,30 @@ def test_bundle_is_what_the_runtime_reads(tiny_archive, tmp_path):
     assert (tmp_path / "kserve" / "model-store" / "mnist.mar").read_bytes() == archive.path.read_bytes()
     with zipfile.ZipFile(archive.path) as z:
         assert "serving/oip.py" in z.namelist()  # the handler's v2 codec travels in the archive
+
+
+def test_bundle_replaces_only_a_bundle_it_made(tiny_archive, tmp_path):
+    """`--out model_store` (or `.`) once deleted that directory before writing the bundle into it."""
+    store = tmp_path / "model_store"
+    shutil.copytree(tiny_archive[1].path.parent, store)
+    before = sorted(p.name for p in store.iterdir())
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    for out in (store, mine, tmp_path):
+        with pytest.raises(BundleError, match=f"^{out} exists and is not a bundle made by `make kserve-bundle`"):
+            build_bundle(store, "mnist", out)
+    cmd = [sys.executable, "-m", "serving.kserve", "--model-store", str(store), "--out", str(store)]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert (out.returncode, out.stdout) == (1, "")
+    assert out.stderr == (f"error: {store} exists and is not a bundle made by `make kserve-bundle` (no bundle.json): "
+                          "refusing to delete it; choose another --out, or delete it yourself\n")
+    assert sorted(p.name for p in store.iterdir()) == before and (mine / "notes.txt").read_text() == "keep me"
+    # A new directory, an empty one and a bundle made before are (re)built.
+    (tmp_path / "empty").mkdir()
+    for out in (tmp_path / "new", tmp_path / "empty", tmp_path / "new"):
+        assert build_bundle(store, "mnist", out) == out / "config" / "config.properties"
+        assert (out / "model-store" / "mnist.mar").read_bytes() == (store / "mnist.mar").read_bytes()
 
 
 @pytest.mark.parametrize(("tensor", "message"), [
@@ -109,6 +136,19 @@ def test_handler_answers_v2_and_json_in_one_batch(tiny_archive, mnist_test_image
     assert by_tensor["outputs"][0]["data"] == [plain["probabilities"][str(d)] for d in range(10)]
     assert by_tensor["outputs"][1]["data"] == [plain["digit"]]
     assert error == {"error": "'shape' must be a list of non-negative integers"}
+
+
+def test_deep_v2_json_is_a_400_in_the_v2_shape(tiny_archive, tmp_path):
+    """The JSON depth bound guards v2 bodies too: 50,000 nested lists (50 KB) would otherwise reach
+    json.loads, whose RecursionError became a 500."""
+    threads = torch.get_num_threads()
+    worker = InProcessWorker(unpack(tiny_archive[1].path, tmp_path / "model"))
+    torch.set_num_threads(threads)
+    deep = b'{"inputs": [{"name": "input-0", "shape": [1], "datatype": "UINT8", "data": ' + \
+        b"[" * 50_000 + b"]" * 50_000 + b"}]}"
+    answers = worker.handle([raw(deep, "application/json"), raw(b'{"inputs": [', "application/json")])
+    assert answers == [(400, {"error": "JSON nested too deeply: at most 32 levels"}),
+                       (400, {"error": "malformed JSON body"})]
 
 
 # --- TorchServe run as KServe's runtime runs it -----------------------------------------------------

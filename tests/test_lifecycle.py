@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import urllib.request
 
 import pytest
@@ -171,3 +172,53 @@ def test_promotes_of_an_earlier_run_of_the_server_are_forgotten(tmp_path):
     assert lifecycle._history(client) == ["1.0"]
     (tmp_path / "tmp" / ".model_server.pid").write_text("4343\n")  # restarted: it serves one version again
     assert lifecycle._history(client) == []
+
+
+HISTORY_WRITER = """
+import sys
+from pathlib import Path
+from serving import lifecycle
+from serving.client import ServerClient
+client = ServerClient(run_dir=Path(sys.argv[1]))
+for i in range(25):
+    with lifecycle.promote_history(client) as history:
+        history.append(f"{sys.argv[2]}-{i}")
+"""
+
+
+def test_concurrent_promotes_lose_no_record(tmp_path):
+    """Four processes and four threads, 25 promotes each, all at once (two terminals, a script): each
+    read-modify-write of lifecycle.json holds its lock, so no record is lost and no reader sees a torn file."""
+    client = ServerClient(run_dir=tmp_path)
+    (tmp_path / "tmp").mkdir()
+    (tmp_path / "tmp" / ".model_server.pid").write_text("4242\n")
+    processes = [subprocess.Popen([sys.executable, "-c", HISTORY_WRITER, str(tmp_path), f"p{n}"], cwd=ROOT,
+                                  stderr=subprocess.PIPE, text=True) for n in range(4)]
+
+    def promotes(name: str) -> None:
+        for i in range(25):
+            with lifecycle.promote_history(client) as history:
+                history.append(f"{name}-{i}")
+
+    threads = [threading.Thread(target=promotes, args=(f"t{n}",)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [p.communicate(timeout=120)[1] for p in processes] == [""] * 4
+    history = lifecycle._history(client)
+    assert sorted(history) == sorted(f"{who}{n}-{i}" for who in "pt" for n in range(4) for i in range(25))
+    for who in [f"p{n}" for n in range(4)] + [f"t{n}" for n in range(4)]:  # each writer's records in its order
+        assert [r for r in history if r.startswith(who + "-")] == [f"{who}-{i}" for i in range(25)]
+
+
+@pytest.mark.parametrize("text", ['{"server_start": "4242", "defaults": ["1.', "", "[]", '{"defaults": "1.0"}'])
+def test_a_torn_history_is_a_one_line_error(tmp_path, text):
+    (tmp_path / "lifecycle.json").write_text(text)
+    env = {**os.environ, "SERVE_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-m", "serving.lifecycle", "rollback"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and out.stdout == ""
+    assert len(out.stderr.splitlines()) == 1, out.stderr
+    assert out.stderr.startswith(f"error: {tmp_path / 'lifecycle.json'} is not a promote history (")
+    assert out.stderr.endswith("): delete it to start a new one (`make rollback` then has nothing to go back to)\n")

@@ -13,11 +13,13 @@ import os
 import re
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -138,6 +140,16 @@ def test_missing_archive_and_stopping_nothing(tmp_path, no_java):
     with pytest.raises(ServerError, match=r"no archive at .*mnist\.mar: run `make archive` first"):
         server.start(timeout=30)
     assert server.stop() is False
+
+
+def test_a_shared_run_directory_is_refused_not_locked_down(tiny_archive, tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)  # like /tmp: making it 0700 would lock every other user out
+    server = TorchServe.on_free_ports(shared, tiny_archive[1].path.parent)
+    with pytest.raises(ServerError, match=r"is a shared directory \(sticky bit, like /tmp\): set SERVE_DIR"):
+        server.start(timeout=30)
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o1777 and server.running_pid() is None
 
 
 # --- one real TorchServe for the rest of the module ----------------------------------------------
@@ -475,3 +487,60 @@ def test_a_second_server_can_start_beside_another(trained_archive, tmp_path):
     finally:
         for sock in blockers:
             sock.close()
+
+
+
+# --- a store whose path needs escaping, a run directory others could read ----------------------------
+
+@pytest.fixture(scope="module")
+def odd_store_server(tiny_archive, tmp_path_factory):
+    """TorchServe with the model API open on a store named `store+(1)`: `+` and `(` are regex syntax in
+    allowed_urls, and a backslash is an escape in a Java properties file. Started under a umask of 022, in
+    a run directory that already exists with mode 0755, as `logs/` in a fresh clone does."""
+    base = tmp_path_factory.mktemp("odd")
+    store = base / "store+(1)"
+    shutil.copytree(tiny_archive[1].path.parent, store)
+    run_dir = base / "run"
+    run_dir.mkdir()
+    run_dir.chmod(0o755)
+    ts = TorchServe.on_free_ports(run_dir, store, extra_properties={"enable_model_api": "true"})
+    umask = os.umask(0o022)
+    try:
+        ts.start(timeout=120)
+    finally:
+        os.umask(umask)
+    try:
+        yield ts
+    finally:
+        ts.stop()
+
+
+@pytest.mark.slow
+def test_the_run_directory_and_the_key_file_are_the_owners_alone(odd_store_server):
+    run_dir = odd_store_server.run_dir
+    assert stat.S_IMODE(run_dir.stat().st_mode) == 0o700
+    assert stat.S_IMODE((run_dir / "key_file.json").stat().st_mode) == 0o600
+    # TorchServe itself runs under umask 077: the key file is never open to others, not even between
+    # its creation and TorchServe's chmod; its logs are not either.
+    assert stat.S_IMODE((run_dir / "ts_log.log").stat().st_mode) == 0o600
+
+
+@pytest.mark.slow
+def test_allowed_urls_match_a_store_path_with_regex_characters(odd_store_server, tmp_path):
+    server, store = odd_store_server, odd_store_server.model_store
+    assert predict(server, SAMPLE_7.read_bytes(), "image/png")[0] == 200
+    (store / "sub").mkdir()
+    shutil.copy2(store / "mnist.mar", store / "sub" / "copy.mar")
+    shutil.copy2(store / "mnist.mar", tmp_path / "copy.mar")
+
+    def register(url: str) -> tuple[int, dict]:
+        query = urllib.parse.urlencode({"url": url, "model_name": "copy", "initial_workers": 1, "synchronous": "true"})
+        status, raw = server.request("management", f"/models?{query}", method="POST", timeout=120)
+        return status, json.loads(raw)
+
+    outside = f"file://{tmp_path}/copy.mar"
+    assert register(outside) == (404, {"code": 404, "type": "ModelNotFoundException",
+                                       "message": f"Given URL {outside} does not match any allowed URL(s)"})
+    status, answer = register(f"file://{store}/sub/copy.mar")  # inside the store: allowed
+    assert status == 200, answer
+    assert server.request("management", "/models/copy", method="DELETE")[0] == 200

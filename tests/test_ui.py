@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import base64
 import http.client
+import http.server
 import itertools
 import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import cv2
@@ -24,6 +28,7 @@ import numpy as np
 import psutil
 import pytest
 
+from serving import lifecycle
 from serving import page as pagelib
 from serving.page import PageServer, find_attribution_map, heatmap_png, strip_data_url
 from serving.server import TorchServe, free_port
@@ -42,10 +47,11 @@ PAD = 280  # the canvas's drawing resolution (serving/web/index.html)
 
 
 def post(url: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, dict]:
+    """POST /api/predict as the page's script does (its Content-Type), with `headers` added or replacing."""
     host, port = url.split("://")[1].strip("/").rsplit(":", 1)
     conn = http.client.HTTPConnection(host, int(port), timeout=60)
     try:
-        conn.request("POST", "/api/predict", body, headers or {})
+        conn.request("POST", "/api/predict", body, {"Content-Type": "application/octet-stream", **(headers or {})})
         resp = conn.getresponse()
         return resp.status, json.loads(resp.read())
     finally:
@@ -123,6 +129,117 @@ def test_backend_refuses_foreign_hosts_big_bodies_and_says_when_torchserve_is_do
     finally:
         page.shutdown()
         page.server_close()
+
+
+@pytest.fixture
+def no_torchserve_page(tmp_path):
+    """The page's backend beside an address where no TorchServe listens: what it forwards gets a 503 "down"."""
+    nothing = f"http://127.0.0.1:{free_port()}"
+    torchserve = TorchServe(run_dir=tmp_path, model_store=tmp_path, auth=False,
+                            addresses={"inference": nothing, "management": nothing, "metrics": nothing})
+    page = PageServer(torchserve, quiet=True, client_timeout=1, max_clients=2)
+    page.serve_in_thread()
+    try:
+        yield page
+    finally:
+        page.shutdown()
+        page.server_close()
+
+
+def raw_exchange(page: PageServer, request: bytes) -> bytes:
+    """Send raw bytes, then read until the server closes. The 10-s limit only keeps a failing test from
+    hanging: a server that keeps the connection open that long is the fault being tested."""
+    with socket.create_connection(page.server_address[:2], timeout=10) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+        return answer
+
+
+def status_and_body(answer: bytes) -> tuple[int, dict]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def test_cross_site_requests_never_reach_torchserve(no_torchserve_page):
+    """What another web page in the same browser can send is refused before the token is added (OWASP's
+    CSRF cheat sheet): a foreign Origin, a Sec-Fetch-Site other than same-origin or none, and the content
+    types a page may post without a CORS preflight."""
+    page, png = no_torchserve_page, SAMPLE_7.read_bytes()
+    own = f"http://127.0.0.1:{page.server_address[1]}"
+    for headers in ({"Origin": "http://evil.example"}, {"Origin": "null"},
+                    {"Origin": f"http://localhost:{page.server_address[1]}"},  # a host name this Host is not
+                    {"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"},
+                    {"Origin": own, "Sec-Fetch-Site": "same-site"}):
+        status, answer = post(page.url, png, headers)
+        assert (status, answer["kind"]) == (403, "client"), headers
+        assert answer["error"].startswith("cross-site request refused"), headers
+    for content_type in ("text/plain", "text/plain;charset=UTF-8", "application/x-www-form-urlencoded",
+                         "multipart/form-data; boundary=x", None):
+        status, answer = post(page.url, png, {"Content-Type": content_type} if content_type else {})
+        if content_type is None:  # http.client sends none unless told
+            status, answer = status_and_body(raw_exchange(page, b"POST /api/predict HTTP/1.1\r\nHost: "
+                                                          + own[7:].encode() + b"\r\nContent-Length: 1\r\n\r\nx"))
+        assert (status, answer["kind"]) == (415, "client"), content_type
+        assert answer["error"] == "send the image as application/octet-stream or image/*", content_type
+    # The page's own requests, and tools that send neither header, reach the forwarding step.
+    for headers in ({"Origin": own, "Sec-Fetch-Site": "same-origin"}, {"Sec-Fetch-Site": "none"}, {},
+                    {"Content-Type": "image/png"}):
+        assert post(page.url, png, headers)[0] == 503, headers
+
+
+@pytest.mark.parametrize(("length", "status"), [
+    ("-1", 400), ("+5", 400), ("0x10", 400), ("1e3", 400), ("5, 5", 400), ("", 400), (None, 411),
+    (str(pagelib.MAX_BODY + 1), 413), ("9" * 5000, 413),
+])
+def test_content_length_is_parsed_strictly(no_torchserve_page, length, status):
+    """`Content-Length: -1` once passed the size check and read until the client closed."""
+    page = no_torchserve_page
+    header = b"" if length is None else b"Content-Length: " + length.encode() + b"\r\n"
+    answer = raw_exchange(page, b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: image/png\r\n"
+                                % page.server_address[1] + header + b"\r\n" + b"x" * 10)
+    got, body = status_and_body(answer)
+    assert (got, body["kind"]) == (status, "input" if status == 413 else "client")
+
+
+def test_chunked_bodies_and_two_lengths_are_refused(no_torchserve_page):
+    page = no_torchserve_page
+    head = b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: image/png\r\n" % page.server_address[1]
+    chunked = b"Transfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\n\r\n"
+    assert status_and_body(raw_exchange(page, head + chunked))[0] == 411
+    assert status_and_body(raw_exchange(page, head + b"Content-Length: 1\r\nContent-Length: 2\r\n\r\nxx"))[0] == 400
+
+
+def test_a_slow_client_is_cut_off_and_extra_clients_are_told_busy(no_torchserve_page):
+    """Slow clients hold at most max_clients threads, each for at most client_timeout per read (1 s and 2
+    here): the next client is answered 503 at once, and once they are gone the page answers again."""
+    page = no_torchserve_page
+    host = b"Host: 127.0.0.1:%d\r\n" % page.server_address[1]
+    # A body that stops after 10 of its 100 bytes: answered 408 once the read times out, not held open.
+    status, answer = status_and_body(raw_exchange(
+        page, b"POST /api/predict HTTP/1.1\r\n" + host + b"Content-Type: image/png\r\nContent-Length: 100\r\n\r\n"
+        + b"x" * 10))
+    assert (status, answer["kind"]) == (408, "client")
+    slow = [socket.create_connection(page.server_address[:2], timeout=10) for _ in range(2)]
+    try:
+        for sock in slow:  # headers that never end, in two handler threads: the limit
+            sock.sendall(b"GET /healthz HTTP/1.1\r\n" + host)
+        wait_until(lambda: page.busy_clients() == 2)
+        status, answer = status_and_body(raw_exchange(page, b"GET /healthz HTTP/1.1\r\n" + host + b"\r\n"))
+        assert (status, answer["kind"]) == (503, "busy")
+    finally:
+        for sock in slow:
+            sock.close()
+    wait_until(lambda: page.busy_clients() == 0)
+    assert raw_exchange(page, b"GET /healthz HTTP/1.1\r\n" + host + b"\r\n").startswith(b"HTTP/1.0 200 ")
+
+
+def wait_until(condition, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
 
 
 # --- a real TorchServe, the page started as `make ui` does, and Chromium --------------------------
@@ -359,3 +476,102 @@ def test_page_says_when_the_token_is_refused(browser, trained_server, tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+# --- the page beside a TorchServe whose model can come and go ------------------------------------
+
+@pytest.fixture(scope="module")
+def model_api_server(tiny_archive, tmp_path_factory):
+    """A real TorchServe on the tiny archive with the model API open, so a test can unregister the model
+    and register it again, as a restart or a rollout leaves the server for a while."""
+    base = tmp_path_factory.mktemp("ui-model-api")
+    shutil.copytree(tiny_archive[1].path.parent, base / "store")
+    ts = TorchServe.on_free_ports(base / "run", base / "store", extra_properties={"enable_model_api": "true"})
+    ts.start(timeout=120)
+    try:
+        yield ts
+    finally:
+        ts.stop()
+
+
+@pytest.fixture
+def page_beside(model_api_server):
+    page = PageServer(model_api_server, quiet=True)
+    page.serve_in_thread()
+    try:
+        yield page
+    finally:
+        page.shutdown()
+        page.server_close()
+
+
+@pytest.mark.slow
+def test_explanations_come_back_after_the_model_was_missing(model_api_server, page_beside):
+    """One 404 while the model was not registered once switched the heatmap off for the page's lifetime."""
+    server, png = model_api_server, SAMPLE_7.read_bytes()
+    status, answer = post(page_beside.url, png)
+    assert status == 200 and answer["heatmap"].startswith("data:image/png;base64,")
+    assert server.request("management", "/models/mnist/1.0", method="DELETE")[0] == 200
+    try:
+        status, answer = post(page_beside.url, png)
+        assert (status, answer["kind"]) == (502, "server") and "HTTP 404" in answer["error"]
+    finally:
+        status, raw = server.request("management", "/models?url=mnist.mar&initial_workers=1&synchronous=true",
+                                     method="POST", timeout=120)
+        assert status == 200, raw
+    status, answer = post(page_beside.url, png)
+    assert status == 200 and answer["heatmap"].startswith("data:image/png;base64,")
+    assert page_beside.backend.explanations is True
+
+
+ANOTHER_SITE = b"""<!doctype html><title>another site</title>
+<script>
+// What any page open in the same browser can do without a CORS preflight: post bytes in no-cors mode.
+async function post(target, bytes, type) {
+  const body = type ? new Blob([new Uint8Array(bytes)], { type }) : new Uint8Array(bytes);
+  await fetch(target, { method: "POST", mode: "no-cors", body });
+}
+</script>"""
+
+
+class AnotherSite(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(ANOTHER_SITE)))
+        self.end_headers()
+        self.wfile.write(ANOTHER_SITE)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.mark.slow
+def test_another_site_in_the_browser_cannot_predict_through_the_page(browser, model_api_server, page_beside):
+    """A page on another origin (another port of the same loopback address) posts an image to the page's
+    API from the same Chromium: the backend refuses it, and TorchServe gets no request."""
+    site = http.server.ThreadingHTTPServer(("127.0.0.1", 0), AnotherSite)
+    threading.Thread(target=site.serve_forever, daemon=True).start()
+    target = page_beside.url + "api/predict"
+    before = lifecycle.metric_sum(lifecycle.scrape(model_api_server), "ts_inference_requests_total")
+    context = browser.new_context()
+    try:
+        other = context.new_page()
+        other.goto(f"http://127.0.0.1:{site.server_address[1]}/")
+        for content_type in (None, "text/plain", "application/octet-stream"):
+            with other.expect_response(target) as answered:
+                other.evaluate("([target, bytes, type]) => post(target, bytes, type)",
+                               [target, list(SAMPLE_7.read_bytes()), content_type])
+            assert answered.value.status == 403, content_type  # opaque to the script, not to the test
+        after = lifecycle.metric_sum(lifecycle.scrape(model_api_server), "ts_inference_requests_total")
+        assert after == before
+        # The page itself, in the same browser, still gets its answers.
+        own, _ = open_page(browser, page_beside.url, viewport={"width": 900, "height": 700})
+        draw(own, SEVEN)
+        assert not shown(own)["error"] and shown(own)["digit"] is not None
+        assert lifecycle.metric_sum(lifecycle.scrape(model_api_server), "ts_inference_requests_total") > after
+        own.context.close()
+    finally:
+        context.close()
+        site.shutdown()
+        site.server_close()

@@ -14,7 +14,8 @@ import cv2
 import numpy as np
 import pytest
 
-from serving.handler import MAX_JSON_DEPTH, _nesting, decode_request
+from serving.handler import decode_request
+from serving.json_body import MAX_JSON_DEPTH, nesting
 from training.core.inputs.preprocess import (
     PreprocessError,
     box_stroke_width,
@@ -94,7 +95,7 @@ def test_bad_base64_and_deep_json_are_refused_with_a_message(request_, message):
     (b'{"a": "\\\\", "b": [[1]]}', 3),  # an escaped backslash does not escape the closing quote
 ])
 def test_nesting_counts_brackets_outside_strings(raw, depth):
-    assert _nesting(raw) == depth
+    assert nesting(raw) == depth
 
 
 # --- to_mnist's steps on pictures that are not clean scans -----------------------------------------
