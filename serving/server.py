@@ -230,16 +230,21 @@ def torchserve_bin() -> Path:
 
 
 def make_private_dir(path: Path) -> None:
-    """Create `path` (or keep it) with mode 0700: the run directory holds the tokens and the logs."""
+    """Create `path` with mode 0700, or set it: the run directory holds the tokens and the logs. One that
+    belongs to another user keeps its mode (a volume mounted into a container that runs as another uid,
+    with group access, as docker/Dockerfile sets up): only its owner may change it, and TorchServe's
+    umask 077 still keeps the key file private."""
     try:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if path.stat().st_mode & stat.S_ISVTX:  # not a run directory of its own: chmod would lock others out
+        info = path.stat()
+        if info.st_mode & stat.S_ISVTX:  # a shared directory like /tmp: 0700 would lock every other user out
             raise ServerError(f"{path} is a shared directory (sticky bit, like /tmp): set SERVE_DIR to a "
                               "directory for this server alone")
-        path.chmod(0o700)  # one made before, by an older version or by hand
+        if info.st_uid == os.geteuid():
+            path.chmod(0o700)  # one made before, by an older version or by hand
     except OSError as err:
-        raise ServerError(f"cannot make the run directory {path} private to its owner ({err.strerror}): "
-                          "set SERVE_DIR to a directory of your own") from None
+        raise ServerError(f"cannot make the run directory {path} ({err.strerror}): set SERVE_DIR to a "
+                          "directory of your own") from None
 
 
 def properties_value(value: str) -> str:

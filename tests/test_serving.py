@@ -30,7 +30,7 @@ import pytest
 import yaml
 
 from bench.inputs import handler_rejections
-from serving.server import ServerError, TorchServe, free_port
+from serving.server import ServerError, TorchServe, free_port, make_private_dir
 
 # Shared fixtures (tiny_archive, trained_archive, trained_checkpoint) load as a plugin, so each
 # exists once per session; helpers are imported by name, after registering for assert rewriting.
@@ -150,6 +150,19 @@ def test_a_shared_run_directory_is_refused_not_locked_down(tiny_archive, tmp_pat
     with pytest.raises(ServerError, match=r"is a shared directory \(sticky bit, like /tmp\): set SERVE_DIR"):
         server.start(timeout=30)
     assert stat.S_IMODE(shared.stat().st_mode) == 0o1777 and server.running_pid() is None
+
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making a directory another user's takes root")
+def test_a_run_directory_of_another_user_keeps_its_mode(tmp_path):
+    """As in a container run as another uid than the volume's owner (group access, docker/Dockerfile):
+    only the owner may chmod it, so the start leaves it as it is rather than failing."""
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    theirs.chmod(0o770)
+    os.chown(theirs, 65534, 0)
+    make_private_dir(theirs)
+    assert stat.S_IMODE(theirs.stat().st_mode) == 0o770
 
 
 # --- one real TorchServe for the rest of the module ----------------------------------------------
