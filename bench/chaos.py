@@ -27,8 +27,8 @@ from bench.load import write_digits
 from bench.report import other_jobs
 from bench.scenarios import Harness, say, scenario_inputs, scenario_kill, scenario_sigterm, scenario_soak
 from serving.archive import DEFAULT_VARIANT, build_archive
-from serving.handler import serving_model, to_model_input
 from serving.server import ServerError, TorchServe
+from serving.worker.variants import serving_model, to_model_input
 from training.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 
 SCENARIOS = ("inputs", "kill", "sigterm", "soak")

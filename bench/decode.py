@@ -1,6 +1,6 @@
 """What one request's decoding costs a worker, in-process: `python -m bench.decode`.
 
-Times `serving.handler.decode_request` (bytes → the 28×28 digit the model sees: header check,
+Times `serving.worker.requests.decode_request` (bytes → the 28×28 digit the model sees: header check,
 decode, polarity or the full MNIST-style preparation) on the bodies clients send, one thread, and
 prints µs per request (best of --repeats rounds over 32 different test digits). The served rate at
 64 connections is bound by the workers' per-request CPU, so this is the decode share of it.
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from bench.report import machine_line
-from serving.handler import decode_request
+from serving.worker.requests import decode_request
 from training.data import load_split
 
 

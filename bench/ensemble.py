@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from serving.handler import serving_model
+from serving.worker.variants import serving_model
 from training.core.ensemble import METHODS, build_ensemble
 from training.core.model import Net
 

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from serving.archive import DEFAULT_VARIANT
-from serving.handler import decode_request, serving_model, to_model_input
+from serving.worker.requests import decode_request
+from serving.worker.variants import serving_model, to_model_input
 from training.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from training.core.inputs.decode import load_image
 from training.core.inputs.preprocess import PreprocessError

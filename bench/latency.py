@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from serving.archive import build_archive
-from serving.handler import serving_model, to_model_input
 from serving.server import TorchServe
+from serving.worker.variants import serving_model, to_model_input
 from training.checkpoint import load_checkpoint, model_from_checkpoint
 from training.core.model import Net
 from training.core.ood import features_and_logits, is_digit, ood_score

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from serving.handler import serving_model, to_model_input
+from serving.worker.variants import serving_model, to_model_input
 from training import config as cfglib
 from training.checkpoint import CheckpointError, atomic_save, load_checkpoint, model_from_checkpoint
 from training.core.ensemble import build_ensemble

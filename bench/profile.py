@@ -25,8 +25,8 @@ import psutil
 from bench.load import WRK_SCRIPT, run_wrk, write_digits
 from bench.report import machine_line
 from serving.archive import MODEL_CONFIG, build_archive
-from serving.handler import DEFAULT_VARIANT
 from serving.server import LOG4J, TorchServe
+from serving.worker.variants import DEFAULT_VARIANT
 
 # The venv's own py-spy first: `make` runs without the venv on PATH.
 _VENV_SPY = Path(sys.executable).with_name("py-spy")

@@ -24,9 +24,9 @@ import torch
 from bench.load import WRK_SCRIPT, Sampler, run_wrk, write_digits
 from bench.report import machine_line, plot_serving, serving_table
 from serving.archive import build_archive
-from serving.handler import DEFAULT_VARIANT
 from serving.server import TorchServe
 from serving.signing import sign_archive
+from serving.worker.variants import DEFAULT_VARIANT
 from training.checkpoint import atomic_save, load_checkpoint, model_from_checkpoint
 from training.core.tensors import normalize
 from training.data import load_split, sha256_of
@@ -97,7 +97,7 @@ def bench_setup(label: str, server: TorchServe, script_path: Path, digits: list[
 
 def variant_model(checkpoint: Path, variant: str, work: Path):
     """The model exactly as a worker of a `variant` archive runs it (one thread)."""
-    from serving.handler import ONNX_FILES, serving_model
+    from serving.worker.variants import ONNX_FILES, serving_model
     from training.core.runners import OnnxModel
     from training.tools.export import calibration_images, export_all
 
@@ -122,7 +122,7 @@ def _ms_per_batch(model, x: torch.Tensor, runs: int) -> float:
 def in_process_rps(checkpoint: Path, variant: str, images: torch.Tensor, threads: int = 1) -> float:
     """Digits per second the variant does in-process at batch 32 on `threads` (the worker's): uint8 in,
     normalisation included, no HTTP, no decode. The ceiling a served rate is a fraction of."""
-    from serving.handler import to_model_input
+    from serving.worker.variants import to_model_input
 
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -146,7 +146,7 @@ def variant_table(checkpoint: Path, compiled: bool = True) -> str:
     """Each archive variant as a worker runs it (one thread, channels_last): accuracy, argmax agreement with
     fp32 (fused) on the whole test set, and batch latency; `+compile`: the same under torch.compile."""
     from serving.archive import VARIANTS
-    from serving.handler import serving_model, to_model_input
+    from serving.worker.variants import serving_model, to_model_input
 
     images, labels = load_split(None, train=False)
     threads = torch.get_num_threads()

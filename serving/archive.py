@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from serving.handler import APPROXIMATE_VARIANTS, DEFAULT_VARIANT, ONNX_FILES, SELF_CHECK_FILE, VARIANTS
 from serving.signing import SignatureError, sign_archive, signature_path
 from serving.store import archive_version, forget_default
+from serving.worker.variants import APPROXIMATE_VARIANTS, DEFAULT_VARIANT, ONNX_FILES, SELF_CHECK_FILE, VARIANTS
 from training.checkpoint import CheckpointError, load_checkpoint
 from training.config import ArgumentParser
 from training.data import sha256_of
@@ -31,13 +31,13 @@ from training.recipes.ensemble_train import DEFAULT_OUT as ENSEMBLE_DIR
 from training.recipes.ensemble_train import load_ensemble_checkpoint, member_configs
 
 ROOT = Path(__file__).resolve().parent.parent
-HANDLER = ROOT / "serving" / "handler.py"
-# The served core, packed whole: the model, decoding and preprocessing, the OOD score, the explainer, the
-# exported formats' runners, precision variants and the ensemble (it imports nothing outside itself).
+# What a model archive carries, whole: the worker's code (serving/worker: handler, request parsing,
+# variants, the KServe v2 protocol, worker I/O, metrics) and the served core it runs (training/core:
+# model, decoding and preprocessing, OOD score, explainer, runners, precision, ensemble). Neither imports
+# anything outside the two (tests/test_archive.py), so the .mar needs nothing of this repository.
+WORKER = ROOT / "serving" / "worker"
+HANDLER = WORKER / "handler.py"
 CORE = ROOT / "training" / "core"
-# and from serving/: the KServe v2 protocol, buffered reads of the worker socket, metrics once a second,
-# JSON bodies parsed with a depth bound
-PACKED_SERVING_FILES = ("oip.py", "worker_io.py", "metric_buffer.py", "json_body.py")
 MODEL_CONFIG = ROOT / "configs" / "model-config.yaml"  # CPU profile; configs/model-config-gpu.yaml for GPUs
 
 
@@ -70,9 +70,8 @@ def _stage(ckpt: dict, variant: str, checkpoint: Path, staging: Path) -> tuple[P
     (extra / "training" / "__init__.py").write_text('"""The served core packed from training/core/."""\n')
     shutil.copytree(CORE, extra / "training" / "core", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     (extra / "serving").mkdir()
-    (extra / "serving" / "__init__.py").write_text('"""Serving code packed from serving/."""\n')
-    for name in PACKED_SERVING_FILES:
-        shutil.copy2(ROOT / "serving" / name, extra / "serving" / name)
+    (extra / "serving" / "__init__.py").write_text('"""The worker code packed from serving/worker/."""\n')
+    shutil.copytree(WORKER, extra / "serving" / "worker", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     meta = {
         "model_config": ckpt["model_config"],
         "class_names": ckpt["class_names"],

@@ -177,7 +177,7 @@ class TorchServe(ServerClient):
         self._model_log_offset = model_log.stat().st_size if model_log.exists() else 0
 
     def self_check_refusal(self) -> str | None:
-        """The worker's one line when an approximate variant failed its load-time self-check (serving/handler.py)."""
+        """The worker's one line when an approximate variant failed its load-time self-check (worker/handler.py)."""
         log = self.run_dir / "model_log.log"
         if not log.exists():
             return None

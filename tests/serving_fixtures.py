@@ -79,7 +79,7 @@ def failing_replace(monkeypatch, fail_on: int) -> list:
 
 def settled(read, quiet: float = 1.5, timeout: float = 20.0):
     """`read()` once its value has not changed for `quiet` seconds. The handler emits its counters at most
-    once a second (serving/metric_buffer.py), so counts that earlier requests left pending land in that
+    once a second (serving/worker/metric_buffer.py), so counts that earlier requests left pending land in that
     time: a test that reads a counter before its own requests must wait for them first."""
     value, since = read(), time.monotonic()
     deadline = since + timeout

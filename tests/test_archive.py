@@ -25,11 +25,12 @@ from serving_fixtures import ROOT, TINY_MODEL, failing_replace, save_tiny_checkp
 
 CORE_FILES = {f"training/core/{p.relative_to(ROOT / 'training' / 'core')}"
               for p in (ROOT / "training" / "core").rglob("*.py")}
+WORKER_FILES = {f"serving/worker/{p.name}" for p in (ROOT / "serving" / "worker").glob("*.py")}
 EXPECTED_FILES = {
     "handler.py", "weights.pt", "model.json", "index_to_name.json", "model-config.yaml",
     "training/__init__.py", *CORE_FILES,
-    "MAR-INF/MANIFEST.json", "serving/__init__.py", "serving/oip.py", "serving/worker_io.py",
-    "serving/metric_buffer.py", "serving/json_body.py",
+    "MAR-INF/MANIFEST.json", "serving/__init__.py", "serving/worker/oip.py", "serving/worker/worker_io.py",
+    "serving/worker/metric_buffer.py", "serving/worker/json_body.py",
 }  # the tiny checkpoint predates calibration: no ood.pt (the trained one's archive adds it)
 
 
@@ -48,9 +49,8 @@ def test_archive_holds_exactly_what_the_server_needs(tiny_archive):
     assert {k: manifest[k] for k in ("modelName", "modelVersion", "handler", "serializedFile")} == {
         "modelName": "mnist", "modelVersion": "1.0", "handler": "handler.py", "serializedFile": "weights.pt"}
     # The served code is the repository's code at archive time, byte for byte.
-    served = [(f, f) for f in sorted(CORE_FILES)] + [
-        (f"serving/{f}", f"serving/{f}") for f in ("oip.py", "worker_io.py", "metric_buffer.py", "json_body.py")]
-    for packed, source in [("handler.py", "serving/handler.py"), *served,
+    served = [(f, f) for f in sorted(CORE_FILES | WORKER_FILES)]
+    for packed, source in [("handler.py", "serving/worker/handler.py"), *served,
                            ("model-config.yaml", "configs/model-config.yaml")]:
         assert read_member(archive.path, packed) == (ROOT / source).read_bytes(), packed
     meta = json.loads(read_member(archive.path, "model.json"))
@@ -269,14 +269,16 @@ def test_the_packed_files_import_only_packed_files():
     """The .mar is self-contained: a server without this repository installed (KServe's runtime image)
     has only what the archive holds, so a packed file that imports another project module breaks there
     even though every test here passes (the project is installed in the virtualenv)."""
-    from serving.archive import CORE, HANDLER, PACKED_SERVING_FILES
+    from serving.archive import CORE, WORKER
 
-    core = {"training", "training.core", *(".".join(("training", "core", *p.relative_to(CORE).with_suffix("").parts))
-                                            for p in CORE.rglob("*.py") if p.name != "__init__.py")}
-    core |= {m.rsplit(".", 1)[0] for m in core}  # the packages themselves (training.core.inputs)
-    packed = core | {f"serving.{f[:-3]}" for f in PACKED_SERVING_FILES} | {"serving"}
-    # The served core imports nothing outside itself, not even inside a function.
+    def modules(folder: Path, package: str) -> set[str]:
+        names = {".".join((package, *p.relative_to(folder).with_suffix("").parts)) for p in folder.rglob("*.py")}
+        return {n.removesuffix(".__init__") for n in names}
+
+    core = modules(CORE, "training.core") | {"training"}
+    packed = core | modules(WORKER, "serving.worker") | {"serving"}
+    # The served core imports nothing outside itself, not even inside a function; the worker only the two.
     for path in CORE.rglob("*.py"):
         assert _project_imports(path, everywhere=True) <= core, path
-    for path in [HANDLER, *(ROOT / "serving" / f for f in PACKED_SERVING_FILES)]:
+    for path in WORKER.glob("*.py"):
         assert _project_imports(path, everywhere=True) <= packed, path.name

@@ -51,7 +51,7 @@ def test_serving_table_gives_the_share_of_in_process_throughput():
 def test_decode_bench_bodies_are_what_the_handler_accepts():
     # bench.decode times these: each must decode to a digit, not take the error path.
     from bench.decode import bodies
-    from serving.handler import decode_request
+    from serving.worker.requests import decode_request
 
     digits = np.zeros((2, 28, 28), np.uint8)
     digits[:, 6:22, 12:16] = 255  # a "1"

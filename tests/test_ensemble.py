@@ -12,8 +12,8 @@ import json
 import pytest
 import torch
 
-from serving import handler
 from serving.archive import build_archive
+from serving.worker import variants
 from training.checkpoint import atomic_save, load_checkpoint, model_from_checkpoint
 from training.core.ensemble import METHODS, EnsembleError, GroupedEnsemble, build_ensemble
 from training.core.model import ModelConfig, Net
@@ -97,7 +97,7 @@ def test_an_ensemble_archive_serves_the_average_in_the_single_model_format(tmp_p
                                                                           mixed, variant):
     # bf16 wraps the whole ensemble (the grouped forward batches plain networks, not bf16 wrappers).
     # Forced on, so that the bf16 path runs on any CPU, also where it would fall back to fused.
-    monkeypatch.setattr(handler.precision, "use_cpu_bf16", lambda train=True: True)
+    monkeypatch.setattr(variants.precision, "use_cpu_bf16", lambda train=True: True)
     configs = [TINY_MODEL, dataclasses.replace(TINY_MODEL, convs=2), TINY_MODEL] if mixed else [TINY_MODEL] * 3
     paths = [save_tiny_checkpoint(tmp_path / f"m{k}.pt", seed=k, model=c) for k, c in enumerate(configs)]
     for path, temperature in zip(paths, TEMPERATURES, strict=True):  # as issue 13's calibration stores it
@@ -115,7 +115,7 @@ def test_an_ensemble_archive_serves_the_average_in_the_single_model_format(tmp_p
     assert meta["ensemble"]["members"] == 3 and meta["ensemble"]["temperatures"] == TEMPERATURES
     assert [ModelConfig(**c) for c in meta["ensemble"]["model_configs"]] == configs
     worker = InProcessWorker(model_dir)
-    assert isinstance(worker.handler.model, handler.precision.BF16Model) == (variant == "bf16")
+    assert isinstance(worker.handler.model, variants.precision.BF16Model) == (variant == "bf16")
     [(status, body), (explained, answer)] = worker.handle([raw(SAMPLE_7.read_bytes())] * 2, explain=frozenset({1}))
     assert status == 200 and set(body) == {"digit", "confidence", "probabilities", "is_digit"}
     assert explained == 200  # explanations run on the fp32 ensemble (Integrated Gradients)

@@ -23,7 +23,7 @@ import torch
 
 from serving import archive
 from training.checkpoint import load_checkpoint
-from training.loop import HOLD_ENV
+from training.run_files import HOLD_ENV
 from training.tools import evaluate
 
 pytest.register_assert_rewrite("serving_fixtures")

@@ -1,4 +1,4 @@
-"""serving/handler.py without a server: TorchServe's own Context, request parsing and metrics cache
+"""serving/worker/handler.py without a server: TorchServe's own Context, request parsing and metrics cache
 drive the handler in-process, and the packed handler runs from an unpacked .mar in a clean interpreter.
 The end-to-end tests through a real TorchServe are in test_serving.py.
 """
@@ -24,14 +24,9 @@ from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 from ts.service import Service
 
 from serving.archive import build_archive
-from serving.handler import (
-    DEFAULT_VARIANT,
-    LOW_CONFIDENCE,
-    ONNX_FILES,
-    SELF_CHECK_FILE,
-    MNISTHandler,
-    decode_request,
-)
+from serving.worker.handler import LOW_CONFIDENCE, MNISTHandler
+from serving.worker.requests import decode_request
+from serving.worker.variants import DEFAULT_VARIANT, ONNX_FILES, SELF_CHECK_FILE
 from training.checkpoint import load_checkpoint, model_from_checkpoint
 from training.core.inputs.preprocess import PreprocessError
 from training.core.ood import is_digit, ood_score
@@ -449,25 +444,25 @@ def test_an_archive_without_a_variant_gets_the_one_default(tiny_archive, tmp_pat
     (model_dir / "model.json").write_text(json.dumps(meta))
     worker = InProcessWorker(model_dir)
     assert DEFAULT_VARIANT == "fused"
-    # fused folds each batch norm into its conv (serving/handler.py: optimize)
+    # fused folds each batch norm into its conv (serving/worker/handler.py: optimize)
     assert [type(block[1]).__name__ for block in worker.handler.model.features] == ["Identity", "Identity"]
 
 
 def test_cpu_only_variants_stay_on_the_cpu_and_bf16_falls_back_where_slower(monkeypatch):
-    from serving import handler
+    from serving.worker import variants
 
-    assert handler.runnable_variant("int8", torch.device("cuda", 0)) == (
+    assert variants.runnable_variant("int8", torch.device("cuda", 0)) == (
         "int8", torch.device("cpu"), "variant int8 runs on the CPU only")
-    assert handler.runnable_variant("bf16", torch.device("cuda", 0)) == ("bf16", torch.device("cuda", 0), "")
-    monkeypatch.setattr(handler.precision, "use_cpu_bf16", lambda train=True: False)
-    assert handler.runnable_variant("bf16", torch.device("cpu")) == (
+    assert variants.runnable_variant("bf16", torch.device("cuda", 0)) == ("bf16", torch.device("cuda", 0), "")
+    monkeypatch.setattr(variants.precision, "use_cpu_bf16", lambda train=True: False)
+    assert variants.runnable_variant("bf16", torch.device("cpu")) == (
         "fused", torch.device("cpu"), "bf16 is not faster than fp32 on this CPU: serving fused (fp32)")
-    monkeypatch.setattr(handler.precision, "use_cpu_bf16", lambda train=True: True)
-    assert handler.runnable_variant("bf16", torch.device("cpu")) == ("bf16", torch.device("cpu"), "")
+    monkeypatch.setattr(variants.precision, "use_cpu_bf16", lambda train=True: True)
+    assert variants.runnable_variant("bf16", torch.device("cpu")) == ("bf16", torch.device("cpu"), "")
 
 
 def test_bf16_variant_takes_and_returns_fp32():
-    from serving.handler import serving_model, to_model_input
+    from serving.worker.variants import serving_model, to_model_input
     from training.core.model import Net
 
     torch.manual_seed(0)

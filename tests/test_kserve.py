@@ -18,8 +18,8 @@ import pytest
 import torch
 import yaml
 
-from serving import oip
 from serving.kserve import MODEL_CONFIG, BundleError, build_bundle, read_properties, start_local
+from serving.worker import oip
 from training.core.inputs.preprocess import PreprocessError
 
 pytest.register_assert_rewrite("serving_fixtures")
@@ -67,7 +67,7 @@ def test_bundle_is_what_the_runtime_reads(tiny_archive, tmp_path):
         "maxBatchDelay": settings["maxBatchDelay"], "responseTimeout": settings["responseTimeout"]}}}}
     assert (tmp_path / "kserve" / "model-store" / "mnist.mar").read_bytes() == archive.path.read_bytes()
     with zipfile.ZipFile(archive.path) as z:
-        assert "serving/oip.py" in z.namelist()  # the handler's v2 codec travels in the archive
+        assert "serving/worker/oip.py" in z.namelist()  # the handler's v2 codec travels in the archive
 
 
 def test_bundle_replaces_only_a_bundle_it_made(tiny_archive, tmp_path):

@@ -24,10 +24,10 @@ from serving import lifecycle
 from serving.archive import build_archive
 from serving.client import ServerClient
 from serving.compare import compare, report
-from serving.handler import serving_model, to_model_input
 from serving.server import ServerError, TorchServe
 from serving.signing import SignatureError, fingerprint, signing_key
 from serving.store import archive_to_serve, archive_version
+from serving.worker.variants import serving_model, to_model_input
 from training.checkpoint import load_checkpoint, model_from_checkpoint
 
 pytest.register_assert_rewrite("serving_fixtures")

@@ -1,4 +1,4 @@
-"""serving/metric_buffer.py: counters summed, gauges last, emitted at most once per interval, and never later."""
+"""serving/worker/metric_buffer.py: counters summed, gauges last, emitted at most once per interval, and never later."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from serving.metric_buffer import MetricBuffer, interval_from_env
+from serving.worker.metric_buffer import MetricBuffer, interval_from_env
 
 V1 = (("ModelVersion", "1.0"),)
 

@@ -20,9 +20,9 @@ import pytest
 import torch
 import yaml
 
-from serving.handler import LOW_CONFIDENCE
 from serving.monitor import ALERTS_YML, PROMETHEUS_YML, Prometheus, shorten_rules, write_config
 from serving.server import TorchServe, free_port
+from serving.worker.handler import LOW_CONFIDENCE
 from training.data import load_split
 
 pytest.register_assert_rewrite("serving_fixtures")

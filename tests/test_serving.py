@@ -203,7 +203,7 @@ def test_server_runs_the_archived_model_config(server):
     summary = (info["modelName"], info["modelVersion"], info["batchSize"], info["maxBatchDelay"])
     assert summary == ("mnist", "1.0", 32, 5)  # configs/model-config.yaml, packed in the .mar
     assert [w["status"] for w in info["workers"]] == ["READY"] * workers_of_the_archive() == ["READY"] * 2
-    # serving/worker_io.py: each worker reads TorchServe's frames through one buffer, once loaded.
+    # serving/worker/worker_io.py: each worker reads TorchServe's frames through one buffer, once loaded.
     assert server.log_tail("model_log.log", 10_000).count("reads frames through a 256 KiB buffer") == 2
 
 

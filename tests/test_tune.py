@@ -18,8 +18,8 @@ import torch
 
 from training import config as cfglib
 from training import loop
-from training.loop import HOLD_ENV, RELEASE_ENV
 from training.recipes import tune
+from training.run_files import HOLD_ENV, RELEASE_ENV
 from training.train_config import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent

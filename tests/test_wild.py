@@ -14,8 +14,8 @@ import cv2
 import numpy as np
 import pytest
 
-from serving.handler import decode_request
-from serving.json_body import MAX_JSON_DEPTH, nesting
+from serving.worker.json_body import MAX_JSON_DEPTH, nesting
+from serving.worker.requests import decode_request
 from training.core.inputs.preprocess import (
     PreprocessError,
     box_stroke_width,

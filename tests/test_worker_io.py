@@ -1,4 +1,4 @@
-"""serving/worker_io.py: TorchServe's own frame parser reads the same messages through the buffer as
+"""serving/worker/worker_io.py: TorchServe's own frame parser reads the same messages through the buffer as
 from the bare socket, whatever way the bytes arrive, and `install()` patches only a worker loop.
 The live server reads through it in test_serving.py (the worker log says so)."""
 
@@ -13,7 +13,7 @@ import types
 import pytest
 from ts.protocol.otf_message_handler import retrieve_msg
 
-from serving import worker_io
+from serving.worker import worker_io
 
 
 def _field(data: bytes) -> bytes:

@@ -9,10 +9,8 @@ tuning (training/recipes/tune.py), distillation and ensembles.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +22,7 @@ import torch.nn.functional as F
 
 from training import config as cfglib
 from training.augment import random_affine
-from training.checkpoint import CheckpointError, atomic_save, make_checkpoint, publish, read_checkpoint_file
+from training.checkpoint import CheckpointError, read_checkpoint_file
 from training.core import precision
 from training.core.model import Net
 from training.core.tensors import normalize
@@ -38,13 +36,19 @@ from training.distributed import (
     steps_per_epoch,
     sync_buffers,
 )
-from training.metrics import confusion, plot_confusion, plot_curves, summarize
+from training.metrics import confusion, summarize
 from training.regularization import l1_penalty
+from training.run_files import (
+    hold_for_test,
+    resume_config,
+    run_metrics,
+    save_last,
+    write_outputs,
+)
 from training.schedules import warm_restarts
 from training.splits import Splits, dry_run_slices, fingerprint, load_data
 from training.tensorboard import RunLog, default_run_name
 from training.train_config import TrainConfig
-from training.trust import fit_trust
 
 
 def pick_device(name: str, local_rank: int) -> torch.device:
@@ -120,10 +124,22 @@ class Progress:
             self.bar.close()
 
 
+# The training loss of one batch: (logits, augmented input, labels, the batch's indices into the training
+# split) → a scalar. Distillation passes one that also reads the teacher (training/recipes/distill.py).
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def cross_entropy(cfg: TrainConfig) -> LossFn:
+    """The default loss: cross-entropy with the config's label smoothing."""
+    return lambda logits, x, y, idx: F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+
+
 def train_epoch(model, opt, sched, data: Splits, cfg: TrainConfig, dd: Dist, epoch: int,
                 gen: torch.Generator, show: bool, dry_run: bool,
-                stop: Callable[[], bool] | None = None) -> dict[str, float]:
-    """One epoch; `stop()` true before a step raises KeyboardInterrupt there (training/recipes/tune.py's Ctrl-C)."""
+                stop: Callable[[], bool] | None = None, loss_fn: LossFn | None = None) -> dict[str, float]:
+    """One epoch; `stop()` true before a step raises KeyboardInterrupt there (training/recipes/tune.py's Ctrl-C).
+    `loss_fn`: the batch loss (default: cross_entropy(cfg)); L1 is added to it here."""
+    loss_fn = loss_fn or cross_entropy(cfg)
     model.train()
     device = data.train_x.device
     gen.manual_seed(derived_seed(cfg.seed, epoch, dd.rank, "augment"))
@@ -150,7 +166,7 @@ def train_epoch(model, opt, sched, data: Splits, cfg: TrainConfig, dd: Dist, epo
         x = x.contiguous(memory_format=memory_format)
         with autocast:
             logits = model(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+            loss = loss_fn(logits, x, y, idx)
             if cfg.l1:
                 loss = loss + cfg.l1 * l1_penalty(model)
         opt.zero_grad(set_to_none=True)
@@ -199,59 +215,11 @@ def warm_up(model: Net, data: Splits, cfg: TrainConfig) -> None:
         torch.cuda.synchronize(device)
 
 
-def _save_last(path: Path, model: Net, opt, sched, state: dict[str, Any]) -> None:
-    # No RNG state: every epoch reseeds its draws (derived_seed), so this file resumes on any device.
-    atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                 "schedule": sched.state_dict() if sched is not None else None, **state}, path)
-
-
-# Test-only hook: with MNIST_TEST_HOLD_AFTER_EPOCH=N a run waits right after last.pt of epoch N is written,
-# until a signal, `stop()`, the file named by MNIST_TEST_RELEASE_FILE, or 10 minutes: tests
-# (test_faults.py, test_tune.py) interrupt or overlap runs at a known point instead of racing the
-# machine's speed. Unset in every normal run.
-HOLD_ENV = "MNIST_TEST_HOLD_AFTER_EPOCH"
-RELEASE_ENV = "MNIST_TEST_RELEASE_FILE"
-
-
-def _hold_for_test(epoch: int, stop: Callable[[], bool] | None) -> None:
-    if os.environ.get(HOLD_ENV) != str(epoch):
-        return
-    release = Path(os.environ.get(RELEASE_ENV) or "/nonexistent/release")
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and not release.exists() and not (stop is not None and stop()):
-        time.sleep(0.05)
-
-
-# What --resume lets the command line change: where the run reads and writes, and what it runs on.
-# Any other flag would make the resumed run a different run than the one saved.
-RESUME_MAY_CHANGE = ("data_dir", "out_dir", "device", "threads")
-
-
-def _resume_config(last: Path, saved: dict[str, Any], cfg: TrainConfig, flags: dict[str, Any]) -> TrainConfig:
-    """The config saved in last.pt, with the directories of `cfg`; `flags` (given on the command line,
-    dotted name → value) may also change the device and thread count, and must agree on the rest."""
-    resumed = cfglib.apply(TrainConfig(), {**saved, "out_dir": cfg.out_dir, "data_dir": cfg.data_dir})
-    mine, theirs = cfglib.to_dict(cfg), cfglib.to_dict(resumed)
-
-    def value(config: dict, dotted: str) -> Any:
-        for part in dotted.split("."):
-            config = config[part]
-        return config
-
-    changed = {k: (value(mine, k), value(theirs, k)) for k in flags if value(mine, k) != value(theirs, k)}
-    refused = [f"--{k.replace('_', '-')} {new} (saved: {old})" for k, (new, old) in changed.items()
-               if k not in RESUME_MAY_CHANGE]
-    if refused:
-        raise cfglib.ConfigError(f"--resume continues the run saved in {last} with its own config; "
-                                 f"{', '.join(refused)} would change it: drop the flag, or start a new run "
-                                 "without --resume")
-    return cfglib.apply(resumed, {k: new for k, (new, _) in changed.items()})
-
-
 def fit(cfg: TrainConfig, resume: bool = False, dry_run: bool = False, quiet: bool = False,
         force: bool = False, test_every_epoch: bool = False, flags: dict[str, Any] | None = None,
         on_epoch: Callable[[dict], None] | None = None, score_test: bool = True,
-        run_name: str | None = None, stop: Callable[[], bool] | None = None) -> dict[str, Any]:
+        run_name: str | None = None, stop: Callable[[], bool] | None = None,
+        loss_fn: LossFn | None = None) -> dict[str, Any]:
     """Train, keep the best epoch by validation accuracy, score it on the test set, write artifacts.
 
     With `resume`, the run continues with the config saved in last.pt; `flags` are the config keys
@@ -259,7 +227,8 @@ def fit(cfg: TrainConfig, resume: bool = False, dry_run: bool = False, quiet: bo
     Returns the metrics written to metrics.json (on every rank). `on_epoch(row)` sees each epoch's
     history row (training/recipes/tune.py reports it to Optuna and may raise to stop the run);
     score_test=False never loads the test split and returns validation metrics without publishing;
-    `stop()` is asked before every training step and stops the run with KeyboardInterrupt when true.
+    `stop()` is asked before every training step and stops the run with KeyboardInterrupt when true;
+    `loss_fn` replaces the cross-entropy of each batch (distillation).
     """
     out = Path(cfg.out_dir)
     # cpu_bf16: the CPU precision decision, kept in last.pt so a resumed run trains as it began.
@@ -269,7 +238,7 @@ def fit(cfg: TrainConfig, resume: bool = False, dry_run: bool = False, quiet: bo
         last = out / "last.pt"
         saved = read_checkpoint_file(last, f"nothing to resume: {last} does not exist",
                                      advice="start the run again without --resume")
-        cfg = _resume_config(last, saved["config"], cfg, flags or {})
+        cfg = resume_config(last, saved["config"], cfg, flags or {})
         if saved["epoch"] >= cfg.epochs or saved.get("finished"):
             raise CheckpointError(f"{out / 'last.pt'} is from a finished run: nothing to resume")
         state.update({k: saved.get(k, state[k]) for k in state})
@@ -332,7 +301,7 @@ def fit(cfg: TrainConfig, resume: bool = False, dry_run: bool = False, quiet: bo
 
         for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
             stats = train_epoch(net, opt, sched, data, cfg, dd, epoch, gen, show=not quiet and dd.is_main,
-                                dry_run=dry_run, stop=stop)
+                                dry_run=dry_run, stop=stop, loss_fn=loss_fn)
             sync_buffers(model, dd)
             val = score(model, data.val_x, data.val_y, dd) if len(data.val_x) else \
                 {"accuracy": stats["train_accuracy"], "loss": stats["train_loss"]}
@@ -358,9 +327,9 @@ def fit(cfg: TrainConfig, resume: bool = False, dry_run: bool = False, quiet: bo
                 f"{stats['seconds']:.1f}s  {stats['images_per_second']:,.0f} img/s"
                 + (f"  test {row['test_accuracy']:.2%}" if test_every_epoch else ""))
             if dd.is_main:
-                _save_last(out / "last.pt", model, opt, sched,
+                save_last(out / "last.pt", model, opt, sched,
                            {**state, "config": cfglib.to_dict(cfg), "world_size": dd.world})
-                _hold_for_test(epoch, stop)
+                hold_for_test(epoch, stop)
             if on_epoch is not None:
                 on_epoch(row)
             if cfg.early_stop and state["stale"] >= cfg.early_stop:
@@ -375,70 +344,13 @@ def fit(cfg: TrainConfig, resume: bool = False, dry_run: bool = False, quiet: bo
                     "epochs": len(state["history"]), "train_seconds": state["history"][-1]["train_seconds"]}
         test = score(model, data.test_x, data.test_y, dd)
         board.test(model, data.test_x, data.test_y, test["accuracy"], state["epoch"])
-        metrics = _metrics(cfg, dd, device, state, test, sets)
+        metrics = run_metrics(cfg, dd, device, state, test, sets)
         if dd.is_main:
-            metrics = _write_outputs(out, model, cfg, metrics, state, opt, sched, force, say, data)
+            metrics = write_outputs(out, model, cfg, metrics, state, opt, sched, force, say, data)
         leave_together(dd)
         return metrics
     finally:
         board.close()  # also for a pruned or interrupted run: the curves so far are flushed
         cleanup(dd)
 
-
-def _metrics(cfg: TrainConfig, dd: Dist, device: torch.device, state: dict, test: dict,
-             sets: dict[str, dict]) -> dict[str, Any]:
-    history = state["history"]
-    best = max(history, key=lambda h: h["val_accuracy"])
-    seconds = history[-1]["train_seconds"]
-    images = sum(h["images_per_second"] * h["seconds"] for h in history)
-    return {
-        "test_accuracy": test["accuracy"], "test_loss": test["loss"],
-        "val_accuracy": best["val_accuracy"], "val_loss": best["val_loss"], "best_epoch": best["epoch"],
-        "epochs": len(history), "train_seconds": seconds, "images_per_second": round(images / seconds, 1),
-        "device": str(device), "world_size": dd.world, "global_batch_size": cfg.batch_size * dd.world,
-        "seed": cfg.seed, "precision": precision.describe(device, cfg.amp), **_peak_memory_mb(device), **sets,
-        "per_class": test["per_class"], "confusion_matrix": test["confusion_matrix"],
-    }
-
-
-def _peak_memory_mb(device: torch.device) -> dict[str, float | None]:
-    """The process's peak resident memory, and on CUDA the peak memory its tensors took on the GPU."""
-    import resource
-
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-    cuda = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    return {"peak_rss_mb": round(rss, 1), "peak_cuda_mb": None if cuda is None else round(cuda, 1)}
-
-
-def _write_outputs(out: Path, model: Net, cfg: TrainConfig, metrics: dict, state: dict, opt, sched,
-                   force: bool, log, data: Splits) -> dict[str, Any]:
-    # Temperature and "not a digit" threshold: fitted on the validation split, for the chosen epoch.
-    with tempfile.TemporaryDirectory(dir=out, prefix=".plots-") as plots:  # reliability.png, until named
-        trust, trust_metrics = fit_trust(model, (data.train_x, data.train_y), (data.val_x, data.val_y),
-                                         (data.test_x, data.test_y), Path(plots))
-        metrics = {**metrics, **trust_metrics}
-        ckpt = make_checkpoint(model, cfglib.to_dict(cfg),
-                               {k: v for k, v in metrics.items() if k != "confusion_matrix"})
-        ckpt.update(trust)
-        metrics = {**metrics, "provenance": ckpt["provenance"], "config": ckpt["train_config"]}
-        published = publish(ckpt, out, force=force)
-        # A run that lost to the model.pt already there is model.candidate.pt: its records go beside it
-        # (metrics.candidate.json, ...), and model.pt's own metrics, history and plots stay as they were.
-        tag = ".candidate" if published.candidate else ""
-        os.replace(Path(plots) / "reliability.png", out / f"reliability{tag}.png")
-    (out / f"metrics{tag}.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    (out / f"history{tag}.jsonl").write_text("".join(json.dumps(h) + "\n" for h in state["history"]))
-    plot_confusion(metrics["confusion_matrix"], out / f"confusion_matrix{tag}.png")
-    plot_curves(state["history"], out / f"curves{tag}.png")
-    _save_last(out / "last.pt", model, opt, sched, {**state, "config": cfglib.to_dict(cfg),
-                                                    "world_size": metrics["world_size"], "finished": True})
-    log(f"test accuracy {metrics['test_accuracy']:.2%} (best epoch {metrics['best_epoch']}, "
-        f"val {metrics['val_accuracy']:.2%}) in {metrics['train_seconds']:.1f}s of training, "
-        f"{metrics['images_per_second']:,.0f} img/s on {metrics['device']}")
-    log(published)
-    log(f"calibration: temperature {trust['temperature']:.3f}, test ECE {metrics['test_ece_before']:.2%} → "
-        f"{metrics['test_ece_after']:.2%}; not-a-digit threshold rejects {metrics['ood_test_false_rejection']:.2%} "
-        "of test digits")
-    log(f"metrics, history and plots in {out}/" + (f" as *{tag}.* (this run's)" if tag else ""))
-    return metrics
 

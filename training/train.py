@@ -11,7 +11,8 @@ from training import config as cfglib
 from training.checkpoint import CheckpointError
 from training.config import ArgumentParser
 from training.data import DataError
-from training.loop import RESUME_MAY_CHANGE, fit
+from training.loop import fit
+from training.run_files import RESUME_MAY_CHANGE
 from training.train_config import DEFAULT_CONFIG, TrainConfig, from_command_line
 
 

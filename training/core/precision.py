@@ -3,7 +3,7 @@
 oneDNN runs bf16 convolutions and matmuls natively on AMX / AVX512-BF16 CPUs and emulates them
 (slower than fp32) on the rest, so "supported" alone is not enough: `cpu_bf16_speedup` times the
 real work once per process and the callers fall back to fp32 unless bf16 wins by a margin. Used by
-training (autocast on CPU) and by the serving `bf16` variant (serving/handler.py).
+training (autocast on CPU) and by the serving `bf16` variant (serving/worker/handler.py).
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def autocast(device: torch.device, enabled: bool) -> torch.autocast:
 
 class BF16Model(nn.Module):
     """A model with bf16 weights, fp32 in and out (the serving `bf16` variant): callers and the softmax see
-    the types they see for fp32. Here, not in serving/handler.py: TorchServe wants one class in a handler."""
+    the types they see for fp32. Here, not in serving/worker/handler.py: TorchServe wants one class in a handler."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -128,7 +128,7 @@ class BF16Model(nn.Module):
 
 class SelfCheckError(RuntimeError):
     """An approximate variant does not give the fp32 model's answers on this host: the worker must not serve
-    it (serving/handler.py). Here, not in the handler: TorchServe wants one class in a handler module."""
+    it (serving/worker/handler.py). Here, not in the handler: TorchServe wants one class in a handler module."""
 
 
 def agreement(model, reference, x: torch.Tensor, batch: int = 64) -> tuple[int, int]:

@@ -11,44 +11,37 @@ probabilities; their log serves as logits). By default the students train withou
 and the teacher's logits are computed once for the training images: on a 2-core CPU a teacher pass
 per augmented batch triples the cost of every distilled run. `--augment` trains both students with
 the trainer's random affine and asks the teacher about each augmented batch (cheap on a GPU).
-Writes the best distilled student (by validation accuracy) to `artifacts/student.pt` and every
-finished run to `artifacts/distill.json` as it goes.
+Every student trains through the one training loop (`fit` with the distillation loss), each run in
+artifacts/distill/seed<k>-<kind>/. Writes the best distilled student (by validation accuracy) to
+`artifacts/student.pt` and every finished run to `artifacts/distill.json` as it goes.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
-import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from training import config as cfglib
-from training.augment import random_affine
 from training.checkpoint import (
     CheckpointError,
     atomic_save,
     load_checkpoint,
-    make_checkpoint,
     model_from_checkpoint,
     read_checkpoint_file,
 )
 from training.config import ArgumentParser
 from training.core.model import ModelConfig, Net
 from training.core.tensors import normalize
-from training.data import DataError
-from training.distributed import Dist
-from training.loop import build_optimizer, build_schedule, pick_device, score
+from training.data import DataError, data_dir
+from training.loop import fit, pick_device
 from training.splits import load_data
 from training.train_config import TrainConfig
-from training.trust import fit_trust
 
 STUDENT = ModelConfig(conv1=16, conv2=24, hidden=64)
 
@@ -94,58 +87,32 @@ def load_teacher(path: Path) -> tuple[torch.nn.Module, ModelConfig, int]:
     return single, single.config, parameters(single)
 
 
-def train_student(cfg: TrainConfig, data, targets: torch.Tensor | torch.nn.Module | None, temperature: float,
-                  alpha: float, dry_run: bool = False) -> tuple[Net, dict]:
-    """One student run; `targets`: the teacher's logits per training image, the teacher itself (asked
-    about each augmented batch), or None for labels alone."""
-    torch.manual_seed(cfg.seed)  # same initial weights with and without the teacher
-    device = data.train_x.device
-    model = Net(cfg.model).to(device, memory_format=torch.channels_last)
-    steps = max(1, len(data.train_x) // cfg.batch_size)
-    opt, gen = build_optimizer(model, cfg), torch.Generator(device=device).manual_seed(cfg.seed * 7919)
-    sched = build_schedule(opt, cfg, steps)
-    best_val, best_state, start = -1.0, None, time.perf_counter()
-    for epoch in range(1, cfg.epochs + 1):
-        model.train()
-        perm = torch.randperm(len(data.train_x), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
-        for step in range(min(steps, 3) if dry_run else steps):
-            idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size].to(device)
-            x, y = normalize(data.train_x[idx]), data.train_y[idx]
-            x = (random_affine(x, cfg, gen) if cfg.augment else x).contiguous(memory_format=torch.channels_last)
-            logits = model(x)
-            if targets is None:
-                loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-            else:
-                if isinstance(targets, torch.nn.Module):
-                    with torch.no_grad():
-                        soft = targets(x)
-                else:
-                    soft = targets[idx]
-                loss = kd_loss(logits, soft, y, temperature, alpha, cfg.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if sched is not None and cfg.schedule != "plateau":
-                sched.step()
-        val = score(model, data.val_x, data.val_y, Dist())["accuracy"]
-        if val > best_val:
-            best_val, best_state = val, {k: v.detach().clone() for k, v in model.state_dict().items()}
-    model.load_state_dict(best_state)
-    test = score(model, data.test_x, data.test_y, Dist())
-    return model, {"seed": cfg.seed, "distilled": targets is not None, "val_accuracy": best_val,
-                   "test_accuracy": test["accuracy"], "seconds": round(time.perf_counter() - start, 1)}
+def train_student(cfg: TrainConfig, targets: torch.Tensor | torch.nn.Module | None, temperature: float,
+                  alpha: float, dry_run: bool = False) -> tuple[Path, dict]:
+    """One student run through the project's one training loop (training/loop.py: `fit`, so AMP, DDP,
+    clipping and L1 apply as to any run), into cfg.out_dir. `targets`: the teacher's logits per training
+    image, the teacher itself (asked about each augmented batch), or None for labels alone."""
+
+    def distill_loss(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        if isinstance(targets, torch.nn.Module):
+            with torch.no_grad():
+                soft = targets(x.float())
+        else:
+            soft = targets[idx]
+        return kd_loss(logits.float(), soft.float(), y, temperature, alpha, cfg.label_smoothing)
+
+    metrics = fit(cfg, dry_run=dry_run, quiet=True, force=True, loss_fn=None if targets is None else distill_loss)
+    return Path(cfg.out_dir) / "model.pt", {"seed": cfg.seed, "distilled": targets is not None,
+                                            "val_accuracy": metrics["val_accuracy"],
+                                            "test_accuracy": metrics["test_accuracy"],
+                                            "seconds": metrics["train_seconds"]}
 
 
-def _save_student(best: tuple[Net, dict], base: TrainConfig, args: argparse.Namespace, data) -> None:
-    train_config = {**cfglib.to_dict(dataclasses.replace(base, seed=best[1]["seed"])),
-                    "distill": {"teacher": str(args.teacher), "temperature": args.temperature, "alpha": args.alpha}}
-    # Calibrated as training.train calibrates the default model: the fitted temperature (not the
-    # distillation's T) is what `make export` stamps into the student's ONNX for mnist-edge's hybrid
-    # threshold, and the "not a digit" detector makes the student archive like any checkpoint.
-    trust, trust_metrics = fit_trust(best[0].eval(), (data.train_x, data.train_y), (data.val_x, data.val_y),
-                                     (data.test_x, data.test_y))
-    metrics = {**{k: best[1][k] for k in ("test_accuracy", "val_accuracy")}, **trust_metrics}
-    ckpt = {**make_checkpoint(copy.deepcopy(best[0]).cpu(), train_config, metrics), **trust}
+def _save_student(run: Path, args: argparse.Namespace) -> None:
+    """The best distilled run's checkpoint (calibrated and with its detector, as `fit` wrote it) as student.pt."""
+    ckpt = load_checkpoint(run)
+    ckpt["train_config"] = {**ckpt["train_config"], "distill": {"teacher": str(args.teacher),
+                                                                 "temperature": args.temperature, "alpha": args.alpha}}
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_save(ckpt, args.out / "student.pt")
 
@@ -197,15 +164,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="where the students train (default auto: CUDA when there is one)")
     parser.add_argument("--student", type=_student, default=STUDENT, metavar="CONV1,CONV2,HIDDEN",
                         help=f"the student's widths (default {STUDENT.conv1},{STUDENT.conv2},{STUDENT.hidden})")
-    parser.add_argument("--data-dir", default=os.environ.get("MNIST_DIR") or "data")
+    parser.add_argument("--data-dir", default=None, help="default: $MNIST_DIR or data/")
     parser.add_argument("--dry-run", action="store_true", help="3 batches per epoch: a quick check of the whole path")
     args = parser.parse_args(argv)
     try:
         device = pick_device(args.device, 0)
         teacher, teacher_config, teacher_params = load_teacher(args.teacher)
         teacher = teacher.to(device)
-        base = dataclasses.replace(TrainConfig(), data_dir=args.data_dir, epochs=args.epochs, model=args.student,
-                                   train_limit=args.train_limit, augment=args.augment)
+        base = dataclasses.replace(TrainConfig(), data_dir=str(data_dir(args.data_dir)), epochs=args.epochs,
+                                   model=args.student, train_limit=args.train_limit, augment=args.augment,
+                                   device=str(device), tensorboard=False)
         data = load_data(base, device)
         targets: torch.Tensor | torch.nn.Module = teacher if args.augment else teacher_logits(teacher, data.train_x)
     except (CheckpointError, DataError, ValueError) as err:
@@ -220,16 +188,17 @@ def main(argv: list[str] | None = None) -> int:
           f"T={args.temperature}, alpha={args.alpha}")
     runs, best = [], None
     for seed in range(args.first_seed, args.first_seed + args.seeds):
-        cfg = dataclasses.replace(base, seed=seed)
         for soft in (None, targets):
-            model, row = train_student(cfg, data, soft, args.temperature, args.alpha, args.dry_run)
+            run = args.out / "distill" / f"seed{seed}-{'distilled' if soft is not None else 'labels'}"
+            cfg = dataclasses.replace(base, seed=seed, out_dir=str(run))
+            checkpoint, row = train_student(cfg, soft, args.temperature, args.alpha, args.dry_run)
             runs.append(row)
             print(f"  seed {seed}  {'distilled' if soft is not None else 'labels only':<11}  "
                   f"val {row['val_accuracy']:.2%}  test {row['test_accuracy']:.2%}  ({row['seconds']:.0f}s)",
                   flush=True)
             if soft is not None and (best is None or row["val_accuracy"] > best[1]["val_accuracy"]):
-                best = (model, row)
-                _save_student(best, base, args, data)
+                best = (checkpoint, row)
+                _save_student(checkpoint, args)
             _write_summary(runs, teacher_config, teacher_params, args)
     for distilled in (False, True):
         accs = [r["test_accuracy"] for r in runs if r["distilled"] == distilled]

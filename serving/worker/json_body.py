@@ -1,5 +1,5 @@
 """Request bodies parsed as JSON with a bound on their nesting: every JSON body the handler reads, its
-own API's and the KServe v2 protocol's (serving/oip.py), goes through `parse_json`.
+own API's and the KServe v2 protocol's (serving/worker/oip.py), goes through `parse_json`.
 
 Packed into the model archive beside handler.py (serving/archive.py), so it imports nothing the
 archive does not carry, TorchServe included.

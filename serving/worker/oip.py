@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from serving.json_body import parse_json
+from serving.worker.json_body import parse_json
 from training.core.inputs.preprocess import PreprocessError, from_pixels, preprocess_bytes, to_mnist
 
 

@@ -5,14 +5,14 @@ the header `explain: True`, and those requests alone also get an Integrated Grad
 answer carries a calibrated confidence (logits / the archive's temperature) and `is_digit`, the
 "not a digit" verdict of the archive's OOD detector.
 
-The model class, the preprocessing, the OOD score and the explainer are the training code itself
-(`training/{model,preprocess,ood,explain}.py`), packed into the `.mar` beside this file.
+The model, the preprocessing, the OOD score and the explainer are the served core itself
+(training/core/), packed into the `.mar` with this folder (serving/worker/): the lifecycle is
+TorchServe's BaseHandler (initialize → handle); request parsing, variants and the v2 protocol are
+the modules beside this one.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import copy
 import json
 import logging
@@ -24,184 +24,49 @@ from typing import Any
 
 import numpy as np
 import torch
-
-# TorchServe's base handler warns at import that OpenVINO and Torch-TensorRT are absent. Neither is
-# used here, and `make archive` (which imports this module) printed both lines on the user's terminal.
-logging.getLogger("ts.torch_handler.base_handler").addFilter(
-    lambda record: record.getMessage() not in ("OpenVINO is not enabled", "Torch TensorRT not enabled"))
-
-from ts.metrics.dimension import Dimension  # noqa: E402
-from ts.metrics.metric_type_enum import MetricTypes  # noqa: E402
-from ts.torch_handler.base_handler import BaseHandler  # noqa: E402
+from ts.metrics.dimension import Dimension
+from ts.metrics.metric_type_enum import MetricTypes
+from ts.torch_handler.base_handler import BaseHandler
 
 # Serve the code the archive was built with, even where another `training` is importable.
 _HERE = Path(__file__).resolve().parent
 if (_HERE / "training").is_dir() and str(_HERE) not in sys.path[:1]:
     sys.path.insert(0, str(_HERE))
 
-from serving import oip, worker_io  # noqa: E402  (KServe v2 protocol; buffered reads of the worker socket)
-from serving.json_body import parse_json  # noqa: E402  (the JSON depth bound of every JSON body)
-from serving.metric_buffer import MetricBuffer, interval_from_env  # noqa: E402  (counters and gauges once a second)
+from serving.worker import oip, worker_io  # noqa: E402  (KServe v2 protocol; buffered reads of the worker socket)
+from serving.worker.metric_buffer import MetricBuffer, interval_from_env  # noqa: E402  (counters, gauges once a second)
+from serving.worker.requests import (  # noqa: E402
+    decode_request,
+    error_body,
+    prediction_body,
+    wants_explanation,
+)
+from serving.worker.variants import (  # noqa: E402
+    APPROXIMATE_VARIANTS,
+    CPU_ONLY_VARIANTS,
+    DEFAULT_VARIANT,
+    ONNX_FILES,
+    SELF_CHECK_FILE,
+    SELF_CHECK_MIN_AGREEMENT,
+    runnable_variant,
+    serving_model,
+    to_model_input,
+)
 from training.core import precision  # noqa: E402
 from training.core.ensemble import load_ensemble  # noqa: E402
-from training.core.explain import IG_STEPS, integrated_gradients  # noqa: E402
-from training.core.inputs.preprocess import PreprocessError, from_pixels, preprocess_bytes, to_mnist  # noqa: E402
-from training.core.model import build_model, fuse_batch_norm  # noqa: E402
+from training.core.explain import integrated_gradients  # noqa: E402
+from training.core.inputs.preprocess import PreprocessError  # noqa: E402
+from training.core.model import build_model  # noqa: E402
 from training.core.ood import features_and_logits, is_digit, ood_score  # noqa: E402
 from training.core.precision import SelfCheckError  # noqa: E402  (TorchServe: one class per handler module)
 from training.core.runners import OnnxModel  # noqa: E402  (TorchServe: one class per handler module)
-from training.core.tensors import normalize  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
-# Load-time transforms of the eager model, chosen per archive (`make archive ARGS="--variant ..."`).
-# onnx and int8 run a file the archive carries (training/tools/export.py) with ONNX Runtime: int8 is static
-# int8 of every conv and linear. int8-legacy is torch's deprecated dynamic quantisation of the
-# linears only, kept as a labelled row for comparison (README, Compression and edge). bf16 is fused
-# in bfloat16 where the CPU (AMX / AVX512-BF16) or GPU runs it natively.
-VARIANTS = ("eager", "fused", "bf16", "onnx", "int8", "int8-legacy")
-ONNX_FILES = {"onnx": "model.onnx", "int8": "model_int8.onnx"}
-# ONNX Runtime here and packed int8 weights run only on the CPU: on a GPU host such a worker stays on
-# the CPU (not a reload loop).
-CPU_ONLY_VARIANTS = ("onnx", "int8", "int8-legacy")
-# Variants that approximate the fp32 model: each carries SELF_CHECK_FILE (MNIST test digits, written by
-# serving/archive.py) and a worker serves it only if it agrees with the fp32 model on at least
-# SELF_CHECK_MIN_AGREEMENT of them on this host (int8 and bf16 kernels differ by CPU; a broken file too).
-APPROXIMATE_VARIANTS = ("bf16", "onnx", "int8", "int8-legacy")
-SELF_CHECK_FILE = "selfcheck.npy"
-SELF_CHECK_MIN_AGREEMENT = 0.99  # 512 digits: at most 5 may differ (the shipped int8 differs on 0-2 of 10k/512)
-# fused (batch norm folded into the convs) is the fastest at equal test accuracy: README, Benchmarks.
-# The one default: serving/archive.py writes it into model.json, and an archive without one gets it too.
-DEFAULT_VARIANT = "fused"
 # Answers below this top-class probability count as low confidence (configs/alerts.yml watches their share).
 # Training uses label smoothing 0.1, so even sure answers sit near 0.9: 0.5 (the digit less likely than all
 # others together) flags 0.9% of the MNIST test digits for the default model.
 LOW_CONFIDENCE = 0.5
-
-
-def optimize(model: torch.nn.Module, variant: str) -> torch.nn.Module:
-    """Apply the archive's load-time variant to the eval-mode model (see serving/archive.py)."""
-    if variant == "fused":  # fold each batch norm into the conv before it: one op fewer per block
-        model = fuse_batch_norm(model)
-    elif variant == "int8-legacy":  # deprecated in torch 2.14: dynamic int8 of the fully connected layers only
-        model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
-    elif variant == "bf16":  # fused, then bf16 weights: native on AMX / AVX512-BF16 CPUs and on GPUs
-        model = precision.BF16Model(optimize(model, "fused"))
-    elif variant != "eager":
-        raise ValueError(f"unknown model variant {variant!r}")
-    return model
-
-
-def runnable_variant(variant: str, device: torch.device) -> tuple[str, torch.device, str]:
-    """The variant and device a worker actually uses, and why if that is not what the archive asked for."""
-    if variant in CPU_ONLY_VARIANTS and device.type != "cpu":
-        return variant, torch.device("cpu"), f"variant {variant} runs on the CPU only"
-    if variant == "bf16" and device.type == "cpu" and not precision.use_cpu_bf16(train=False):
-        # Emulated bf16 is slower than fp32: serve the same fused network in fp32 instead.
-        return "fused", device, "bf16 is not faster than fp32 on this CPU: serving fused (fp32)"
-    return variant, device, ""
-
-
-def serving_model(model: torch.nn.Module, variant: str, device: torch.device | str = "cpu") -> torch.nn.Module:
-    """The model as a worker runs it: eval mode, the archive's variant, channels_last, on `device`.
-
-    channels_last: oneDNN's convolutions run faster in it on CPU (README, Benchmarks). Inputs
-    must be channels_last too (`to_model_input`). Benchmarks and fault scripts call this as well, so
-    their offline answers are computed exactly the way the server computes them.
-    """
-    return optimize(model.eval(), variant).to(device, memory_format=torch.channels_last)
-
-
-def to_model_input(digits: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
-    """28×28 uint8 digits → the normalised, channels_last batch `serving_model` expects."""
-    # uint8 crosses to the device (4× fewer bytes than float) and is normalised there.
-    return normalize(torch.as_tensor(digits).to(device)).contiguous(memory_format=torch.channels_last)
-
-
-def decode_request(request: dict[str, Any]) -> np.ndarray:
-    """One request of a batch → a 28×28 uint8 digit, or PreprocessError saying what is wrong with it.
-
-    Accepted: raw image bytes (body), multipart field `data` or `file`, JSON {"data": base64 image}
-    or JSON {"pixels": 28×28 values in 0..255}. The base64 may be a data URL, line-wrapped or urlsafe.
-    """
-    value = next((request[k] for k in ("data", "body", "file") if request.get(k) is not None), None)
-    if value is None:  # also what a form-urlencoded body of non-form bytes turns into
-        raise PreprocessError("no image found: send raw bytes as application/octet-stream or image/*, "
-                              "a multipart field 'data' or 'file', or JSON")
-    if isinstance(value, str):
-        value = value.encode()
-    text = b""
-    if isinstance(value, (bytes, bytearray)):
-        # A text body may start with a UTF-8 byte-order mark or blank space (no image format does).
-        text = bytes(value).removeprefix(b"\xef\xbb\xbf").lstrip()
-        if text[:1] in (b"{", b"["):
-            value = parse_json(text)
-    if isinstance(value, dict):
-        return _decode_json(value)
-    if isinstance(value, list):
-        raise PreprocessError("JSON body must be an object with 'data' or 'pixels'")
-    if isinstance(value, (bytes, bytearray)):
-        if text[:5].lower() == b"data:":  # a data URL sent as the body itself
-            return preprocess_bytes(_base64_image(text.decode("ascii", "replace")))
-        return preprocess_bytes(bytes(value))
-    raise PreprocessError("JSON body must be an object with 'data' or 'pixels'")
-
-
-def _base64_image(text: str) -> bytes:
-    """Base64 image text → bytes. Takes what clients send: a data URL (`canvas.toDataURL()`), lines
-    wrapped by the `base64` tool or a mail client, the urlsafe alphabet and missing padding."""
-    if text[:5].lower() == "data:":
-        header, comma, text = text.partition(",")
-        if not comma or not header.lower().endswith(";base64"):
-            raise PreprocessError("'data' URL must be base64-encoded: data:image/...;base64,...")
-        if not header[5:].lower().startswith("image/"):
-            raise PreprocessError(f"'data' URL is not an image: {header[5:].split(';')[0] or 'no media type'}")
-    text = "".join(text.split())  # spaces and line breaks anywhere
-    if "-" in text or "_" in text:  # the urlsafe alphabet (RFC 4648 §5)
-        text = text.replace("-", "+").replace("_", "/")
-    text += "=" * (-len(text) % 4)
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise PreprocessError("'data' is not valid base64") from None
-
-
-def _decode_json(body: dict[str, Any]) -> np.ndarray:
-    if "pixels" in body:
-        return to_mnist(from_pixels(body["pixels"]))
-    if "data" in body:
-        if not isinstance(body["data"], str):
-            raise PreprocessError("'data' must be a base64-encoded image string")
-        return preprocess_bytes(_base64_image(body["data"]))
-    raise PreprocessError("JSON body must have 'data' (base64 image) or 'pixels' (28x28 array of 0..255)")
-
-
-def error_body(message: str, code: int = 400) -> bytes:
-    """TorchServe's own error shape, so clients parse one format whatever failed."""
-    kind = "InvalidInput" if code < 500 else "InternalServerException"
-    return json.dumps({"code": code, "type": kind, "message": message}).encode()
-
-
-def prediction_body(probabilities: list[float], classes: list[str], digit_like: bool = True,
-                    attributions: list[list[float]] | None = None) -> bytes:
-    """The answer: `digit` stays for clients that read only that; `is_digit` says whether to trust it at all."""
-    best = max(range(len(probabilities)), key=probabilities.__getitem__)
-    body: dict[str, Any] = {
-        "digit": int(classes[best]),
-        "confidence": round(probabilities[best], 6),
-        "probabilities": {c: round(p, 6) for c, p in zip(classes, probabilities, strict=True)},
-        "is_digit": bool(digit_like),
-    }
-    if attributions is not None:
-        body["explanation"] = {"method": "integrated_gradients", "baseline": "black", "steps": IG_STEPS,
-                               "target": int(classes[best]), "attributions": attributions}
-    return json.dumps(body).encode()
-
-
-def wants_explanation(context, index: int) -> bool:
-    """The frontend sets `explain: True` on /explanations requests (ts BaseHandler._is_explain reads it
-    for request 0 only; here each request of a mixed batch is asked on its own)."""
-    return context.get_request_header(index, "explain") == "True"
 
 
 class MNISTHandler(BaseHandler):
@@ -268,7 +133,7 @@ class MNISTHandler(BaseHandler):
                              torch.zeros(1, dtype=torch.long, device=self.device))
         self.context = context
         # Counters and gauges are summed/kept and emitted at most once per interval, not per batch
-        # (serving/metric_buffer.py: each is a log line the frontend parses). 0: every batch.
+        # (serving/worker/metric_buffer.py: each is a log line the frontend parses). 0: every batch.
         self.metric_buffer = MetricBuffer(self._emit_metric, interval_from_env())
         self.initialized = True
         worker_io.install()  # from the next message on: README, Benchmarks (serving overhead)
@@ -293,7 +158,7 @@ class MNISTHandler(BaseHandler):
         digits: list[np.ndarray] = []
         good: list[int] = []
         responses: list[bytes] = [b""] * len(data)
-        v2: dict[int, dict] = {}  # KServe v2 requests of the batch: answered in that protocol (serving/oip.py)
+        v2: dict[int, dict] = {}  # KServe v2 requests of the batch: answered in that protocol (serving/worker/oip.py)
         for i, request in enumerate(data):
             try:
                 if (body := oip.v2_body(request)) is not None:

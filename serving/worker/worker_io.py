@@ -79,5 +79,5 @@ def install() -> bool:
 
     retrieve_msg.buffered = True  # type: ignore[attr-defined]
     module.retrieve_msg = retrieve_msg
-    logger.info("worker reads frames through a %d KiB buffer (serving/worker_io.py)", READ_SIZE >> 10)
+    logger.info("worker reads frames through a %d KiB buffer (serving/worker/worker_io.py)", READ_SIZE >> 10)
     return True
