@@ -167,6 +167,25 @@ def test_the_gap_bridging_kernel_follows_the_picture_but_not_a_strips_length(sha
     assert bridge_size(shape) == bridge
 
 
+def test_a_page_of_dots_is_refused_not_joined_dot_by_dot():
+    """A 188 KB PNG of 49×41,000 px, every other pixel a dot: ~500k marks, each a candidate part of the digit.
+    Joining them one by one grew with the square of their number (minutes: the worker was killed); now
+    the count is bounded and the picture refused."""
+    page = np.full((49, 41_000), 255, np.uint8)
+    page[1::2, 1::2] = 0
+    with pytest.raises(PreprocessError, match=r"^too many separate marks of similar size \(492,000\): not one digit$"):
+        preprocess_bytes(encode(page))
+
+
+def test_a_digit_in_many_dots_is_still_read_as_one():
+    """A dotted stroke (a few dozen marks) stays a digit: the bound is far above what a digit has."""
+    dotted = np.zeros((280, 280), np.uint8)
+    for row in range(40, 240, 12):  # a dotted "1": 17 dots in a column
+        dotted[row : row + 6, 137:143] = 255
+    digit = to_mnist(dotted)
+    assert digit.shape == (28, 28) and digit.max() == 255
+
+
 def test_light_ink_on_a_transparent_canvas_is_not_erased_by_white_paper(expected_seven):
     """A dark-themed drawing pad: white strokes, transparent elsewhere. Composited on white, the ink vanished."""
     bgra = np.zeros((*seven().shape, 4), np.uint8)

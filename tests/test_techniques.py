@@ -8,9 +8,9 @@ import torch
 from training import config as cfglib
 from training.core.model import ModelConfig, Net
 from training.distributed import Dist
-from training.loop import build_optimizer, build_schedule, train_epoch
+from training.loop import train_epoch
 from training.regularization import l1_penalty, penalised
-from training.schedules import restart_steps
+from training.schedules import build_optimizer, build_schedule, restart_steps
 from training.splits import Splits
 from training.train_config import TrainConfig
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from training import config as cfglib
-from training import loop, train
+from training import loop, schedules, train
 from training.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from training.core.model import ModelConfig, Net
 from training.data import load_split
@@ -291,7 +291,7 @@ def test_main_dry_run_trains_a_few_batches_and_exits_0(mnist_dir, tmp_path):
 
 def test_a_one_cycle_schedule_too_short_to_warm_up_is_refused_in_one_line():
     # 4 steps in all made OneCycleLR divide by zero (its warm-up phase would span no step).
-    opt = loop.build_optimizer(Net(ModelConfig(conv1=4, conv2=8, hidden=16)), TrainConfig())
+    opt = schedules.build_optimizer(Net(ModelConfig(conv1=4, conv2=8, hidden=16)), TrainConfig())
     with pytest.raises(cfglib.ConfigError, match=r"^the one-cycle schedule needs at least 5 steps, this run has 4 "):
-        loop.build_schedule(opt, TrainConfig(epochs=2), steps=2)
-    assert loop.build_schedule(opt, TrainConfig(epochs=1), steps=5).total_steps == 5
+        schedules.build_schedule(opt, TrainConfig(epochs=2), steps=2)
+    assert schedules.build_schedule(opt, TrainConfig(epochs=1), steps=5).total_steps == 5

@@ -17,7 +17,8 @@ import sqlalchemy.exc
 import torch
 
 from training import config as cfglib
-from training import loop
+from training import loop, schedules
+from training import splits as splits_module
 from training.recipes import tune
 from training.run_files import HOLD_ENV, RELEASE_ENV
 from training.train_config import TrainConfig
@@ -44,16 +45,16 @@ def states(study: optuna.Study) -> list[str]:
 
 @pytest.mark.slow
 def test_tuning_never_loads_the_test_split_and_writes_a_train_config(tmp_path, mnist_dir, monkeypatch):
-    splits: list[bool] = []
-    real = splits.load_split
+    reads: list[bool] = []
+    real = splits_module.load_split
 
     def recording(root, train):
-        splits.append(train)
+        reads.append(train)
         return real(root, train=train)
 
-    monkeypatch.setattr(splits, "load_split", recording)  # the trainer's one way to read MNIST
+    monkeypatch.setattr(splits_module, "load_split", recording)  # the trainer's one way to read MNIST
     assert tune.main(tune_args(tmp_path, 2)) == 0
-    assert splits == [True, True]  # one training-split read per trial, never the test split
+    assert reads == [True, True]  # one training-split read per trial, never the test split
 
     study = load(tmp_path)
     assert states(study) == ["COMPLETE", "COMPLETE"]
@@ -146,7 +147,7 @@ def test_a_stop_request_ends_the_epoch_before_its_next_step():
     images = torch.zeros(320, 28, 28, dtype=torch.uint8)
     labels = torch.zeros(320, dtype=torch.long)
     model = Net(ModelConfig(conv1=4, conv2=8, hidden=16))
-    opt = loop.build_optimizer(model, cfg)
+    opt = schedules.build_optimizer(model, cfg)
     steps = []
     opt.register_step_post_hook(lambda *_: steps.append(1))
     asked = []

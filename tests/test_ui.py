@@ -30,7 +30,8 @@ import pytest
 
 from serving import lifecycle
 from serving import page as pagelib
-from serving.page import PageServer, find_attribution_map, heatmap_png, strip_data_url
+from serving.page import PageServer
+from serving.page_pictures import find_attribution_map, heatmap_png, strip_data_url
 from serving.server import TorchServe, free_port
 from training.core.inputs.preprocess import PreprocessError, preprocess_bytes
 

@@ -16,15 +16,8 @@ import pytest
 
 from serving.worker.json_body import MAX_JSON_DEPTH, nesting
 from serving.worker.requests import decode_request
-from training.core.inputs.preprocess import (
-    PreprocessError,
-    box_stroke_width,
-    paper,
-    preprocess_bytes,
-    skeleton,
-    stroke_width,
-    to_mnist,
-)
+from training.core.inputs.preprocess import PreprocessError, paper, preprocess_bytes, to_mnist
+from training.core.inputs.strokes import box_stroke_width, skeleton, stroke_width
 from training.tools.wild import TRANSFORMS, on_paper, png, render, upscale
 
 

@@ -45,7 +45,7 @@ from training.run_files import (
     save_last,
     write_outputs,
 )
-from training.schedules import warm_restarts
+from training.schedules import build_optimizer, build_schedule
 from training.splits import Splits, dry_run_slices, fingerprint, load_data
 from training.tensorboard import RunLog, default_run_name
 from training.train_config import TrainConfig
@@ -68,31 +68,6 @@ def pick_device(name: str, local_rank: int) -> torch.device:
                                      f"run at most {count} process(es) per node, or pass --device cpu")
         return torch.device("cuda", local_rank)
     return torch.device(name)
-
-
-def build_optimizer(model: Net, cfg: TrainConfig) -> torch.optim.Optimizer:
-    params = model.parameters()
-    if cfg.optimizer in ("sgd", "nesterov"):
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
-                               nesterov=cfg.optimizer == "nesterov", weight_decay=cfg.weight_decay)
-    opt = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
-    return opt(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-def build_schedule(opt: torch.optim.Optimizer, cfg: TrainConfig, steps: int):
-    total = cfg.epochs * steps  # steps per epoch: exactly what train_epoch takes, or OneCycleLR refuses to step
-    if cfg.schedule == "onecycle":
-        if total < 5:  # its warm-up phase (25% of the steps) must span more than one step
-            raise cfglib.ConfigError(f"the one-cycle schedule needs at least 5 steps, this run has {total} "
-                                     "(epochs × steps per epoch): use more images or epochs, or a smaller batch")
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.25)
-    if cfg.schedule == "cosine_restarts":
-        return warm_restarts(opt, cfg.restart_period * steps, cfg.restart_mult)
-    if cfg.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
-    if cfg.schedule == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.3, patience=1)
-    return None
 
 
 def score(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, dd: Dist) -> dict[str, Any]:

@@ -22,7 +22,8 @@ from PIL import Image
 
 from training.config import ArgumentParser
 from training.core.inputs.decode import ORIENTATION_TAG
-from training.core.inputs.preprocess import box_stroke_width, digit_box, ink, skeleton
+from training.core.inputs.preprocess import digit_box, ink
+from training.core.inputs.strokes import box_stroke_width, skeleton
 
 Request = dict[str, bytes]
 

@@ -9,34 +9,26 @@ repository (decode.py relatively: it sits beside this file in all three) and nev
 
 from __future__ import annotations
 
-import itertools
-
 import cv2
 import numpy as np
 
 from .decode import MAX_PIXELS, MIN_SIDE, PreprocessError, load_image  # noqa: F401  (re-exported)
+from .strokes import BOX, INK_THRESHOLD, THIN_STROKE, box_stroke_width, redraw
 
 MNIST_MEAN = 0.1307
 MNIST_STD = 0.3081
 SIZE = 28  # MNIST images are 28×28 ...
-BOX = 20  # ... with the digit scaled to fit a 20×20 box inside them
 # ... and its centre of mass at pixel (14, 14), not at the geometric centre 13.5: the mean over the
 # 60k training digits is (13.996, 14.007) in (row, column). Serving at 13.5 shifted every digit.
 MNIST_CENTRE = 14.0
-INK_THRESHOLD = 0.15  # fraction of the brightest ink; fainter pixels (noise, JPEG ringing) are background
-# Stroke width of the digit once scaled into the 20-px box, in px (2·area / edge pixels, see
-# `box_stroke_width`). MNIST's first 2000 training digits, drawn 224 px: 1st percentile 1.55, median 2.63
-# (`python -m training.tools.wild --stroke-widths 2000`). Strokes thinner than THIN_STROKE, below MNIST's
-# thinnest 1% (a pen line on a big canvas), are redrawn at MNIST's median width; thicker ones are
-# kept: thinning a marker digit whose loops are filled in lost more than it gained on the wild set.
-THIN_STROKE = 1.2
-STROKE_TARGET = 2.6
-SUPERSAMPLE = 4  # strokes are redrawn at 4× the 20-px box, then area-averaged down: anti-aliased edges
 PAPER_GRID = 64  # the illumination is fitted on the picture shrunk to at most 64 px a side: it is smooth
 UNEVEN_PAPER = 8.0  # grey levels of light falloff across the page above which it is subtracted
 PART_AREA = 0.02  # a separate ink component of at least 2% of the largest one may be part of the digit...
 PART_REACH = 0.25  # ... if it lies within 25% of the digit's size from it (a broken 5's bar, a dotted stroke)
 PART_REACH_PAGE = 0.05  # ... plus 5% of the picture's size (the first dot of a dotted stroke is tiny)
+# More parts than this of at least PART_AREA each is a pattern, not a digit (MNIST digits have 1-3; a dotted
+# stroke a few dozen): refused, which also bounds the cost of joining them (a 49×41,000 PNG of dots has ~500k).
+MAX_PARTS = 256
 MIN_CONTRAST = 16  # grey levels the ink must stand out from the paper by (below: "no contrast")
 # A 28×28 picture is taken as MNIST-format, but clients also send one on grey paper or faint: its paper
 # level is subtracted and its ink stretched to full brightness when the brightest ink is below
@@ -225,17 +217,24 @@ def digit_box(ink_map: np.ndarray) -> tuple[int, int, int, int]:
     left, top, right, bottom = x, y, x + w, y + h
     kept = np.zeros(count, bool)
     kept[[0, main]] = True
-    candidates = [i for i in range(1, count) if i != main and areas[i - 1] >= PART_AREA * areas.max()]
-    grown = True
-    while grown:
-        grown = False
+    candidates = 1 + np.flatnonzero(areas >= PART_AREA * areas[main - 1])
+    candidates = candidates[candidates != main]
+    if len(candidates) > MAX_PARTS:  # e.g. a page of dots: each pass below would be a pass over all of them
+        raise PreprocessError(f"too many separate marks of similar size ({len(candidates) + 1:,}): "
+                              "not one digit")
+    x0, y0 = stats[candidates, 0], stats[candidates, 1]
+    x1, y1 = x0 + stats[candidates, 2], y0 + stats[candidates, 3]
+    taken = np.zeros(len(candidates), bool)
+    while True:  # grow the kept set by every candidate within reach of it, until none is (≤ MAX_PARTS passes)
         reach = PART_REACH * max(right - left, bottom - top) + PART_REACH_PAGE * max(ink_map.shape)
-        for i in candidates:
-            x, y, w, h = (int(v) for v in stats[i, :4])
-            gap = max(x - right, left - (x + w), y - bottom, top - (y + h), 0)
-            if not kept[i] and gap <= reach:
-                kept[i], grown = True, True
-                left, top, right, bottom = min(left, x), min(top, y), max(right, x + w), max(bottom, y + h)
+        gap = np.maximum.reduce([x0 - right, left - x1, y0 - bottom, top - y1, np.zeros_like(x0)])
+        new = ~taken & (gap <= reach)
+        if not new.any():
+            break
+        taken |= new
+        left, top = min(left, int(x0[new].min())), min(top, int(y0[new].min()))
+        right, bottom = max(right, int(x1[new].max())), max(bottom, int(y1[new].max()))
+    kept[candidates[taken]] = True
     if not kept.all():
         ink_map[~kept[labels]] = 0
     if bridge == 1:
@@ -255,33 +254,6 @@ def bridge_size(shape: tuple[int, ...]) -> int:
     return 2 * (min(max(height, width), 4 * min(height, width)) // 200) + 1
 
 
-def stroke_width(mask: np.ndarray) -> float:
-    """Mean stroke width of a binary drawing in px: 2·area / edge pixels (a w×L stroke has 2L edge pixels).
-
-    Reads 2 for any stroke up to 2 px wide: thinner ones are all far below MNIST's width anyway.
-    """
-    area = int(np.count_nonzero(mask))
-    if area == 0:
-        return 0.0
-    inner = cv2.erode(mask.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3)),
-                      borderType=cv2.BORDER_CONSTANT, borderValue=0)
-    return 2.0 * area / max(1, area - int(np.count_nonzero(inner)))
-
-
-def box_stroke_width(digit: np.ndarray) -> float:
-    """Stroke width the cropped digit will have once its longer side is BOX px (half-maximum outline).
-
-    Measured on the digit area-averaged to SUPERSAMPLE× the box: the noise and ragged edges of a photo
-    would otherwise count as edge pixels and make every stroke look thin.
-    """
-    scale = min(1.0, BOX * SUPERSAMPLE / max(digit.shape))
-    size = (max(1, round(digit.shape[1] * scale)), max(1, round(digit.shape[0] * scale)))
-    small = cv2.resize(digit, size, interpolation=cv2.INTER_AREA)
-    # Half of a typical stroke-core brightness, not of the maximum, which a noisy photo inflates.
-    core = small[small >= INK_THRESHOLD * float(small.max())]
-    return stroke_width(small >= 0.5 * float(np.percentile(core, 90))) * BOX / max(small.shape)
-
-
 def scale_into_box(digit: np.ndarray) -> np.ndarray:
     """Cropped float ink → float32 digit with its longer side BOX px, strokes MNIST-wide and saturated."""
     height, width = digit.shape
@@ -296,52 +268,6 @@ def scale_into_box(digit: np.ndarray) -> np.ndarray:
     peak = float(digit.max())
     return digit * (255.0 / peak) if peak > 0 else digit
 
-
-def redraw(digit: np.ndarray) -> np.ndarray:
-    """Redraw a thin-stroked digit's centre lines with MNIST's median stroke width, longer side BOX px.
-
-    A 2-px pen line on a 400-px canvas shrinks to a tenth of a pixel (a ghost the model never saw).
-    It is thinned to its 1-px skeleton at SUPERSAMPLE× the output size (so that a stroke already
-    1 px there is unchanged), thickened with a round brush to STROKE_TARGET, then area-averaged
-    down, which gives the anti-aliased edges MNIST has.
-    """
-    k = SUPERSAMPLE
-    brush = 2 * round((STROKE_TARGET * k - 1) / 2) + 1  # odd, so the brush is centred on the line
-    inner = max(1, BOX * k - brush + 1)  # the skeleton's extent: the brush adds the rest
-    scale = inner / max(digit.shape)
-    size = (max(1, round(digit.shape[1] * scale)), max(1, round(digit.shape[0] * scale)))
-    big = cv2.resize(digit, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
-    # A shrunk thin line is faint grey: a quarter of the brightest ink still counts as the line.
-    lines = skeleton(big >= 0.25 * float(big.max()))
-    lines = np.pad(lines.astype(np.uint8), brush // 2 + 1)
-    drawn = cv2.dilate(lines, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (brush, brush))).astype(np.float32)
-    rows, cols = np.flatnonzero(drawn.any(axis=1)), np.flatnonzero(drawn.any(axis=0))
-    drawn = drawn[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1] * 255.0
-    # The brush widened the drawing (a "1" is now a stroke wide, not a hairline): scale what was drawn.
-    scale = BOX / max(drawn.shape)
-    size = (max(1, round(drawn.shape[1] * scale)), max(1, round(drawn.shape[0] * scale)))
-    return cv2.resize(drawn, size, interpolation=cv2.INTER_AREA)
-
-
-def skeleton(mask: np.ndarray) -> np.ndarray:
-    """Zhang-Suen thinning: a binary drawing → its 1-px-wide centre lines, connectivity kept."""
-    image = np.pad(mask.astype(bool), 1)
-    while True:
-        changed = False
-        for first in (True, False):
-            p = image
-            n, ne, e, se = p[:-2, 1:-1], p[:-2, 2:], p[1:-1, 2:], p[2:, 2:]
-            s, sw, w, nw = p[2:, 1:-1], p[2:, :-2], p[1:-1, :-2], p[:-2, :-2]
-            ring = (n, ne, e, se, s, sw, w, nw, n)
-            neighbours = sum(v.astype(np.uint8) for v in ring[:8])
-            transitions = sum((~a & b).astype(np.uint8) for a, b in itertools.pairwise(ring))
-            keep_corner = ~(n & e & s) & ~(e & s & w) if first else ~(n & e & w) & ~(n & s & w)
-            remove = p[1:-1, 1:-1] & (neighbours >= 2) & (neighbours <= 6) & (transitions == 1) & keep_corner
-            if remove.any():
-                image[1:-1, 1:-1] &= ~remove
-                changed = True
-        if not changed:
-            return image[1:-1, 1:-1]
 
 def normalize_array(images: np.ndarray) -> np.ndarray:
     """uint8 images (28×28 or N×28×28) → float32 (N, 1, 28, 28) with MNIST mean/std, without torch.
