@@ -22,7 +22,8 @@ from pathlib import Path
 
 import yaml
 
-from serving.server import ServerError, TorchServe, free_port, verify_checksum
+from serving.server import ServerError, TorchServe, copy_verified, free_port, verify_checksum
+from serving.signing import verify_archive
 from serving.store import archive_to_serve, manifest
 from training.config import ArgumentParser
 
@@ -79,6 +80,7 @@ def build_bundle(model_store: Path, model_name: str, out: Path, batch_size: int 
     try:
         mar, _ = archive_to_serve(model_store, model_name)  # as `make serve`: the last promoted version, if any
         verify_checksum(mar)
+        verify_archive(mar)  # the checksum catches corruption; only the signature catches tampering
     except ServerError as err:
         raise BundleError(str(err)) from None
     check_replaceable(out)
@@ -86,7 +88,12 @@ def build_bundle(model_store: Path, model_name: str, out: Path, batch_size: int 
         shutil.rmtree(out)  # a bundle is derived: rebuilt whole, never merged with an older one
     (out / "config").mkdir(parents=True)
     (out / "model-store").mkdir()
-    for path in [mar, *sorted(model_store.glob(f"{mar.name}.*"))]:  # checksum, signatures if any
+    try:  # the archive's bytes as verified (checksum and signature): what goes to the cluster
+        copy_verified(mar, out / "model-store")
+    except ServerError as err:
+        shutil.rmtree(out)
+        raise BundleError(str(err)) from None
+    for path in sorted(model_store.glob(f"{mar.name}.*")):  # its checksum and signature, for checks downstream
         shutil.copy2(path, out / "model-store" / path.name)
     shutil.copy2(METRICS, out / "config" / "metrics.yaml")
     snapshot = json.dumps(model_snapshot(mar, batch_size), separators=(",", ":"))

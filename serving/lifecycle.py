@@ -28,7 +28,7 @@ import yaml
 
 from serving.client import ROOT, ServerClient
 from serving.errors import ServerError
-from serving.server import verify_checksum
+from serving.server import copy_verified, verify_checksum
 from serving.signing import SignatureError, verify_archive
 from serving.store import archive_version, find_archive, record_default, same_version
 from training.config import ArgumentParser
@@ -59,7 +59,7 @@ def checked_archive(store: Path, name: str, version: str) -> tuple[Path, str]:
     if mar.is_symlink() or mar.resolve().parent != store.resolve():
         raise ServerError(f"{mar} is not a file of the model store {store}: refusing to register it")
     verify_checksum(mar)
-    return mar, verify_archive(mar).signer
+    return mar, verify_archive(mar).signer  # early, one-line refusals; deploy serves a verified copy
 
 
 def _call(client: ServerClient, method: str, path: str, timeout: float = 120) -> Any:
@@ -85,6 +85,11 @@ def deploy(client: ServerClient, store: Path, version: str, workers: int | None 
         raise ServerError(f"{client.model_name} {version} is already registered ({role}): nothing to deploy; "
                           f"`make versions` lists what serves")
     workers = workers or archive_workers(mar)
+    # TorchServe loads from the server's private store (serving/server.py: served_store): the bytes it
+    # registers are the ones verified here, whatever happens to the model store meanwhile.
+    served = client.run_dir / "store"
+    served.mkdir(mode=0o700, exist_ok=True)
+    signer = copy_verified(mar, served)
     # Asynchronous, then polled: a synchronous registration holds one of the frontend's netty threads
     # until the new worker has loaded, and the inference connections served by that thread stall as
     # long (measured: requests to the serving version timed out during a 20-s deploy).

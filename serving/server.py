@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from serving.client import ROOT, ServerClient
 from serving.errors import ServerError
 from serving.java import check_java
 from serving.ports import DEFAULT_ADDRESSES, DEFAULT_GRPC_PORTS, free_port, host_port, port_is_free
-from serving.signing import verify_archive
+from serving.signing import verified_copy, verify_archive
 from serving.store import archive_to_serve
 from training.data import sha256_of
 
@@ -55,12 +56,17 @@ class TorchServe(ServerClient):
                    grpc_ports={k: free_port() for k in DEFAULT_GRPC_PORTS}, **kwargs)
 
     @property
+    def served_store(self) -> Path:
+        """What TorchServe loads from: verified copies of the store's archives, in the private run directory."""
+        return self.run_dir / "store"
+
+    @property
     def pid_file(self) -> Path:
         return self.run_dir / "tmp" / ".model_server.pid"
 
     def write_properties(self) -> Path:
         """The template with this server's addresses, store, URL allow-list and auth applied."""
-        store = self.model_store.resolve()
+        store = self.served_store.resolve()
         props = {
             "inference_address": self.addresses["inference"],
             "management_address": self.addresses["management"],
@@ -118,6 +124,11 @@ class TorchServe(ServerClient):
         mar = self.check_can_start()
         make_private_dir(self.run_dir)
         (self.run_dir / "tmp").mkdir(exist_ok=True)
+        store = self.served_store
+        if store.is_dir():
+            shutil.rmtree(store)  # copies of a previous run's archives: only what is verified now serves
+        store.mkdir(mode=0o700)
+        copy_verified(mar, store)
         self.pid_file.unlink(missing_ok=True)  # stale: its process is gone (checked above)
         (self.run_dir / "key_file.json").unlink(missing_ok=True)
         self.mark_log_start()
@@ -126,7 +137,7 @@ class TorchServe(ServerClient):
                "METRICS_LOCATION": str(self.run_dir),
                # Hand the handler raw bytes: it parses JSON itself, so one code path sees every input.
                "TS_DECODE_INPUT_REQUEST": "false"}
-        cmd = [str(torchserve_bin()), "--start", "--ncs", "--model-store", str(self.model_store.resolve()),
+        cmd = [str(torchserve_bin()), "--start", "--ncs", "--model-store", str(store.resolve()),
                "--models", f"{self.model_name}={mar.name}", "--ts-config", str(config)]
         try:
             with (self.run_dir / "console.log").open("ab") as console:
@@ -278,6 +289,17 @@ def template_value(key: str) -> str:
         if line.startswith(f"{key}="):
             return line.split("=", 1)[1]
     return ""
+
+
+def copy_verified(mar: Path, folder: Path) -> str:
+    """Copy `mar` into the private `folder` TorchServe loads from, checking the copied bytes: the same
+    checksum and signature checks as `check_can_start`, on exactly what will be served. Returns the signer."""
+    verify_checksum(mar)
+    copied = verified_copy(mar, folder)
+    if copied.sha256 != mar.with_name(mar.name + ".sha256").read_text().split()[0]:
+        (folder / mar.name).unlink(missing_ok=True)
+        raise ServerError(f"{mar} changed while it was being checked: refusing to serve it")
+    return copied.signer
 
 
 def verify_checksum(mar: Path) -> None:

@@ -167,21 +167,37 @@ def read_signature(mar: Path) -> dict:
         raise SignatureError(f"{path} is not a signature file written by `make archive`") from None
 
 
-def verify_archive(mar: Path, trusted: dict[str, Ed25519PublicKey] | None = None) -> Signature:
-    """The archive's signer, or SignatureError with a one-line reason."""
+def verify_archive(mar: Path, trusted: dict[str, Ed25519PublicKey] | None = None,
+                   data: bytes | None = None) -> Signature:
+    """The archive's signer, or SignatureError with a one-line reason. `data`: the bytes to check (read once
+    by the caller, who then serves exactly those: see verified_copy); default: the file's."""
     sig = read_signature(mar)
     trusted = trusted_keys() if trusted is None else trusted
     signer = str(sig.get("signer"))
     if signer not in trusted:
         raise SignatureError(f"{mar} is signed by key {signer}, which this server does not trust "
                              f"(trusted: {', '.join(trusted) or 'none in ' + ', '.join(map(str, trusted_dirs()))})")
-    data = mar.read_bytes()
+    data = mar.read_bytes() if data is None else data
     try:
         trusted[signer].verify(sig["raw"], data)
     except InvalidSignature:
         raise SignatureError(f"{mar} does not match its signature by key {signer}: it was modified after signing "
                              "(or re-signed by another key); rebuild it with `make archive ARGS=--force`") from None
     return Signature(signature_path(mar), signer, hashlib.sha256(data).hexdigest())
+
+
+def verified_copy(mar: Path, folder: Path, trusted: dict[str, Ed25519PublicKey] | None = None) -> Signature:
+    """Read `mar` once, verify those bytes, and write them to `folder` (private to this user), which is what
+    gets served: whoever can write the model store cannot swap the file between the check and the load."""
+    data = mar.read_bytes()
+    signature = verify_archive(mar, trusted, data)
+    target = folder / mar.name
+    tmp = folder / f".{mar.name}.tmp-{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, target)
+    return signature
 
 
 def untrust(fp: str, directory: Path | None = None) -> bool:

@@ -135,3 +135,55 @@ def test_a_server_that_did_not_sign_trusts_a_mounted_folder_of_public_keys(store
     monkeypatch.setenv("MNIST_SERVE_TRUSTED_DIR", str(other_dir / "trusted"))  # e.g. mounted read-only
     assert verify_archive(mar).signer == fingerprint(other.public_key())
     assert fingerprint(signing.signing_key().public_key()) in trusted_keys()  # in addition to its own
+
+
+def _modified(store: Path, tmp_path: Path) -> str:
+    mar = store / "mnist.mar"
+    data = bytearray(mar.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    mar.write_bytes(bytes(data))
+    (store / "mnist.mar.sha256").write_text(f"{hashlib.sha256(data).hexdigest()}  mnist.mar\n")
+    return "does not match its signature"
+
+
+def _untrusted(store: Path, tmp_path: Path) -> str:
+    keygen(tmp_path / "other-keys")
+    sign_archive(store / "mnist.mar", tmp_path / "other-keys")
+    return "which this server does not trust"
+
+
+def _unsigned(store: Path, tmp_path: Path) -> str:
+    (store / "mnist.mar.sig").unlink()
+    return "is not signed"
+
+
+@pytest.mark.parametrize("damage", [_modified, _untrusted, _unsigned], ids=["modified", "untrusted", "unsigned"])
+def test_the_kserve_bundle_refuses_what_serve_refuses(store, tmp_path, damage):
+    """Nothing goes to the cluster that `make serve` would not load: the bundle step checks the signature."""
+    from serving.kserve import BundleError, build_bundle
+
+    reason = damage(store, tmp_path)
+    with pytest.raises(BundleError, match=reason) as refused:
+        build_bundle(store, "mnist", tmp_path / "bundle")
+    assert "\n" not in str(refused.value)
+    assert not (tmp_path / "bundle").exists()
+
+
+@pytest.mark.slow
+def test_torchserve_loads_a_private_verified_copy_not_the_store(store, tmp_path):
+    """Verify, then serve those very bytes: TorchServe's model store is a copy in the private run directory,
+    so whoever can write model_store/ cannot swap the archive between the check and the load."""
+    original = (store / "mnist.mar").read_bytes()
+    server = server_over(store, tmp_path / "run")
+    server.start(timeout=180)
+    try:
+        served = tmp_path / "run" / "store"
+        props = dict(line.split("=", 1) for line in (tmp_path / "run" / "config.properties").read_text().splitlines()
+                     if "=" in line and not line.startswith("#"))
+        assert props["model_store"] == str(served.resolve())
+        assert (served / "mnist.mar").read_bytes() == original
+        assert stat.S_IMODE(served.stat().st_mode) == 0o700
+        (store / "mnist.mar").write_bytes(b"swapped after the check")
+        assert (served / "mnist.mar").read_bytes() == original
+    finally:
+        server.stop()
