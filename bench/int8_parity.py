@@ -79,15 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="int8-parity-") as tmp:
         folder = Path(tmp)
         export_onnx(model, folder / "fp32.onnx")
-        candidates = {
-            "int8 onnx (shipped: 7-bit weights)": lambda: quantize_onnx(folder / "fp32.onnx", folder / "a.onnx",
-                                                                         calibration) or folder / "a.onnx",
-            "int8 onnx (8-bit weights, before)": lambda: eight_bit_onnx(folder / "fp32.onnx", folder / "b.onnx",
-                                                                         calibration) or folder / "b.onnx",
+        candidates = {  # name: (how it is quantised, the file it writes)
+            "int8 onnx (shipped: 7-bit weights)": (quantize_onnx, folder / "a.onnx"),
+            "int8 onnx (8-bit weights, before)": (eight_bit_onnx, folder / "b.onnx"),
         }
-        for name, build in candidates.items():
+        for name, (quantize, path) in candidates.items():
             try:
-                path = build()
+                quantize(folder / "fp32.onnx", path, calibration)
             except ExportError as err:
                 print(f"{name}: {err}", file=sys.stderr)
                 continue

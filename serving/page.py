@@ -141,7 +141,7 @@ class PageHandler(BaseHTTPRequestHandler):
     sys_version = ""
 
     def setup(self) -> None:
-        self.timeout = self.server.client_timeout  # StreamRequestHandler sets it on the socket
+        self.timeout = self.server.client_timeout  # type: ignore[misc]  # StreamRequestHandler sets it on the socket
         super().setup()
 
     def log_message(self, format: str, *args: Any) -> None:
@@ -272,7 +272,7 @@ class PageServer(ThreadingHTTPServer):
             self._clients += step
             return True
 
-    def process_request(self, request: socket.socket, client_address: Any) -> None:
+    def process_request(self, request: Any, client_address: Any) -> None:  # a TCP server: a socket
         if not self._count_client(+1):
             self._answer_busy(request)
             return
@@ -282,7 +282,7 @@ class PageServer(ThreadingHTTPServer):
             self._count_client(-1)
             raise
 
-    def process_request_thread(self, request: socket.socket, client_address: Any) -> None:
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
