@@ -64,6 +64,9 @@ PIP_COMPILE = $(VENV)/bin/pip-compile --quiet --strip-extras --generate-hashes -
 lock: $(STAMP) ## re-resolve requirements.lock and requirements-dev.lock from pyproject.toml (several minutes)
 	$(PIP_COMPILE) -o requirements.lock pyproject.toml configs/lock-pins.in
 	$(PIP_COMPILE) --extra dev -c requirements.lock -o requirements-dev.lock pyproject.toml configs/lock-pins.in
+	@# pip-compile drops markers: put back torch's own (its CUDA wheels and triton are required on Linux only).
+	sed -i -E 's/^((nvidia-[a-z0-9-]+|cuda-[a-z-]+|triton)==[^ ]+) \\$$/\1 ; platform_system == "Linux" \\/' \
+	    requirements.lock requirements-dev.lock
 
 system-deps: ## install the Debian packages the slow tests use (APT_PACKAGES; needs root or sudo)
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
