@@ -1,0 +1,187 @@
+"""Render the docs' result tables from the records in results/: `python docs/render.py` (`make docs` runs it).
+
+A page asks for a table with a marker pair; everything between the two is replaced on every run:
+
+    <!-- results: command=bench-serve table=served -->       the newest records of `make bench-serve`
+    <!-- results: record=imported/2026-11-28-bench-serve-full-run -->   one record (path under results/)
+    <!-- results: headline -->                                 README's headline table (HEADLINES below)
+    <!-- /results -->
+
+Options: `table=NAME` (one of the record's tables), `latest=N` (command=: at most N records, default 3).
+Each table comes with what the record says about where it was measured: date, CPU and its ISA class,
+GPU, load, versions, commit and the exact command; an imported record (an earlier README's table) is
+labelled as coming from an earlier version and, where it says so, another machine.
+`--check` changes nothing and exits 1 when a page is not what the records render (tests/test_docs.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "results"
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs" / "pages").rglob("*.md"))]
+MARKER = re.compile(r"(<!-- results: (?P<spec>[^>]*?) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
+
+# README's headline results: (what, record, table, row filter, the figure's column, the ratio's column).
+# Each row must name a figure measured against a baseline of the same run.
+HEADLINES = [
+    ("Test accuracy of the default config, 3 seeds", "imported/2026-11-28-bench-train-full", "time to accuracy",
+     {"config": "default"}, "test accuracy (%)", "s total"),
+    ("Served req/s at 64 connections through TorchServe", "imported/2026-11-28-bench-serve-full-run", "served",
+     {"setup": "project", "conc.": "64"}, "req/s", "vs baseline"),
+    ("Wild digits: all 13 transforms, first 1000 test digits each", "imported/undated-eval-wild-wild", "transforms",
+     {"transform": "**all wild**"}, "accuracy", "vs clean"),
+    ("Ensemble of 5 deepest members, 10k test digits over HTTP", "imported/undated-ensemble-diary-diary", "runs",
+     {"model": "that ensemble **over HTTP**",
+      "test accuracy": "**99.72%** (single default model in the same run: 99.46%)"}, "test accuracy", None),
+    ("CUDA training, one H100 (not the pinned torch)", "imported/2026-11-28-gpu-check-h100", "checks",
+     {"check": "bench-train cuda-bf16"}, "measured", None),
+]
+
+
+def load(ref: str) -> dict[str, Any]:
+    path = RESULTS / f"{ref}.json"
+    return {**json.loads(path.read_text()), "file": path.relative_to(ROOT).as_posix()}
+
+
+def native_records(command: str) -> list[dict[str, Any]]:
+    slug = re.sub(r"[^a-z0-9]+", "-", command.lower())
+    paths = sorted(RESULTS.glob(f"*-{slug}-*.json"), reverse=True)
+    return [load(p.relative_to(RESULTS).with_suffix("").as_posix()) for p in paths]
+
+
+def cell(value: Any) -> str:
+    text = "" if value is None else f"{value:,}" if isinstance(value, int) else str(value)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def table(rows: list[dict[str, Any]]) -> list[str]:
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    lines = ["| " + " | ".join(c or " " for c in columns) + " |", "|" + "---|" * len(columns)]
+    return lines + ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
+
+
+def versions(found: dict[str, Any]) -> str:
+    names = {"torch": "torch", "torchserve": "TorchServe", "onnxruntime": "ONNX Runtime", "kserve": "KServe"}
+    return ", ".join(f"{names.get(k, k)} {v}" for k, v in found.items() if v)
+
+
+def where(record: dict[str, Any]) -> str:
+    """Date, machine, versions, commit and command, as the record states them."""
+    m = record.get("machine") or {}
+    cpu = m.get("cpu") or "CPU not stated"
+    parts = [cpu + (f", {m['cores']} cores" if m.get("cores") else "")]
+    if m.get("isa_class"):
+        caps = ", ".join(f"{k}={v}" for k, v in (m.get("caps") or {}).items())
+        parts[-1] += f" ({m['isa_class']}" + (f"; capped: {caps}" if caps else "") + ")"
+    if m.get("native_bf16"):
+        parts.append("native bf16")
+    parts.append(f"GPU: {m['gpu']}" if m.get("gpu") else "no GPU" if "isa_class" in m else "")
+    load_average = m.get("load_average")
+    if load_average:
+        shown = "/".join(map(str, load_average)) if isinstance(load_average, list) else load_average
+        parts.append(f"load average {shown}")
+    if m.get("note"):
+        parts.append(m["note"])
+    if m.get("versions") and versions(m["versions"]):
+        parts.append(versions(m["versions"]))
+    date = (record.get("date") or "")[:10] or "date not stated"
+    commit = f"commit {record['commit']}" if record.get("commit") else ""
+    command = " ".join(record.get("argv") or [record["command"]])
+    return (f"Measured on {'; '.join(p for p in parts if p)}; {date}"
+            + (f"; {commit}" if commit else "") + f". Command: `{command.replace('`', '')}`.")
+
+
+def render_record(record: dict[str, Any], only: str | None) -> list[str]:
+    out = [f"*{where(record)}*", ""]
+    if record.get("imported"):
+        out += [f"*From an earlier version of this project ({record['source']}): other code, and possibly "
+                "another machine, than today's. Compare figures within this table, not with other tables.*", ""]
+    figures = record.get("figures") or {}
+    tables = figures.get("tables") or {}
+    if only is not None and only not in tables:
+        raise SystemExit(f"{record['file']} has no table {only!r} (it has {sorted(tables)})")
+    for name, rows in tables.items():
+        if only is None or name == only:
+            out += table(rows) + [""]
+    if "report" in figures and only is None:  # make chaos prints its own Markdown
+        out += [figures["report"].strip(), ""]
+    if record.get("note"):
+        out += [f"Note: {record['note']}.", ""]
+    if record.get("baseline"):
+        base = "; ".join(f"{k}: {v}" for k, v in record["baseline"].items() if not isinstance(v, (dict, list)))
+        if base:
+            out += [f"Baseline, same run: {base}.", ""]
+    return out + [f"Record: `{record['file']}`", ""]
+
+
+def render_headline() -> list[str]:
+    out = ["| result | figure | vs the same run's baseline | machine, date | command and record |", "|---|---|---|---|---|"]
+    for what, ref, name, match, figure, ratio in HEADLINES:
+        record = load(ref)
+        rows = [r for r in record["figures"]["tables"][name] if all(r.get(k) == v for k, v in match.items())]
+        if len(rows) != 1:
+            raise SystemExit(f"headline {what!r}: {len(rows)} rows of {ref} match {match}")
+        row, m = rows[0], record["machine"]
+        machine = ", ".join(str(m[k]) for k in ("cpu", "gpu") if m.get(k))
+        command = row.get("where, command") or "`" + " ".join(record["argv"]) + "`"
+        versus = (f"{ratio}: {row[ratio]}" if ratio else
+                  "; ".join(f"{k}: {v}" for k, v in (record.get("baseline") or {}).items()))
+        out.append("| " + " | ".join(cell(x) for x in (
+            what, row[figure], versus, f"{machine}; {(record['date'] or '')[:10] or 'date not stated'}",
+            f"{command}; `{record['file']}`")) + " |")
+    return out + ["", "*All five come from an earlier version of this project (imported from its README; the GPU row "
+                  "ran torch 2.11): [Benchmarks](docs/pages/benchmarks.md) has every table and how to measure yours.*",
+                  ""]
+
+
+def render(spec: str) -> str:
+    options = dict(item.split("=", 1) if "=" in item else (item, "") for item in spec.split())
+    if "headline" in options:
+        lines = render_headline()
+    elif "record" in options:
+        lines = render_record(load(options["record"]), options.get("table"))
+    elif "command" in options:
+        records = native_records(options["command"])[: int(options.get("latest", 3))]
+        lines = [line for r in records for line in render_record(r, options.get("table"))] or [
+            f"*No record of `{options['command']}` measured by this version yet: running it writes one under "
+            "`results/`, and `make docs` puts it here.*", ""]
+    else:
+        raise SystemExit(f"results marker without record=, command= or headline: {spec!r}")
+    return "\n" + "\n".join(lines)
+
+
+def rendered(text: str) -> str:
+    return MARKER.sub(lambda m: m.group(1) + render(m.group("spec")) + m.group(4), text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python docs/render.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if a page is out of date")
+    args = parser.parse_args(argv)
+    stale = []
+    for page in PAGES:
+        text = page.read_text()
+        new = rendered(text)
+        if new != text:
+            stale.append(page.relative_to(ROOT).as_posix())
+            if not args.check:
+                page.write_text(new)
+    if args.check and stale:
+        print(f"out of date with results/: {', '.join(stale)} (run `make docs`)", file=sys.stderr)
+        return 1
+    print(f"rendered {sum(MARKER.findall(p.read_text()).__len__() for p in PAGES)} result tables"
+          + (f"; updated {', '.join(stale)}" if stale and not args.check else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
