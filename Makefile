@@ -41,7 +41,7 @@ export METRICS_ADDRESS ?= 127.0.0.1:8082
         eval-wild calibrate trust-eval explain explain-eval latency keygen archive serve predict status token ui stop \
         demo kserve-bundle deploy promote rollback versions undeploy compare monitor rollout-check test test-isa test-fast lint int8-parity \
         bench bench-train bench-serve gpu-check chaos export distill bench-compress bench-hybrid edge-install \
-        docker-build docker-run docker-train docker-archive docker-test clean
+        docker-build docker-run docker-train docker-archive docker-test docs docs-serve clean
 
 help: ## list the targets
 	@echo "usage: make TARGET [ARGS=...]"
@@ -223,13 +223,25 @@ test-isa: $(STAMP) ## the CPU-sensitive tests again, capped to AVX2 (no AVX-512,
 test-fast: $(STAMP) ## unit tests only: no training, no server, no Java, no download (MNIST tests skip without data)
 	MNIST_OFFLINE=1 $(PY) -m pytest -m "not slow" $(ARGS)
 
-lint: $(STAMP) ## ruff over the code, mypy over training/, serving/ and bench/, promtool over the Prometheus config and rules
-	$(VENV)/bin/ruff check training serving tests bench deploy edge
+lint: $(STAMP) ## ruff, mypy, promtool over the Prometheus config and rules, the docs site built --strict
+	$(VENV)/bin/ruff check training serving tests bench deploy edge docs
 	$(VENV)/bin/mypy training serving bench
 	promtool check config configs/prometheus.yml
 	promtool check rules configs/alerts.yml
+	$(PY) docs/render.py --check
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet -f docs/mkdocs.yml
 
-bench: bench-train bench-serve ## both benchmarks (tables in README; ~8 min on 2 cores)
+# The site: docs/pages/ (docs/mkdocs.yml), its result tables rendered from results/ by docs/render.py.
+DOCS_PORT ?= 8000
+docs: $(STAMP) ## render the result tables from results/ into README and docs/, build the site into docs/_site/
+	$(PY) docs/render.py
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -f docs/mkdocs.yml
+
+docs-serve: $(STAMP) ## serve the docs site on 127.0.0.1:DOCS_PORT (8000), rebuilt on every change
+	$(PY) docs/render.py
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve -f docs/mkdocs.yml --dev-addr 127.0.0.1:$(DOCS_PORT)
+
+bench: bench-train bench-serve ## both benchmarks, each writing a record under results/
 
 bench-train: $(STAMP) ## training time-to-accuracy over seeds (SEEDS=3), also in plain-recipe epochs (bench/plain.py)
 	$(PY) -m bench.train --seeds $(SEEDS)
@@ -255,7 +267,7 @@ docker-train: ## train inside the image, artifacts/ mounted
 docker-archive: ## archive artifacts/model.pt inside the image, signed with your key dir (mounted, mode 0700)
 	docker/run.sh archive $(ARGS)
 
-docker-test: $(STAMP) ## lint, build and run the image for real (slow: see README)
+docker-test: $(STAMP) ## lint, build and run the image for real (slow: docs/pages/docker.md)
 	docker/test.sh
 
 clean: ## remove logs and caches (keeps data/, artifacts/ and model_store/; refused while `make serve` runs)
