@@ -111,7 +111,7 @@ def render_record(record: dict[str, Any], only: str | None) -> list[str]:
         raise SystemExit(f"{record['file']} has no table {only!r} (it has {sorted(tables)})")
     for name, rows in tables.items():
         if only is None or name == only:
-            out += table(rows) + [""]
+            out += [*table(rows), ""]
     if "report" in figures and only is None:  # make chaos prints its own Markdown
         out += [figures["report"].strip(), ""]
     if record.get("note"):
@@ -120,11 +120,12 @@ def render_record(record: dict[str, Any], only: str | None) -> list[str]:
         base = "; ".join(f"{k}: {v}" for k, v in record["baseline"].items() if not isinstance(v, (dict, list)))
         if base:
             out += [f"Baseline, same run: {base}.", ""]
-    return out + [f"Record: `{record['file']}`", ""]
+    return [*out, f"Record: `{record['file']}`", ""]
 
 
 def render_headline() -> list[str]:
-    out = ["| result | figure | vs the same run's baseline | machine, date | command and record |", "|---|---|---|---|---|"]
+    out = ["| result | figure | vs the same run's baseline | machine, date | command and record |",
+           "|---|---|---|---|---|"]
     for what, ref, name, match, figure, ratio in HEADLINES:
         record = load(ref)
         rows = [r for r in record["figures"]["tables"][name] if all(r.get(k) == v for k, v in match.items())]
@@ -138,9 +139,9 @@ def render_headline() -> list[str]:
         out.append("| " + " | ".join(cell(x) for x in (
             what, row[figure], versus, f"{machine}; {(record['date'] or '')[:10] or 'date not stated'}",
             f"{command}; `{record['file']}`")) + " |")
-    return out + ["", "*All five come from an earlier version of this project (imported from its README; the GPU row "
-                  "ran torch 2.11): [Benchmarks](docs/pages/benchmarks.md) has every table and how to measure yours.*",
-                  ""]
+    note = ("*All five come from an earlier version of this project (imported from its README; the GPU row ran "
+            "torch 2.11): [Benchmarks](docs/pages/benchmarks.md) has every table and how to measure yours.*")
+    return [*out, "", note, ""]
 
 
 def render(spec: str) -> str:
