@@ -99,12 +99,13 @@ def write_record(command: str, figures: dict[str, Any], baseline: dict[str, Any]
                  out_dir: Path | None = None) -> Path:
     """Write results/<date>-<command>-<cpu class>.json (a second one the same day gets -2, -3...)."""
     now = dt.datetime.now(dt.timezone.utc)
+    facts = machine()
     record = {"command": command, "argv": [_program(), *sys.argv[1:]],
-              "date": now.isoformat(timespec="seconds"), "commit": _commit(), "machine": machine(),
+              "date": now.isoformat(timespec="seconds"), "commit": _commit(), "machine": facts,
               "figures": figures, "baseline": baseline}
     folder = out_dir or RESULTS
     folder.mkdir(parents=True, exist_ok=True)
-    stem = f"{now:%Y-%m-%d}-{re.sub(r'[^a-z0-9]+', '-', command.lower())}-{record['machine']['isa_class']}"
+    stem = f"{now:%Y-%m-%d}-{re.sub(r'[^a-z0-9]+', '-', command.lower())}-{facts['isa_class']}"
     path, n = folder / f"{stem}.json", 1
     while path.exists():
         n += 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import os
 import re
 import subprocess
 import sys
@@ -290,3 +291,12 @@ def test_every_page_is_in_the_site_navigation():
     pages = ROOT / "docs" / "pages"
     for page in pages.rglob("*.md"):
         assert page.relative_to(pages).as_posix() in nav, f"{page.relative_to(ROOT)} is not in docs/mkdocs.yml's nav"
+
+
+def test_the_site_builds_strict(tmp_path):
+    """What `make lint` runs: a broken link or anchor, or a page missing from the nav, fails the build."""
+    mkdocs = Path(sys.executable).parent / "mkdocs"
+    result = subprocess.run([str(mkdocs), "build", "--strict", "--quiet", "-f", str(ROOT / "docs" / "mkdocs.yml"),
+                             "--site-dir", str(tmp_path / "site")], capture_output=True, text=True,
+                            env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
