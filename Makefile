@@ -229,7 +229,7 @@ lint: $(STAMP) ## ruff, mypy, promtool over the Prometheus config and rules, the
 	promtool check config configs/prometheus.yml
 	promtool check rules configs/alerts.yml
 	$(PY) docs/render.py --check
-	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet -f docs/mkdocs.yml
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -f docs/mkdocs.yml
 
 # The site: docs/pages/ (docs/mkdocs.yml), its result tables rendered from results/ by docs/render.py.
 DOCS_PORT ?= 8000
