@@ -28,7 +28,8 @@ RESULTS = ROOT / "results"
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs" / "pages").rglob("*.md"))]
 MARKER = re.compile(r"(<!-- results: (?P<spec>[^>]*?) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
 
-# README's headline results: (what, record, table, row filter, the figure's column, the ratio's column).
+# README's headline results: (what, record, table, row filter, the figure's column, the ratio's column[, the
+# machine, where the record holds rows of several]).
 # Each row must name a figure measured against a baseline of the same run.
 HEADLINES = [
     ("Test accuracy of the default config, 3 seeds", "imported/2026-11-28-bench-train-full", "time to accuracy",
@@ -39,7 +40,8 @@ HEADLINES = [
      {"transform": "**all wild**"}, "accuracy", "vs clean"),
     ("Ensemble of 5 deepest members, 10k test digits over HTTP", "imported/undated-ensemble-diary-diary", "runs",
      {"model": "that ensemble **over HTTP**",
-      "test accuracy": "**99.72%** (single default model in the same run: 99.46%)"}, "test accuracy", None),
+      "test accuracy": "**99.72%** (single default model in the same run: 99.46%)"}, "test accuracy", None,
+     "AMD EPYC, 2 cores (the record's CPU rows)"),
     ("CUDA training, one H100 (not the pinned torch)", "imported/2026-11-28-gpu-check-h100", "checks",
      {"check": "bench-train cuda-bf16"}, "measured", None),
 ]
@@ -65,7 +67,7 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
     columns: list[str] = []
     for row in rows:
         columns += [k for k in row if k not in columns]
-    lines = ["| " + " | ".join(c or " " for c in columns) + " |", "|" + "---|" * len(columns)]
+    lines = ["| " + " | ".join(cell(c) or " " for c in columns) + " |", "|" + "---|" * len(columns)]
     return lines + ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
 
 
@@ -77,7 +79,8 @@ def versions(found: dict[str, Any]) -> str:
 def where(record: dict[str, Any]) -> str:
     """Date, machine, versions, commit and command, as the record states them."""
     m = record.get("machine") or {}
-    cpu = m.get("cpu") or "CPU not stated"
+    stated = m.get("cpu") or "not stated"
+    cpu = "CPU " + stated if stated.startswith("not stated") else stated
     parts = [cpu + (f", {m['cores']} cores" if m.get("cores") else "")]
     if m.get("isa_class"):
         caps = ", ".join(f"{k}={v}" for k, v in (m.get("caps") or {}).items())
@@ -126,16 +129,16 @@ def render_record(record: dict[str, Any], only: str | None) -> list[str]:
 def render_headline() -> list[str]:
     out = ["| result | figure | vs the same run's baseline | machine, date | command and record |",
            "|---|---|---|---|---|"]
-    for what, ref, name, match, figure, ratio in HEADLINES:
+    for what, ref, name, match, figure, ratio, *where_measured in HEADLINES:
         record = load(ref)
         rows = [r for r in record["figures"]["tables"][name] if all(r.get(k) == v for k, v in match.items())]
         if len(rows) != 1:
             raise SystemExit(f"headline {what!r}: {len(rows)} rows of {ref} match {match}")
         row, m = rows[0], record["machine"]
-        machine = ", ".join(str(m[k]) for k in ("cpu", "gpu") if m.get(k))
+        machine = where_measured[0] if where_measured else ", ".join(str(m[k]) for k in ("cpu", "gpu") if m.get(k))
         command = row.get("where, command") or "`" + " ".join(record["argv"]) + "`"
         versus = (f"{ratio}: {row[ratio]}" if ratio else
-                  "; ".join(f"{k}: {v}" for k, v in (record.get("baseline") or {}).items()))
+                  "; ".join(str(v) for v in (record.get("baseline") or {}).values()))
         out.append("| " + " | ".join(cell(x) for x in (
             what, row[figure], versus, f"{machine}; {(record['date'] or '')[:10] or 'date not stated'}",
             f"{command}; `{record['file']}`")) + " |")
