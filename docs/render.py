@@ -167,6 +167,67 @@ def rendered(text: str) -> str:
     return MARKER.sub(lambda m: m.group(1) + render(m.group("spec")) + m.group(4), text)
 
 
+def number(text: str) -> float:
+    return float(re.sub(r"[^0-9.eE+-]", "", text.split()[0]))
+
+
+def plot_served(ax: Any, record: dict[str, Any]) -> None:
+    rows = record["figures"]["tables"]["served"]
+    for setup in dict.fromkeys(r["setup"] for r in rows):
+        points = [(int(r["conc."]), number(r["req/s"])) for r in rows if r["setup"] == setup]
+        ax.plot(*zip(*points, strict=True), marker="o", label=setup)
+    ax.set(xscale="log", yscale="log", xlabel="concurrent connections (wrk)", ylabel="requests/s",
+           title="Served throughput, one run")
+    ax.set_xticks([1, 8, 64, 256], labels=["1", "8", "64", "256"])
+
+
+def plot_deletion(ax: Any, record: dict[str, Any]) -> None:
+    rows = record["figures"]["tables"]["deletion"]
+    ks = [int(k.removeprefix("k=")) for k in rows[0] if k.removeprefix("k=").isdigit()]
+    for row in rows:
+        ax.plot(ks, [number(row[k if k in row else f"k={k}"]) for k in map(str, ks)], marker="o",
+                label=row["ranking"].replace("**", ""))
+    ax.set(xlabel="pixels set to black (top-k of each ranking)", ylabel="mean probability of the true digit",
+           title="Deletion test: a faithful map drops fastest")
+
+
+def plot_hybrid(ax: Any, record: dict[str, Any]) -> None:
+    rows = [r for r in record["figures"]["tables"]["hybrid"] if not r["threshold"].startswith("(")]
+    for name in dict.fromkeys(r["set"] for r in rows):
+        points = [(number(r["answered on the edge"]), number(r["edge accuracy (its share)"])) for r in rows
+                  if r["set"] == name]
+        ax.plot(*zip(*points, strict=True), marker="o", label=name)
+    ax.set(xlabel="% answered on the edge (threshold lowered →)", ylabel="% right among those answered on the edge",
+           title="Edge first, server when unsure")
+
+
+# Plots drawn from records (docs/pages/img/, committed): the page that shows each, and what draws it.
+PLOTS = {"served-throughput.png": ("imported/2026-11-28-bench-serve-full-run", plot_served),
+         "deletion-curves.png": ("imported/undated-explain-eval-deletion", plot_deletion),
+         "hybrid-edge.png": ("imported/undated-bench-hybrid-hybrid", plot_hybrid)}
+
+
+def draw_plots() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for name, (ref, draw) in PLOTS.items():
+        record = load(ref)
+        fig, ax = plt.subplots(figsize=(6.4, 4))
+        draw(ax, record)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        m = record.get("machine") or {}
+        source = (f"{record['file']}: {m.get('cpu') or 'CPU not stated'}, {(record.get('date') or 'undated')[:10]}"
+                  + (" (imported: an earlier version)" if record.get("imported") else ""))
+        fig.text(0.01, 0.01, source, fontsize=6, color="gray")
+        fig.tight_layout(rect=(0, 0.03, 1, 1))
+        fig.savefig(ROOT / "docs" / "pages" / "img" / name, dpi=110, metadata={"Software": None})
+        plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python docs/render.py", description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if a page is out of date")
@@ -179,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
             stale.append(page.relative_to(ROOT).as_posix())
             if not args.check:
                 page.write_text(new)
+    if not args.check:
+        draw_plots()
     if args.check and stale:
         print(f"out of date with results/: {', '.join(stale)} (run `make docs`)", file=sys.stderr)
         return 1
