@@ -11,6 +11,7 @@ Options: `table=NAME` (one of the record's tables), `latest=N` (command=: at mos
 Each table comes with what the record says about where it was measured: date, CPU and its ISA class,
 GPU, load, versions, commit and the exact command; an imported record (an earlier README's table) is
 labelled as coming from an earlier version and, where it says so, another machine.
+It also draws the plots in PLOTS from their records into docs/pages/img/.
 `--check` changes nothing and exits 1 when a page is not what the records render (tests/test_docs.py).
 """
 
