@@ -48,6 +48,15 @@ HEADLINES = [
 ]
 
 
+# README's quick-start timings: (what, command whose newest record to read, or an imported record, its table,
+# the row's "what").
+TIMINGS = [
+    ("`make setup` (every target runs it first), from nothing", "setup", "make setup from nothing", "wall time"),
+    ("`make demo`, setup already done", "demo", "make demo", "wall time, setup already done"),
+    ("`make test`, in CI", "imported/2026-11-28-test-suite", "suite", "make test in CI"),
+]
+
+
 def load(ref: str) -> dict[str, Any]:
     path = RESULTS / f"{ref}.json"
     return {**json.loads(path.read_text()), "file": path.relative_to(ROOT).as_posix()}
@@ -148,10 +157,43 @@ def render_headline() -> list[str]:
     return [*out, "", note, ""]
 
 
+def render_timings() -> list[str]:
+    out = ["| command | took | measured on, date | record |", "|---|---|---|---|"]
+    for what, ref, name, row_name in TIMINGS:
+        records = native_records(ref) if "/" not in ref else [load(ref)]
+        if not records:
+            out.append(f"| {what} | not measured by this version yet | | |")
+            continue
+        record = records[0]
+        row = next(r for r in record["figures"]["tables"][name] if r.get("what", r.get("run")) == row_name)
+        m = record.get("machine") or {}
+        load_average = m.get("load_average")
+        shown = "/".join(map(str, load_average)) if isinstance(load_average, list) else load_average
+        machine = ", ".join(str(x) for x in (m.get("cpu") or "CPU not stated",
+                                               f"{m['cores']} cores" if m.get("cores") else None,
+                                               f"load average {shown}" if shown else None) if x)
+        took = row.get("figure", row.get("seconds", "")) + (" s" if "seconds" in row else "")
+        out.append("| " + " | ".join(cell(x) for x in (
+            what, took, f"{machine}; {(record.get('date') or '')[:10] or 'date not stated'}",
+            f"`{record['file']}`" + (" (imported)" if record.get("imported") else ""))) + " |")
+    return [*out, ""]
+
+
+def render_output(records: list[dict[str, Any]]) -> list[str]:
+    if not records:
+        return ["*Not run by this version yet: `make demo` writes its record under `results/`.*", ""]
+    record = records[0]
+    return ["```json", record["figures"]["output"], "```", "", f"*{where(record)}*", ""]
+
+
 def render(spec: str) -> str:
     options = dict(item.split("=", 1) if "=" in item else (item, "") for item in spec.split())
     if "headline" in options:
         lines = render_headline()
+    elif "timings" in options:
+        lines = render_timings()
+    elif options.get("show") == "output":
+        lines = render_output(native_records(options["command"]))
     elif "record" in options:
         lines = render_record(load(options["record"]), options.get("table"))
     elif "command" in options:
