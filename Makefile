@@ -41,7 +41,7 @@ export METRICS_ADDRESS ?= 127.0.0.1:8082
         eval-wild calibrate trust-eval explain explain-eval latency keygen archive serve predict status token ui stop \
         demo kserve-bundle deploy promote rollback versions undeploy compare monitor rollout-check test test-isa test-fast lint int8-parity \
         bench bench-train bench-serve gpu-check chaos export distill bench-compress bench-hybrid edge-install \
-        docker-build docker-run docker-train docker-archive docker-test clean
+        docker-build docker-run docker-train docker-archive docker-test docs docs-serve clean
 
 help: ## @dev list the targets, by section
 	@echo "usage: make TARGET [VAR=value ...] [ARGS=\"...\"]   (every target runs \`python -m ...\`; see README)"
@@ -67,6 +67,9 @@ PIP_COMPILE = $(VENV)/bin/pip-compile --quiet --strip-extras --generate-hashes -
 lock: $(STAMP) ## @dev re-resolve requirements.lock and requirements-dev.lock from pyproject.toml (several minutes)
 	$(PIP_COMPILE) -o requirements.lock pyproject.toml configs/lock-pins.in
 	$(PIP_COMPILE) --extra dev -c requirements.lock -o requirements-dev.lock pyproject.toml configs/lock-pins.in
+	@# pip-compile drops markers: put back torch's own (its CUDA wheels and triton are required on Linux only).
+	sed -i -E 's/^((nvidia-[a-z0-9-]+|cuda-[a-z-]+|triton)==[^ ]+) \\$$/\1 ; platform_system == "Linux" \\/' \
+	    requirements.lock requirements-dev.lock
 
 system-deps: ## @dev install the Debian packages the slow tests use (APT_PACKAGES; needs root or sudo)
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -223,13 +226,25 @@ test-isa: $(STAMP) ## @dev the CPU-sensitive tests again, capped to AVX2 (no AVX
 test-fast: $(STAMP) ## @dev unit tests only: no training, no server, no Java, no download (MNIST tests skip without data)
 	MNIST_OFFLINE=1 $(PY) -m pytest -m "not slow" $(ARGS)
 
-lint: $(STAMP) ## @dev ruff over the code, mypy over training/, serving/ and bench/, promtool over the Prometheus config and rules
-	$(VENV)/bin/ruff check training serving tests bench deploy edge
+lint: $(STAMP) ## @dev ruff, mypy, promtool over the Prometheus config and rules, the docs site built --strict
+	$(VENV)/bin/ruff check training serving tests bench deploy edge docs
 	$(VENV)/bin/mypy training serving bench
 	promtool check config configs/prometheus.yml
 	promtool check rules configs/alerts.yml
+	$(PY) docs/render.py --check
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -f docs/mkdocs.yml
 
-bench: bench-train bench-serve ## @bench both benchmarks (tables in README; ~8 min on 2 cores)
+# The site: docs/pages/ (docs/mkdocs.yml), its result tables rendered from results/ by docs/render.py.
+DOCS_PORT ?= 8000
+docs: $(STAMP) ## @dev render the result tables from results/ into README and docs/, build the site into docs/_site/
+	$(PY) docs/render.py
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -f docs/mkdocs.yml
+
+docs-serve: $(STAMP) ## @dev serve the docs site on 127.0.0.1:DOCS_PORT (8000), rebuilt on every change
+	$(PY) docs/render.py
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve -f docs/mkdocs.yml --dev-addr 127.0.0.1:$(DOCS_PORT)
+
+bench: bench-train bench-serve ## @bench both benchmarks, each writing a record under results/
 
 bench-train: $(STAMP) ## @bench training time-to-accuracy over seeds (SEEDS=3), also in plain-recipe epochs (bench/plain.py)
 	$(PY) -m bench.train --seeds $(SEEDS)
@@ -255,7 +270,7 @@ docker-train: ## @scale train inside the image, artifacts/ mounted
 docker-archive: ## @scale archive artifacts/model.pt inside the image, signed with your key dir (mounted, mode 0700)
 	docker/run.sh archive $(ARGS)
 
-docker-test: $(STAMP) ## @scale lint, build and run the image for real (slow: see README)
+docker-test: $(STAMP) ## @scale lint, build and run the image for real (slow: docs/pages/docker.md)
 	docker/test.sh
 
 clean: ## @dev remove logs and caches (keeps data/, artifacts/ and model_store/; refused while `make serve` runs)

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from bench.load import write_digits
+from bench.record import write_record
 from bench.report import other_jobs
 from bench.scenarios import Harness, say, scenario_inputs, scenario_kill, scenario_sigterm, scenario_soak
 from serving.archive import DEFAULT_VARIANT, build_archive
@@ -85,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
           f"`{' '.join(['python -m bench.chaos', *(argv if argv is not None else sys.argv[1:])])}`\n\n"
           f"Other processes using CPU at the start: {jobs_before}; at the end: {other_jobs()}.")
     print("\n".join(report))
+    write_record("chaos", {"report": "\n".join(report), "scenarios": scenarios, "other_jobs_at_start": jobs_before},
+                 baseline={"note": "each scenario's rate before its fault, same run"})
     return 0
 
 

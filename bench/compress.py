@@ -158,6 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     print(table(results))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"cpu": cpu_name(), "rows": results}, indent=2) + "\n")
+    from bench.record import markdown_tables, write_record
+
+    record = write_record("bench-compress", {"tables": {"formats": markdown_tables(table(results))[0]},
+                                             "rows": results, "repeats": args.repeats},
+                          baseline={"model": "eager", **results.get("eager", {})})
+    print(f"record: {record}")
     return 0
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.record import write_record
 from serving.archive import DEFAULT_VARIANT
 from serving.worker.requests import decode_request
 from serving.worker.variants import serving_model, to_model_input
@@ -158,6 +159,15 @@ def main(argv: list[str] | None = None) -> int:
     plot_failures(scores, images, args.seed, args.failures)
     print(f"worst transform: {worst.name} {worst.accuracy:.2%} ({100 * (worst.accuracy - clean):+.2f} points); "
           f"most confident mistakes drawn in {args.failures}")
+    if not args.dry_run:  # a dry run measures nothing: no record
+        rows = [{"transform": s.name, "digits": s.total, "accuracy": f"{s.accuracy:.2%}",
+                 "vs clean": f"{100 * (s.accuracy - clean):+.2f}", "refused": s.refused,
+                 "ms/digit": f"{1000 * s.seconds / s.total:.1f}"} for s in scores]
+        rows.append({"transform": "all wild", "digits": sum(s.total for s in scores), "accuracy": f"{overall:.2%}",
+                     "vs clean": f"{100 * (overall - clean):+.2f}", "refused": sum(s.refused for s in scores)})
+        record = write_record("eval-wild", {"tables": {"transforms": rows}, "checkpoint": str(args.checkpoint)},
+                              baseline={"clean 28×28 accuracy (same digits)": f"{clean:.2%}", "digits": len(images)})
+        print(f"record: {record}")
     return 0
 
 

@@ -161,6 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     for name, result, detail in rows:
         flat = re.sub(r"[|\n]", " ", detail)
         print(f"| {name} | {result} | {flat} |")
+    from bench.record import write_record
+
+    checks = [{"check": name, "result": result, "measured": re.sub(r"[|\n]", " ", detail)}
+              for name, result, detail in rows]
+    print(write_record("gpu-check", {"tables": {"checks": checks}, "gpus": gpus, "gpu_names": names,
+                                     "driver": driver_version(), "cuda": torch.version.cuda},
+                       baseline={"bl-ep": "the plain recipe's epoch on this host's CPU, same run"}))
     return 0 if all(r[1] in ("ok", "skipped") for r in rows) else 1
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from bench.record import markdown_tables, write_record
 from bench.report import machine_line
 from serving.archive import build_archive
 from serving.server import TorchServe
@@ -194,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps({"edge_model": str(edge_path), "server": str(args.checkpoint),
                                     "temperature": model.temperature, "temperature_note": model.note,
                                     "wild": wild_note, "sets": tables}, indent=2) + "\n")
+    record = write_record("bench-hybrid", {"tables": {"hybrid": markdown_tables(markdown(tables))[0]}, "sets": tables,
+                                           "edge_model": str(shown), "temperature": model.temperature},
+                          baseline={"rows": "(edge alone), same run"})
+    print(f"record: {record}")
     return 0
 
 

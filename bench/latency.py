@@ -21,6 +21,7 @@ import cv2
 import numpy as np
 import torch
 
+from bench.record import write_record
 from serving.archive import build_archive
 from serving.server import TorchServe
 from serving.worker.variants import serving_model, to_model_input
@@ -90,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     plain, trusted = added_cost(args.checkpoint, digits)
     print(f"in-process, batch of 32, 1 thread, best of 7: forward+softmax {plain * 1000:.2f} ms, "
           f"+ detector and temperature {trusted * 1000:.2f} ms ({trusted / plain - 1:+.1%})")
+    rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="mnist-latency-") as tmp:
         archive = build_archive(args.checkpoint, Path(tmp) / "store", "mnist", "1.0")
         server = TorchServe.on_free_ports(Path(tmp) / "run", archive.path.parent, model_name="mnist", auth=True)
@@ -102,8 +104,12 @@ def main(argv: list[str] | None = None) -> int:
                     _post(server, endpoint, png, token)
                 seconds = [_post(server, endpoint, png, token) for png in pngs[10:]]
                 print(f"{endpoint:<20} {len(seconds)} sequential requests: {percentiles(seconds)}")
+                rows.append({"endpoint": endpoint, "requests": len(seconds), "latency": percentiles(seconds)})
         finally:
             server.stop()
+    write_record("latency", {"tables": {"sequential requests": rows},
+                             "in_process_batch32_ms": {"plain": plain * 1000, "with_trust": trusted * 1000}},
+                 baseline={"endpoint": "/predictions/mnist (same run)"})
     return 0
 
 

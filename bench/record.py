@@ -87,12 +87,20 @@ def machine() -> dict[str, Any]:
     }
 
 
+def _program() -> str:
+    """How this process was started, as a user types it: `python -m bench.serve`, not `serve.py`."""
+    script = Path(sys.argv[0]).resolve()
+    if script.suffix == ".py" and script.is_relative_to(ROOT):
+        return "python -m " + ".".join(script.relative_to(ROOT).with_suffix("").parts)
+    return Path(sys.argv[0]).name
+
+
 def write_record(command: str, figures: dict[str, Any], baseline: dict[str, Any] | None = None,
                  out_dir: Path | None = None) -> Path:
     """Write results/<date>-<command>-<cpu class>.json (a second one the same day gets -2, -3...)."""
     now = dt.datetime.now(dt.timezone.utc)
     facts = machine()
-    record = {"command": command, "argv": [Path(sys.argv[0]).name, *sys.argv[1:]],
+    record = {"command": command, "argv": [_program(), *sys.argv[1:]],
               "date": now.isoformat(timespec="seconds"), "commit": _commit(), "machine": facts,
               "figures": figures, "baseline": baseline}
     folder = out_dir or RESULTS
@@ -111,3 +119,19 @@ def read_records(command: str, folder: Path | None = None) -> list[dict[str, Any
     slug = re.sub(r"[^a-z0-9]+", "-", command.lower())
     paths = sorted((folder or RESULTS).glob(f"*-{slug}-*.json"))
     return [{**json.loads(p.read_text()), "file": p.name} for p in paths]
+
+
+def markdown_tables(text: str) -> list[list[dict[str, str]]]:
+    """The Markdown tables a benchmark printed, as rows keyed by header: its record holds the same cells."""
+    tables: list[list[dict[str, str]]] = []
+    header: list[str] | None = None
+    for line in [*text.splitlines(), ""]:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")] if line.lstrip().startswith("|") else None
+        if cells is None:
+            header = None
+        elif header is None:
+            header = cells
+            tables.append([])
+        elif not all(set(c) <= set(":-") for c in cells):
+            tables[-1].append(dict(zip(header, cells, strict=False)))
+    return tables

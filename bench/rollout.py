@@ -29,6 +29,7 @@ from pathlib import Path
 import cv2
 
 from bench.load import Load, Record
+from bench.record import markdown_tables, write_record
 from serving import lifecycle
 from serving.archive import build_archive
 from serving.server import TorchServe
@@ -142,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"failed at {r.start:.2f}s: {r.status} {r.detail}", file=sys.stderr)
     if foreign:
         print(f"answers from unexpected versions: {sorted(foreign)}", file=sys.stderr)
+    if not args.dry_run:  # a dry run measures nothing: no record
+        write_record("rollout-check", {"tables": {"steps": markdown_tables("\n".join(table(steps)))[0]},
+                                       "clients": args.threads, "step_seconds": args.step_seconds},
+                     baseline={"step": "steady (1.0 alone, same run)"})
     return 1 if failed or foreign else 0
 
 

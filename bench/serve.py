@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from bench.load import WRK_SCRIPT, Sampler, run_wrk, write_digits
+from bench.record import markdown_tables, write_record
 from bench.report import machine_line, plot_serving, serving_table
 from serving.archive import build_archive
 from serving.server import TorchServe
@@ -215,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         table = variant_table(args.checkpoint, compiled=not args.no_compile)
         print(f"\n{machine_line()}\n\n{table}")
+        write_record("bench-serve", {"tables": {"variants in-process": markdown_tables(table)[0]}},
+                     baseline={"variant": "eager (its row)"})
         return 0
     if shutil.which("wrk") is None:
         print("error: wrk is not installed (Debian/Ubuntu: sudo apt-get install wrk)", file=sys.stderr)
@@ -284,7 +287,12 @@ def main(argv: list[str] | None = None) -> int:
     if variants:
         print("\nmodel variants, in-process (one thread, channels_last, full MNIST test set):\n")
         print(variants)
-    print(f"\nwrote {args.out}/serving.json and {args.out}/serving.png")
+    tables = {"served": markdown_tables(table)[0], **({"variants in-process": markdown_tables(variants)[0]}
+                                                     if variants else {})}
+    record = write_record("bench-serve", {"tables": tables, "rows": rows, "variant": variant,
+                                          "seconds_per_point": args.seconds},
+                          baseline={"setup": "baseline (TorchServe's MNIST example setup)", "in_process_rps": ceiling})
+    print(f"\nwrote {args.out}/serving.json, {args.out}/serving.png and {record}")
     return 0
 
 

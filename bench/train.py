@@ -20,6 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench.record import markdown_tables, write_record
 from bench.report import machine_line
 
 THRESHOLDS = (0.99, 0.994, 0.995)
@@ -120,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
                                                        indent=2) + "\n")
     print(f"\n{machine}\nat the end: load average {'/'.join(f'{x:.1f}' for x in os.getloadavg())}\n")
     print(table(results, base))
-    print(f"\nwrote {args.out}/training.json")
+    record = write_record("bench-train", {"tables": {"time to accuracy": markdown_tables(table(results, base))[0]},
+                                          "runs": results}, baseline=base)
+    print(f"\nwrote {args.out}/training.json and {record}")
     return 0
 
 
