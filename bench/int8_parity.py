@@ -57,6 +57,13 @@ def eight_bit_onnx(fp32: Path, path: Path, calibration: np.ndarray) -> None:
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
 
 
+def table_rows(rows: list[dict], digits: int) -> list[dict[str, str]]:
+    """The record's table: one row per int8 build, as printed."""
+    return [{"variant": r["variant"], "kernels": r["kernels"], "agreement with fp32": f"{r['agreement']:.2%}",
+             "answers changed": str(round((1 - r["agreement"]) * digits)), "test accuracy": f"{r['accuracy']:.2%}",
+             "max |weight|": str(r.get("max_abs_weight", "—"))} for r in rows]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.int8_parity", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default="artifacts/model.pt", type=Path)
@@ -106,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         bound = row.get("max_abs_weight", "")
         print(f"{row['variant']:36} {row['agreement']:>10.2%} {changed:>8} {row['accuracy']:>9.2%} {bound!s:>8}")
     fp32 = float((reference.argmax(1) == y).mean())
-    path = write_record("int8-parity", {"rows": rows, "digits": len(x), "goal_agreement": GOAL},
+    path = write_record("int8-parity", {"tables": {"int8 parity": table_rows(rows, len(x))}, "digits": len(x),
+                                        "goal_agreement": GOAL},
                         baseline={"variant": "fp32 (eager)", "accuracy": fp32})
     print(f"fp32 accuracy {fp32:.2%}; record: {path}")
     return 0

@@ -25,7 +25,7 @@ from serving.signing import SignatureError, sign_archive, signature_path
 from serving.store import archive_version, forget_default
 from serving.worker.variants import APPROXIMATE_VARIANTS, DEFAULT_VARIANT, ONNX_FILES, SELF_CHECK_FILE, VARIANTS
 from training.checkpoint import CheckpointError, load_checkpoint
-from training.config import ArgumentParser
+from training.cli import ArgumentParser
 from training.data import sha256_of
 from training.recipes.ensemble_train import DEFAULT_OUT as ENSEMBLE_DIR
 from training.recipes.ensemble_train import load_ensemble_checkpoint, member_configs

@@ -19,7 +19,7 @@ from serving.client import ROOT, ServerClient
 from serving.errors import ServerError
 from serving.server import TorchServe
 from serving.store import archive_version, default_record
-from training.config import ArgumentParser
+from training.cli import ArgumentParser
 
 
 def _start(server: TorchServe, foreground: bool) -> int:

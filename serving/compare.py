@@ -21,7 +21,7 @@ import cv2
 
 from serving.client import ServerClient
 from serving.errors import ServerError
-from training.config import ArgumentParser
+from training.cli import ArgumentParser
 from training.data import load_split
 
 

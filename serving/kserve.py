@@ -25,7 +25,7 @@ import yaml
 from serving.server import ServerError, TorchServe, copy_verified, free_port, verify_checksum
 from serving.signing import verify_archive
 from serving.store import archive_to_serve, manifest
-from training.config import ArgumentParser
+from training.cli import ArgumentParser
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = ROOT / "configs" / "kserve.properties"

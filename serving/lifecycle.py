@@ -31,7 +31,7 @@ from serving.errors import ServerError
 from serving.server import copy_verified, verify_checksum
 from serving.signing import SignatureError, verify_archive
 from serving.store import archive_version, find_archive, record_default, same_version
-from training.config import ArgumentParser
+from training.cli import ArgumentParser
 
 HISTORY = "lifecycle.json"  # in the run dir: the defaults before each promote, for rollback
 

@@ -29,7 +29,7 @@ import yaml
 from serving.client import ROOT
 from serving.errors import ServerError
 from serving.ports import address_from_env, host_port, normalize_address
-from training.config import ArgumentParser
+from training.cli import ArgumentParser
 
 PROMETHEUS_YML = ROOT / "configs" / "prometheus.yml"
 ALERTS_YML = ROOT / "configs" / "alerts.yml"

@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from serving.errors import ServerError
-from training.config import ArgumentParser
+from training.cli import ArgumentParser
 
 PRIVATE_KEY = "signing-key.pem"
 TRUSTED = "trusted"

@@ -21,7 +21,7 @@ import psutil
 
 from serving.page import PageServer
 from serving.server import TorchServe, free_port
-from training.config import ArgumentParser
+from training.cli import ArgumentParser
 
 PID_FILE = "ui.pid"
 LOG_FILE = "ui.log"

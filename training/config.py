@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import math
-import re
 import types
 import typing
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
+
+from training.cli import ArgumentParser  # noqa: F401  (config users build their parsers with it)
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -27,29 +27,6 @@ T = TypeVar("T", bound="DataclassInstance")
 
 class ConfigError(ValueError):
     """A config file or flag that cannot be applied (unknown key, wrong type, bad value)."""
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors are one line (argparse prints the whole usage first: 20+ lines for `make
-    train`), with a hint for a mistyped flag: the closest one, or where on the command line a flag of
-    another level (before or after the subcommand) goes. Every command line of the project uses it."""
-
-    def error(self, message: str) -> NoReturn:
-        hint = ""
-        if match := re.match(r"unrecognized arguments: (-\S+)", message):
-            flag = match[1].split("=")[0]
-            own = {option for action in self._actions for option in action.option_strings}
-            commands = {name: sub for action in self._actions if isinstance(action, argparse._SubParsersAction)
-                        for name, sub in action.choices.items()}
-            theirs = {option: name for name, sub in commands.items() for action in sub._actions
-                      for option in action.option_strings}
-            if flag in own and commands:
-                hint = f" ({flag} goes before the command)"
-            elif flag in theirs:
-                hint = f" ({flag} goes after the command, e.g. `{theirs[flag]} {flag}`)"
-            elif close := difflib.get_close_matches(flag, sorted(own | set(theirs)), n=1):
-                hint = f" (did you mean {close[0]}?)"
-        self.exit(2, f"{self.prog}: error: {message}{hint}; `{self.prog} --help` lists the options\n")
 
 
 def _field_types(cls: type) -> dict[str, Any]:

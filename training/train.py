@@ -9,7 +9,7 @@ import sys
 
 from training import config as cfglib
 from training.checkpoint import CheckpointError
-from training.config import ArgumentParser
+from training.cli import ArgumentParser
 from training.data import DataError
 from training.loop import fit
 from training.run_files import RESUME_MAY_CHANGE

@@ -35,7 +35,7 @@ from training.checkpoint import (
     model_from_checkpoint,
     read_checkpoint_file,
 )
-from training.config import ArgumentParser
+from training.cli import ArgumentParser
 from training.core.model import ModelConfig, Net
 from training.core.tensors import normalize
 from training.data import DataError, data_dir

@@ -31,7 +31,7 @@ from training.checkpoint import (
     provenance,
     read_checkpoint_file,
 )
-from training.config import ArgumentParser
+from training.cli import ArgumentParser
 from training.core.ensemble import EnsembleError, build_ensemble
 from training.core.model import Net
 from training.core.tensors import normalize

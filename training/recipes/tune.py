@@ -36,7 +36,7 @@ import yaml
 
 from training import config as cfglib
 from training.checkpoint import CheckpointError
-from training.config import ArgumentParser
+from training.cli import ArgumentParser
 from training.data import DataError
 from training.loop import fit
 from training.train_config import DEFAULT_CONFIG, TrainConfig, from_command_line

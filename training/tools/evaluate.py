@@ -9,7 +9,7 @@ import json
 import sys
 
 from training.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from training.config import ArgumentParser
+from training.cli import ArgumentParser
 from training.metrics import confusion, summarize
 
 

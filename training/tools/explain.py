@@ -129,7 +129,7 @@ def explain_image(checkpoint: Path, image: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     from training.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-    from training.config import ArgumentParser
+    from training.cli import ArgumentParser
     from training.core.inputs.preprocess import PreprocessError
     from training.data import DataError, load_split
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from training.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from training.config import ArgumentParser
+from training.cli import ArgumentParser
 from training.core.inputs.preprocess import normalize_array
 from training.core.model import Net
 from training.core.ood import features_and_logits

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from training.checkpoint import CheckpointError, atomic_save, load_checkpoint, model_from_checkpoint
-from training.config import ArgumentParser, apply
+from training.cli import ArgumentParser
+from training.config import apply
 from training.core.inputs.preprocess import PreprocessError, to_mnist
 from training.core.model import Net
 from training.core.ood import METHODS, auroc, fit_detector, is_digit, ood_score, set_threshold

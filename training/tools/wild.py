@@ -20,7 +20,7 @@ import numpy as np
 import pillow_heif
 from PIL import Image
 
-from training.config import ArgumentParser
+from training.cli import ArgumentParser
 from training.core.inputs.decode import ORIENTATION_TAG
 from training.core.inputs.preprocess import digit_box, ink
 from training.core.inputs.strokes import box_stroke_width, skeleton
