@@ -1,7 +1,8 @@
-"""The printed-digit set (training/fonts.py) and its scorer (bench/eval_fonts.py).
+"""The printed-digit set (training/fonts.py), its scorer (bench/eval_fonts.py) and the printed strokes
+training draws onto some MNIST digits (training/printed.py).
 
 The fonts come from Debian packages (`make system-deps`); without them these tests skip, and the
-set itself refuses in one line.
+set itself refuses in one line. The slow test scores the session's briefly trained checkpoint.
 """
 
 from __future__ import annotations
@@ -11,6 +12,10 @@ import pytest
 
 from serving.handler import decode_request
 from training.fonts import FACES, STYLES, FontsMissing, check_installed, font_set, glyph, render
+from training.preprocess import to_mnist
+from training.printed import MAX_SLANT, broad_pen, crossbar, flag_and_foot, slant, with_printed_strokes
+
+pytest_plugins = ["serving_fixtures"]  # trained_checkpoint
 
 try:
     check_installed()
@@ -103,3 +108,55 @@ def test_eval_fonts_prints_a_row_per_face_and_writes_a_record(tmp_path, monkeypa
     figures = json.loads(path.read_text())["figures"]
     assert figures["pictures"] == 540 and set(figures["per_digit"]) == {str(d) for d in range(10)}
     assert sum(v["pictures"] for v in figures["per_style"].values()) == 540
+
+
+# --- printed strokes on MNIST training digits ----------------------------------------------------
+
+def test_printed_strokes_replace_the_chosen_digits_deterministically_in_mnist_format(mnist_test_images):
+    images, labels = (t[:2000].numpy() for t in mnist_test_images)
+    out = with_printed_strokes(images, labels, 0.3, 0.1, seed=0)
+    assert out.shape == images.shape and out.dtype == np.uint8
+    changed = np.flatnonzero((out != images).any(axis=(1, 2)))
+    upright_ones = sum(abs(slant(images[i])) < MAX_SLANT for i in np.flatnonzero(labels == 1))
+    redrawn = round(0.3 * upright_ones) + round(0.3 * (labels == 7).sum())
+    assert len(changed) == redrawn + round(0.1 * (len(images) - redrawn))
+    assert np.array_equal(with_printed_strokes(images, labels, 0.3, 0.1, seed=0), out)
+    assert not np.array_equal(with_printed_strokes(images, labels, 0.3, 0.1, seed=1), out)
+    for digit in out[changed]:  # what to_mnist makes of a big picture: serving takes each as MNIST-format
+        assert np.array_equal(to_mnist(digit), digit)
+    assert np.array_equal(with_printed_strokes(images, labels, 0.0, 0.0), images)
+
+
+def test_a_flag_widens_an_upright_1_a_crossbar_crosses_a_7_a_broad_pen_widens_a_digit(mnist_test_images):
+    images, labels = (t[:2000].numpy() for t in mnist_test_images)
+    one = next(images[i] for i in np.flatnonzero(labels == 1) if abs(slant(images[i])) < 0.1)
+    rng = np.random.default_rng(0)
+    flagged = flag_and_foot(one, rng)
+    assert ink_box(flagged, 38)[0] == 20 and ink_box(flagged, 38)[1] >= ink_box(one, 38)[1] + 3
+    seven = images[np.flatnonzero(labels == 7)[0]]
+    crossed = crossbar(seven, rng)
+    # The stem's middle rows hold one short run of ink in a 7; the crossbar makes one of them wider.
+    widest = lambda d: max(np.count_nonzero(d[r] > 128) for r in range(12, 20))  # noqa: E731
+    assert widest(crossed) >= widest(seven) + 3
+    # A broad pen held flat: the digit gets wider, its height stays the 20-px box.
+    pen = broad_pen(seven, rng)
+    assert ink_box(pen, 38)[0] == 20 and ink_box(pen, 38)[1] > ink_box(seven, 38)[1]
+
+
+# --- a trained model ------------------------------------------------------------------------------
+
+@needs_fonts
+@pytest.mark.slow
+def test_the_briefly_trained_model_reads_printed_1s_and_calls_the_set_digits(trained_checkpoint):
+    """The session's checkpoint (12k images, 2 epochs) with printed strokes in training reads the set's 54
+    1s right and calls them digits (measured: all 54; the same slice trained without printed strokes:
+    11 of 54 right, 26 called digits). Its 6s and 9s are underfitted at 2 epochs (measured 76% and 52%),
+    so the whole set's ≥ 99% is `make eval-fonts` on a fully trained model, not this test."""
+    from bench.eval_fonts import figures, score
+    from training.checkpoint import load_checkpoint
+
+    result = figures(score(load_checkpoint(trained_checkpoint)))
+    assert result["refused"] == 0
+    ones = result["per_digit"]["1"]
+    assert ones["accuracy"] >= 0.95 and ones["is_digit"] >= 0.95
+    assert result["is_digit"] >= 0.99

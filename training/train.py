@@ -42,6 +42,7 @@ from training.distributed import (
 from training.evaluate import confusion, plot_confusion, plot_curves, summarize
 from training.model import ModelConfig, Net
 from training.preprocess import MNIST_MEAN, MNIST_STD
+from training.printed import with_printed_strokes
 from training.regularization import l1_penalty
 from training.schedules import warm_restarts
 from training.tensorboard import RunLog, default_run_name
@@ -73,6 +74,11 @@ class TrainConfig:
     rotate: float = 10.0  # degrees
     shift: float = 0.1  # fraction of the image side
     scale: float = 0.1  # ± relative zoom
+    # Training digits redrawn in print's shapes (training/printed.py): this fraction of the upright 1s
+    # gets a flag (half of them a foot too) and of the 7s a crossbar; `broad_pen` of the others get
+    # upright strokes thicker than horizontal ones, as serif and bold faces have. 0 disables either.
+    printed_strokes: float = 0.3
+    broad_pen: float = 0.2
     val_size: int = 5000
     early_stop: int = 0  # stop after this many epochs without a better validation accuracy; 0 disables
     train_limit: int = 0  # use only this many training images (0: all); for quick runs and tests
@@ -96,6 +102,9 @@ class TrainConfig:
             raise cfglib.ConfigError("val_size, train_limit and test_limit must be >= 0")
         if self.l1 < 0 or self.restart_period < 1 or self.restart_mult < 1:
             raise cfglib.ConfigError("l1 must be >= 0, restart_period and restart_mult >= 1")
+        if not (0 <= self.printed_strokes <= 1 and 0 <= self.broad_pen <= 1):
+            raise cfglib.ConfigError("printed_strokes and broad_pen are fractions in 0..1, "
+                                     f"got {self.printed_strokes} and {self.broad_pen}")
 
 
 def pick_device(name: str, local_rank: int) -> torch.device:
@@ -170,20 +179,26 @@ class Splits:
 def load_data(cfg: TrainConfig, device: torch.device, test: bool = True) -> Splits:
     """The seeded train/validation split of MNIST's 60k, plus the 10k test set, all on `device`.
 
-    test=False (hyperparameter search) never reads the test split: its tensors are empty.
+    Some training digits are redrawn in print's shapes (`printed_strokes`, `broad_pen`); validation
+    and test stay MNIST. test=False (hyperparameter search) never reads the test split: its tensors
+    are empty.
     """
     images, labels = load_split(cfg.data_dir, train=True)
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(cfg.seed))
     val_idx, train_idx = order[: cfg.val_size], order[cfg.val_size :]
     if cfg.train_limit:
         train_idx = train_idx[: cfg.train_limit]
+    train_x, train_y = images[train_idx], labels[train_idx]
+    if cfg.printed_strokes or cfg.broad_pen:
+        train_x = torch.from_numpy(with_printed_strokes(train_x.numpy(), train_y.numpy(), cfg.printed_strokes,
+                                                        cfg.broad_pen, cfg.seed))
     if test:
         test_x, test_y = load_split(cfg.data_dir, train=False)
     else:
         test_x, test_y = images[:0], labels[:0]
     if cfg.test_limit:
         test_x, test_y = test_x[: cfg.test_limit], test_y[: cfg.test_limit]
-    return Splits(*(t.to(device) for t in (images[train_idx], labels[train_idx], images[val_idx],
+    return Splits(*(t.to(device) for t in (train_x, train_y, images[val_idx],
                                            labels[val_idx], test_x, test_y)))
 
 
