@@ -30,15 +30,16 @@ B          ?= 2.0
 LIMIT      ?=
 # Debian packages the slow tests and benchmarks use (wrk: bench-serve; chromium: the page's browser
 # test; iproute2: `ip netns` for the two-node torchrun test; dataset-fashion-mnist: the "not a digit"
-# test set of training/tools/ood_data.py; prometheus: `make monitor` and its test); `make system-deps`
-# installs the missing ones.
-APT_PACKAGES ?= wrk chromium iproute2 dataset-fashion-mnist prometheus
+# test set of training/tools/ood_data.py; prometheus: `make monitor` and its test; the fonts-* packages:
+# the printed-digit set of training/tools/fonts.py, `make eval-fonts`); `make system-deps` installs the missing ones.
+APT_PACKAGES ?= wrk chromium iproute2 dataset-fashion-mnist prometheus fonts-dejavu-core fonts-liberation2 \
+                fonts-freefont-ttf fonts-sil-andika fonts-comic-neue
 export INFERENCE_ADDRESS ?= 127.0.0.1:8080
 export MANAGEMENT_ADDRESS ?= 127.0.0.1:8081
 export METRICS_ADDRESS ?= 127.0.0.1:8082
 
 .PHONY: help setup lock system-deps data train train-ddp tune train-ensemble tensorboard report-models evaluate \
-        eval-wild calibrate trust-eval explain explain-eval latency keygen archive serve predict status token ui stop \
+        eval-wild eval-fonts calibrate trust-eval explain explain-eval latency keygen archive serve predict status token ui stop \
         demo kserve-bundle deploy promote rollback versions undeploy compare monitor rollout-check test test-isa test-fast lint int8-parity \
         bench bench-train bench-serve gpu-check chaos export distill bench-compress bench-hybrid edge-install \
         docker-build docker-run docker-train docker-archive docker-test docs docs-serve clean
@@ -104,6 +105,9 @@ evaluate: $(STAMP) ## @train re-score a checkpoint on the MNIST test set (CHECKP
 
 eval-wild: $(STAMP) ## @trust score CHECKPOINT on the wild MNIST test set through the handler's decoding (~10 min)
 	$(PY) -m bench.eval_wild --checkpoint $(CHECKPOINT) $(ARGS)
+
+eval-fonts: $(STAMP) ## @trust score CHECKPOINT on 0-9 printed in 18 Debian font faces, through the handler's decoding
+	$(PY) -m bench.eval_fonts --checkpoint $(CHECKPOINT) $(ARGS)
 
 calibrate: $(STAMP) ## @trust fit temperature + "not a digit" threshold into an existing CHECKPOINT (train does it too)
 	$(PY) -m training.tools.trust --checkpoint $(CHECKPOINT) $(ARGS)

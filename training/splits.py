@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from training.data import load_split
+from training.printed import with_printed_strokes
 from training.train_config import TrainConfig
 
 
@@ -29,20 +30,26 @@ class Splits:
 def load_data(cfg: TrainConfig, device: torch.device, test: bool = True) -> Splits:
     """The seeded train/validation split of MNIST's 60k, plus the 10k test set, all on `device`.
 
-    test=False (hyperparameter search) never reads the test split: its tensors are empty.
+    Some training digits are redrawn in print's shapes (`printed_strokes`, `broad_pen`); validation
+    and test stay MNIST. test=False (hyperparameter search) never reads the test split: its tensors
+    are empty.
     """
     images, labels = load_split(cfg.data_dir, train=True)
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(cfg.seed))
     val_idx, train_idx = order[: cfg.val_size], order[cfg.val_size :]
     if cfg.train_limit:
         train_idx = train_idx[: cfg.train_limit]
+    train_x, train_y = images[train_idx], labels[train_idx]
+    if cfg.printed_strokes or cfg.broad_pen:
+        train_x = torch.from_numpy(with_printed_strokes(train_x.numpy(), train_y.numpy(), cfg.printed_strokes,
+                                                        cfg.broad_pen, cfg.seed))
     if test:
         test_x, test_y = load_split(cfg.data_dir, train=False)
     else:
         test_x, test_y = images[:0], labels[:0]
     if cfg.test_limit:
         test_x, test_y = test_x[: cfg.test_limit], test_y[: cfg.test_limit]
-    return Splits(*(t.to(device) for t in (images[train_idx], labels[train_idx], images[val_idx],
+    return Splits(*(t.to(device) for t in (train_x, train_y, images[val_idx],
                                            labels[val_idx], test_x, test_y)))
 
 

@@ -38,6 +38,11 @@ class TrainConfig:
     rotate: float = 10.0  # degrees
     shift: float = 0.1  # fraction of the image side
     scale: float = 0.1  # ± relative zoom
+    # Training digits redrawn in print's shapes (training/printed.py): this fraction of the upright 1s
+    # gets a flag (half of them a foot too) and of the 7s a crossbar; `broad_pen` of the others get
+    # upright strokes thicker than horizontal ones, as serif and bold faces have. 0 disables either.
+    printed_strokes: float = 0.3
+    broad_pen: float = 0.2
     val_size: int = 5000
     early_stop: int = 0  # stop after this many epochs without a better validation accuracy; 0 disables
     train_limit: int = 0  # use only this many training images (0: all); for quick runs and tests
@@ -61,6 +66,9 @@ class TrainConfig:
             raise cfglib.ConfigError("val_size, train_limit and test_limit must be >= 0")
         if self.l1 < 0 or self.restart_period < 1 or self.restart_mult < 1:
             raise cfglib.ConfigError("l1 must be >= 0, restart_period and restart_mult >= 1")
+        if not (0 <= self.printed_strokes <= 1 and 0 <= self.broad_pen <= 1):
+            raise cfglib.ConfigError("printed_strokes and broad_pen are fractions in 0..1, "
+                                     f"got {self.printed_strokes} and {self.broad_pen}")
 
 
 def from_command_line(args, path: str) -> TrainConfig:

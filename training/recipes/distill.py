@@ -38,7 +38,7 @@ from training.checkpoint import (
 from training.cli import ArgumentParser
 from training.core.model import ModelConfig, Net
 from training.core.tensors import normalize
-from training.data import DataError, data_dir
+from training.data import DataError, data_dir, ensure_mnist
 from training.loop import fit, pick_device
 from training.splits import load_data
 from training.train_config import TrainConfig
@@ -174,8 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         base = dataclasses.replace(TrainConfig(), data_dir=str(data_dir(args.data_dir)), epochs=args.epochs,
                                    model=args.student, train_limit=args.train_limit, augment=args.augment,
                                    device=str(device), tensorboard=False)
-        data = load_data(base, device)
-        targets: torch.Tensor | torch.nn.Module = teacher if args.augment else teacher_logits(teacher, data.train_x)
+        ensure_mnist(base.data_dir)  # fails here, in one line, if MNIST is missing
     except (CheckpointError, DataError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -188,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
           f"T={args.temperature}, alpha={args.alpha}")
     runs, best = [], None
     for seed in range(args.first_seed, args.first_seed + args.seeds):
+        # The teacher's logits for the training images of this seed's split (fit loads the same one: the
+        # split and the redrawn digits follow the seed), looked up by index in the loss.
+        targets: torch.Tensor | torch.nn.Module = teacher if args.augment else \
+            teacher_logits(teacher, load_data(dataclasses.replace(base, seed=seed), device).train_x)
         for soft in (None, targets):
             run = args.out / "distill" / f"seed{seed}-{'distilled' if soft is not None else 'labels'}"
             cfg = dataclasses.replace(base, seed=seed, out_dir=str(run))

@@ -93,7 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ckpt = load_checkpoint(args.checkpoint)
         saved = ckpt.get("train_config") or {}
-        cfg = apply(TrainConfig(), {k: saved[k] for k in ("seed", "val_size", "train_limit") if k in saved})
+        # The training split it was trained on; one from before printed strokes existed had none.
+        keys = ("seed", "val_size", "train_limit", "printed_strokes", "broad_pen")
+        cfg = apply(TrainConfig(), {"printed_strokes": 0.0, "broad_pen": 0.0,
+                                    **{k: saved[k] for k in keys if k in saved}})
         data = load_data(apply(cfg, {"data_dir": str(data_dir(args.data_dir))}), torch.device("cpu"))
         model = model_from_checkpoint(ckpt)
         splits = {"train": (data.train_x, data.train_y), "val": (data.val_x, data.val_y),
