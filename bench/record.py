@@ -100,7 +100,9 @@ def write_record(command: str, figures: dict[str, Any], baseline: dict[str, Any]
     """Write results/<date>-<command>-<cpu class>.json (a second one the same day gets -2, -3...)."""
     now = dt.datetime.now(dt.timezone.utc)
     facts = machine()
-    record = {"command": command, "argv": [_program(), *sys.argv[1:]],
+    # Paths inside the checkout are written relative to it: the command reads the same on any clone.
+    args = [a.replace(f"{ROOT}/", "") for a in sys.argv[1:]]
+    record = {"command": command, "argv": [_program(), *args],
               "date": now.isoformat(timespec="seconds"), "commit": _commit(), "machine": facts,
               "figures": figures, "baseline": baseline}
     folder = out_dir or RESULTS
