@@ -55,7 +55,9 @@ $(STAMP): pyproject.toml requirements.lock requirements-dev.lock
 	@$(PYTHON_SYS) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "Python 3.10+ is required, found " + sys.version.split()[0])'
 	@test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
 	$(PY) -m pip install --disable-pip-version-check -q --require-hashes -r requirements-dev.lock
-	$(PY) -m pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
+	@# setuptools' notice that an editable install of a flat layout sees same-named folders: expected here.
+	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install --disable-pip-version-check -q --no-deps \
+	    --no-build-isolation -e .
 	@touch $@
 
 setup: $(STAMP) ## @quick create .venv with the locked versions (requirements-dev.lock) and the project (idempotent)

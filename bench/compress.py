@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -22,6 +21,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from training.run_files import peak_rss_mb
 
 ROOT = Path(__file__).resolve().parent.parent
 ROWS = {  # name: (file, how it runs)
@@ -56,15 +57,6 @@ def runner_for(path: Path, how: str):
             return model(torch.from_numpy(x).contiguous(memory_format=torch.channels_last)).numpy()
 
     return run
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory. VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec,
-    so a child of a big parent would report the parent's size."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024  # kB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: the best there is
 
 
 def measure(path: Path, how: str, data: Path, repeats: int) -> dict:

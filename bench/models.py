@@ -14,7 +14,6 @@ default training took about 2.5 min on 2 cores, so the full report trains 5 + 3 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -28,6 +27,7 @@ from training import config as cfglib
 from training.checkpoint import CheckpointError, atomic_save, load_checkpoint, model_from_checkpoint
 from training.core.ensemble import build_ensemble
 from training.data import DataError, load_split
+from training.data import data_dir as mnist_dir
 from training.recipes.ensemble_train import combine, train_members
 from training.train_config import DEFAULT_CONFIG, TrainConfig
 
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("artifacts/report"))
     parser.add_argument("--dry-run", action="store_true", help="tiny runs on a slice: checks the path, not the models")
     args = parser.parse_args(argv)
-    data_dir = os.environ.get("MNIST_DIR", "data")
+    data_dir = str(mnist_dir())  # $MNIST_DIR or data/
     try:
         configs = {}
         for label, path in (("default", DEFAULT_CONFIG), ("tuned", args.tuned)):

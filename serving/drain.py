@@ -24,7 +24,6 @@ from pathlib import Path
 
 CONFIG = "/mnt/models/config/config.properties"
 MARKER = "/tmp/mnist-draining"  # on the container's own filesystem: gone when the pod is replaced
-REQUESTS = re.compile(r"^ts_inference_requests_total\{[^}]*\}\s+([0-9.eE+]+)", re.MULTILINE)
 
 
 class DrainError(RuntimeError):
@@ -69,9 +68,20 @@ def not_ready_reason(management: str, marker: Path) -> str | None:
     return None
 
 
+def parse_samples(text: str) -> dict[tuple[str, frozenset], float]:
+    """Prometheus text → {(name, {(label, value)}): value}: the project's one parser of it (serving/lifecycle.py
+    reads the versions' counters with it too)."""
+    found = {}
+    for line in text.splitlines():
+        if match := re.fullmatch(r"(\w+)(?:\{(.*)\})? (\S+)", line):
+            found[(match[1], frozenset(re.findall(r'(\w+)="([^"]*)"', match[2] or "")))] = float(match[3])
+    return found
+
+
 def requests_received(metrics: str) -> float:
     """TorchServe's count of inference requests received (all models), from its Prometheus metrics."""
-    return sum(float(v) for v in REQUESTS.findall(_get(f"{metrics}/metrics").decode(errors="replace")))
+    text = _get(f"{metrics}/metrics").decode(errors="replace")
+    return sum(v for (name, _), v in parse_samples(text).items() if name == "ts_inference_requests_total")
 
 
 def pending(management: str) -> int:

@@ -16,7 +16,6 @@ import contextlib
 import fcntl
 import json
 import os
-import re
 import sys
 import time
 import zipfile
@@ -27,6 +26,7 @@ from typing import Any
 import yaml
 
 from serving.client import ROOT, ServerClient
+from serving.drain import parse_samples
 from serving.errors import ServerError
 from serving.server import copy_verified, verify_checksum
 from serving.signing import SignatureError, verify_archive
@@ -228,11 +228,7 @@ def undeploy(client: ServerClient, version: str) -> str:
 def scrape(client: ServerClient) -> dict[tuple[str, frozenset], float]:
     """The metrics endpoint's samples: {(name, {(label, value)}): value}."""
     status, raw = client.request("metrics", "/metrics", timeout=10)
-    samples = {}
-    for line in raw.decode(errors="replace").splitlines() if status == 200 else []:
-        if match := re.fullmatch(r"(\w+)\{(.*)\} (\S+)", line):
-            samples[(match[1], frozenset(re.findall(r'(\w+)="([^"]*)"', match[2])))] = float(match[3])
-    return samples
+    return parse_samples(raw.decode(errors="replace")) if status == 200 else {}
 
 
 def metric_sum(samples: dict, name: str, **labels: str) -> float:

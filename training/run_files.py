@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import tempfile
 import time
 from collections.abc import Callable
@@ -93,13 +94,19 @@ def run_metrics(cfg: TrainConfig, dd: Dist, device: torch.device, state: dict, t
     }
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec,
+    so a child of a big parent would report the parent's size."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: the best there is
+
+
 def peak_memory_mb(device: torch.device) -> dict[str, float | None]:
     """The process's peak resident memory, and on CUDA the peak memory its tensors took on the GPU."""
-    import resource
-
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
     cuda = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    return {"peak_rss_mb": round(rss, 1), "peak_cuda_mb": None if cuda is None else round(cuda, 1)}
+    return {"peak_rss_mb": round(peak_rss_mb(), 1), "peak_cuda_mb": None if cuda is None else round(cuda, 1)}
 
 
 def write_outputs(out: Path, model: Net, cfg: TrainConfig, metrics: dict, state: dict, opt, sched,

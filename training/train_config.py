@@ -12,6 +12,7 @@ from pathlib import Path
 
 from training import config as cfglib
 from training.core.model import ModelConfig
+from training.data import data_dir
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "train.yaml"
 
@@ -75,6 +76,6 @@ def from_command_line(args, path: str) -> TrainConfig:
     """TrainConfig from the YAML file `path` and the flags in `args` (training/config.py: add_flags).
     $MNIST_DIR overrides the file's data_dir; a --data-dir flag overrides both."""
     cfg = cfglib.from_args(TrainConfig(), args, path)
-    if os.environ.get("MNIST_DIR") and args.__dict__.get("cfg:data_dir") is None:
-        cfg = cfglib.apply(cfg, {"data_dir": os.environ["MNIST_DIR"]})
+    if "MNIST_DIR" in os.environ and args.__dict__.get("cfg:data_dir") is None:
+        cfg = cfglib.apply(cfg, {"data_dir": str(data_dir())})  # training/data.py: $MNIST_DIR
     return cfg

@@ -35,7 +35,7 @@ from training.cli import ArgumentParser
 from training.core.ensemble import EnsembleError, build_ensemble
 from training.core.model import Net
 from training.core.tensors import normalize
-from training.data import DataError, load_split
+from training.data import DataError, data_dir, load_split
 from training.loop import fit
 from training.metrics import summarize
 from training.train_config import DEFAULT_CONFIG, TrainConfig
@@ -206,11 +206,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.members < 1:
         parser.error("--members must be at least 1")
     try:
-        data_dir = os.environ.get("MNIST_DIR")
         bases = []
         for path in args.config or [str(DEFAULT_CONFIG)]:
             cfg = cfglib.apply(TrainConfig(), cfglib.load_yaml(path))
-            bases.append(cfglib.apply(cfg, {"seed": args.seed, **({"data_dir": data_dir} if data_dir else {})}))
+            # $MNIST_DIR, where set, over the config file's data_dir (training/data.py: data_dir)
+            overrides = {"data_dir": str(data_dir())} if "MNIST_DIR" in os.environ else {}
+            bases.append(cfglib.apply(cfg, {"seed": args.seed, **overrides}))
         paths = args.checkpoints or train_members(bases, args.members, args.out_dir, quiet=args.quiet,
                                                   dry_run=args.dry_run, jobs=args.jobs)
         ensemble = combine(paths, bases[0].data_dir, args.method)
