@@ -33,7 +33,7 @@ MARKER = re.compile(r"(<!-- results: (?P<spec>[^>]*?) -->\n)(?P<body>.*?)(<!-- /
 # machine, where the record holds rows of several]).
 # Each row must name a figure measured against a baseline of the same run.
 HEADLINES = [
-    ("Test accuracy of the default config, 3 seeds", "imported/2026-11-28-bench-train-full", "time to accuracy",
+    ("Test accuracy of the default config then (before printed strokes), 3 seeds", "imported/2026-11-28-bench-train-full", "time to accuracy",
      {"config": "default"}, "test accuracy (%)", "s total"),
     ("Served req/s at 64 connections through TorchServe", "imported/2026-11-28-bench-serve-full-run", "served",
      {"setup": "project", "conc.": "64"}, "req/s", "vs baseline"),
@@ -51,7 +51,7 @@ HEADLINES = [
 # README's quick-start timings: (what, command whose newest record to read, or an imported record, its table,
 # the row's "what").
 TIMINGS = [
-    ("`make setup` (every target runs it first), from nothing", "setup", "make setup from nothing", "wall time"),
+    ("`make setup` (every Python target runs it first), from nothing", "setup", "make setup from nothing", "wall time"),
     ("`make demo`, setup already done", "demo", "make demo", "wall time, setup already done"),
     ("`make test`, in CI", "imported/2026-11-28-test-suite", "suite", "make test in CI"),
 ]

@@ -5,9 +5,10 @@
 answering with the default. `promote` makes it the default, `rollback` returns to the version that
 was the default before the last promote. Every call goes to the loopback management API with the
 management token; TorchServe only registers at run time when the server was started with
-`make serve MODEL_API=on`, and even then only archives from the model store (its `allowed_urls` is
-the store's file:// pattern). TorchServe itself checks no signature, so `deploy` verifies the archive
-(signature and checksum) before it asks TorchServe to load it.
+`make serve MODEL_API=on`, and even then only archives in its private store (`allowed_urls` is the
+file:// pattern of <run dir>/store). TorchServe itself checks no signature, so `deploy` reads the
+archive once, verifies those bytes (signature and checksum) and writes them into that private store,
+which is what TorchServe loads.
 """
 
 from __future__ import annotations

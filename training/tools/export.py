@@ -123,7 +123,7 @@ def compile_int8(model: torch.nn.Module, calibration: np.ndarray, path: Path) ->
     graph dequantises and runs fp32 kernels, slower than fp32 itself). With a dynamic batch *and*
     freezing, torch 2.14.1's AOTInductor returns wrong answers here (12% accuracy on the test set,
     while the same graph with a fixed batch agrees with eager on every image), so the batch is fixed
-    and `training.formats` pads a smaller batch up to it.
+    and `training.core.runners` pads a smaller batch up to it.
     """
     quantized = quantize_pt2e(model, calibration)
     program = torch.export.export(quantized, (torch.zeros(INT8_BATCH, 1, 28, 28),))
