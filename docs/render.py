@@ -33,8 +33,8 @@ MARKER = re.compile(r"(<!-- results: (?P<spec>[^>]*?) -->\n)(?P<body>.*?)(<!-- /
 # machine, where the record holds rows of several]).
 # Each row must name a figure measured against a baseline of the same run.
 HEADLINES = [
-    ("Test accuracy of the default config then (before printed strokes), 3 seeds", "imported/2026-11-28-bench-train-full", "time to accuracy",
-     {"config": "default"}, "test accuracy (%)", "s total"),
+    ("Test accuracy of the default config then (before printed strokes), 3 seeds",
+     "imported/2026-11-28-bench-train-full", "time to accuracy", {"config": "default"}, "test accuracy (%)", "s total"),
     ("Served req/s at 64 connections through TorchServe", "imported/2026-11-28-bench-serve-full-run", "served",
      {"setup": "project", "conc.": "64"}, "req/s", "vs baseline"),
     ("Wild digits: all 13 transforms, first 1000 test digits each", "imported/undated-eval-wild-wild", "transforms",
