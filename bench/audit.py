@@ -94,8 +94,9 @@ def wrap(text: str) -> str:
     return textwrap.fill(text, 110, initial_indent="  ", subsequent_indent="    ", break_on_hyphens=False)
 
 
-def python_lines(pins: dict[str, str], statuses: list[PinStatus] | None, skipped: str | None) -> list[str]:
-    out = [f"Python: {len(pins)} pins ({', '.join(p.name for p in LOCKS)})"]
+def python_lines(locks: list[Path], pins: dict[str, str], statuses: list[PinStatus] | None,
+                 skipped: str | None) -> list[str]:
+    out = [f"Python: {len(pins)} pins ({', '.join(p.name for p in locks)})"]
     if statuses is None:
         return [*out, wrap(f"SKIPPED: {skipped}. None of the {len(pins)} pins was checked.")]
     by = {k: [s for s in statuses if s.source == k] for k in ("release", "latest", None)}
@@ -153,12 +154,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from importlib.metadata import version
     print("make audit: locked Python packages vs PyPI's advisories; TorchServe's jar vs a table of fixes\n")
-    print("\n".join(python_lines(pins, statuses, skipped)))
+    print("\n".join(python_lines(locks, pins, statuses, skipped)))
     print("\n".join(jar_lines(inventory, version("torchserve"))))
     for r in rows:
         print(f"  {r['status']:8} {r['id']:15} {r['package']} {r['version']}, fixed in {r['fixed in']}: {r['what']}")
-    for r in stale:
-        print(f"  stale    {r.id:15} {r.package}: in {args.accepted.name} but no longer found: delete the entry")
+    for entry in stale:
+        print(f"  stale    {entry.id:15} {entry.package}: in {args.accepted.name} but no longer found: delete it")
     print("Never checked: Java libraries or advisories beyond bench/jar_inventory.py's table (no Java database\n"
           "  is reachable), the Docker image's Debian packages.")
     accepted_n = sum(r["status"] == "accepted" for r in rows)
@@ -178,8 +179,8 @@ def figures(pins: dict[str, str], statuses: list[PinStatus] | None, skipped: str
               "checked (is the latest release)": counts["latest"],
               "not checked": len(pins) - sum(counts.values()), "skipped": skipped or "no"}
     return {"tables": {"python": [python],
-                       "jar": [{"library": lib.name, "version": lib.version or "not recorded", "read from": lib.evidence}
-                               for lib in inventory.libraries],
+                       "jar": [{"library": lib.name, "version": lib.version or "not recorded",
+                                "read from": lib.evidence} for lib in inventory.libraries],
                        "findings": [{k: r[k] for k in ("id", "package", "version", "fixed in", "status")}
                                     for r in rows]},
             "not_checked": [f"{s.name}=={s.version}" for s in statuses or [] if not s.source],

@@ -131,7 +131,8 @@ def _versioned(names: set[str], text: Callable[[str], str], zf: zipfile.ZipFile)
     found: list[Library] = []
     netty_file = "META-INF/io.netty.versions.properties"
     # A fat jar merges every netty module's file into one. Checked against the oldest version it names.
-    netty = sorted(set(re.findall(r"^netty-(?!tcnative)[\w-]+\.version=(\S+)", text(netty_file), re.M)), key=version_key)
+    netty = sorted(set(re.findall(r"^netty-(?!tcnative)[\w-]+\.version=(\S+)", text(netty_file), re.M)),
+                   key=version_key)
     if netty:
         also = f" (also {', '.join(netty[1:])})" if len(netty) > 1 else ""
         found.append(Library("netty", netty[0], netty_file + also))
