@@ -241,7 +241,7 @@ lint: $(STAMP) ## @dev ruff, mypy, promtool over the Prometheus config and rules
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -f docs/mkdocs.yml
 
 # PyPI is the only vulnerability data these machines reach, and it answers only for some pins; the jar is
-# checked against a table in the code. What is and is not checked: docs/pages/serving.md#dependencies.
+# checked against a table in the code. What is and is not checked: docs/pages/serving.md#dependencies-and-accepted-risks.
 audit: $(STAMP) ## @dev known vulnerabilities: locked packages (PyPI), TorchServe's jar; configs/accepted-risks.yaml
 	$(PY) -m bench.audit $(ARGS)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import sys
 import textwrap
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +125,17 @@ def jar_lines(inventory: Inventory, torchserve: str) -> list[str]:
     return out
 
 
+def finding_lines(rows: list[dict[str, Any]], stale: list[AcceptedRisk], allow_list: str) -> list[str]:
+    failed, accepted = (sum(r["status"] == k for r in rows) for k in ("FAIL", "accepted"))
+    return [*(f"  {r['status']:8} {r['id']:15} {r['package']} {r['version']}, fixed in {r['fixed in']}: {r['what']}"
+              for r in rows),
+            *(f"  stale    {e.id:15} {e.package}: in {allow_list} but no longer found: delete it" for e in stale),
+            "Never checked: Java libraries or advisories beyond bench/jar_inventory.py's table (no Java database",
+            "  is reachable), the Docker image's Debian packages.",
+            f"\nresult: {failed} without an accepted-risk entry, {accepted} accepted ({allow_list}), "
+            f"{len(stale)} stale entries: exit {int(bool(failed))}"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m bench.audit", description=__doc__.splitlines()[0])
     parser.add_argument("--accepted", type=Path, default=ACCEPTED, help="the allow-list (YAML)")
@@ -150,26 +162,14 @@ def main(argv: list[str] | None = None) -> int:
             skipped = f"PyPI is unreachable ({err})"
     rows = verdicts(statuses or [], check(inventory), accepted)
     stale = stale_entries(accepted, rows, statuses or [], {lib.name for lib in inventory.libraries})
-    failed = [r for r in rows if r["status"] == "FAIL"]
-
-    from importlib.metadata import version
     print("make audit: locked Python packages vs PyPI's advisories; TorchServe's jar vs a table of fixes\n")
-    print("\n".join(python_lines(locks, pins, statuses, skipped)))
-    print("\n".join(jar_lines(inventory, version("torchserve"))))
-    for r in rows:
-        print(f"  {r['status']:8} {r['id']:15} {r['package']} {r['version']}, fixed in {r['fixed in']}: {r['what']}")
-    for entry in stale:
-        print(f"  stale    {entry.id:15} {entry.package}: in {args.accepted.name} but no longer found: delete it")
-    print("Never checked: Java libraries or advisories beyond bench/jar_inventory.py's table (no Java database\n"
-          "  is reachable), the Docker image's Debian packages.")
-    accepted_n = sum(r["status"] == "accepted" for r in rows)
-    print(f"\nresult: {len(failed)} without an accepted-risk entry, {accepted_n} accepted "
-          f"({args.accepted.name}), {len(stale)} stale entries: exit {int(bool(failed))}")
+    print("\n".join([*python_lines(locks, pins, statuses, skipped), *jar_lines(inventory, version("torchserve")),
+                     *finding_lines(rows, stale, args.accepted.name)]))
     if not args.no_record:
         from bench.record import write_record  # imports torch: only when recording
         path = write_record("audit", figures(pins, statuses, skipped, inventory, rows, stale))
         print(f"record: {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
-    return int(bool(failed))
+    return int(any(r["status"] == "FAIL" for r in rows))
 
 
 def figures(pins: dict[str, str], statuses: list[PinStatus] | None, skipped: str | None, inventory: Inventory,
