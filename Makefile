@@ -42,7 +42,7 @@ export METRICS_ADDRESS ?= 127.0.0.1:8082
         eval-wild eval-fonts calibrate trust-eval explain explain-eval latency keygen archive serve predict status token ui stop \
         demo kserve-bundle deploy promote rollback versions undeploy compare monitor rollout-check test test-isa test-fast lint int8-parity \
         bench bench-train bench-serve gpu-check chaos export distill bench-compress bench-hybrid edge-install \
-        docker-build docker-run docker-train docker-archive docker-test docs docs-serve clean
+        docker-build docker-run docker-train docker-archive docker-test docs docs-serve audit clean
 
 help: ## @dev list the targets, by section
 	@echo "usage: make TARGET [VAR=value ...] [ARGS=\"...\"]   (every target runs \`python -m ...\`; see README)"
@@ -239,6 +239,11 @@ lint: $(STAMP) ## @dev ruff, mypy, promtool over the Prometheus config and rules
 	promtool check rules configs/alerts.yml
 	$(PY) docs/render.py --check
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -f docs/mkdocs.yml
+
+# PyPI is the only vulnerability data these machines reach, and it answers only for some pins; the jar is
+# checked against a table in the code. What is and is not checked: docs/pages/serving.md#dependencies-and-accepted-risks.
+audit: $(STAMP) ## @dev known vulnerabilities: locked packages (PyPI), TorchServe's jar; configs/accepted-risks.yaml
+	$(PY) -m bench.audit $(ARGS)
 
 # The site: docs/pages/ (docs/mkdocs.yml), its result tables rendered from results/ by docs/render.py.
 DOCS_PORT ?= 8000
