@@ -27,6 +27,7 @@ from training.checkpoint import atomic_save, load_checkpoint, make_checkpoint, m
 from training.core.model import ModelConfig, Net
 from training.core.tensors import normalize
 from training.loop import fit
+from training.run_options import RunOptions
 from training.train_config import DEFAULT_CONFIG, TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,7 +120,7 @@ def trained_checkpoint(mnist_dir: Path, tmp_path_factory: pytest.TempPathFactory
     cfg = cfglib.apply(cfg, {**TRAIN_SLICE, "data_dir": str(mnist_dir), "out_dir": str(out_dir)})
     threads = torch.get_num_threads()
     try:
-        fit(cfg, quiet=True)
+        fit(cfg, RunOptions(quiet=True))
     finally:
         torch.set_num_threads(threads)  # fit sets the process-wide thread count
     return out_dir / "model.pt"

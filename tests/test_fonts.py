@@ -153,6 +153,7 @@ def printed_slice(mnist_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
     from training import config as cfglib
     from training.loop import fit
+    from training.run_options import RunOptions
     from training.train_config import DEFAULT_CONFIG, TrainConfig
 
     out_dir = tmp_path_factory.mktemp("printed")
@@ -162,7 +163,7 @@ def printed_slice(mnist_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     assert cfg.printed_strokes > 0 and cfg.broad_pen > 0
     threads = torch.get_num_threads()
     try:
-        fit(cfg, quiet=True)
+        fit(cfg, RunOptions(quiet=True))
     finally:
         torch.set_num_threads(threads)  # fit sets the process-wide thread count
     return out_dir / "model.pt"

@@ -507,13 +507,14 @@ def test_a_second_server_can_start_beside_another(trained_archive, tmp_path):
 
 @pytest.fixture(scope="module")
 def odd_store_server(tiny_archive, tmp_path_factory):
-    """TorchServe with the model API open on a store named `store+(1)`: `+` and `(` are regex syntax in
-    allowed_urls, and a backslash is an escape in a Java properties file. Started under a umask of 022, in
-    a run directory that already exists with mode 0755, as `logs/` in a fresh clone does."""
+    """TorchServe with the model API open, its run directory (and so its private store, which allowed_urls
+    names) under `run+(1)`: `+` and `(` are regex syntax in allowed_urls, and a backslash is an escape in a
+    Java properties file. Started under a umask of 022, in a run directory that already exists with mode
+    0755, as `logs/` in a fresh clone does."""
     base = tmp_path_factory.mktemp("odd")
     store = base / "store+(1)"
     shutil.copytree(tiny_archive[1].path.parent, store)
-    run_dir = base / "run"
+    run_dir = base / "run+(1)"
     run_dir.mkdir()
     run_dir.chmod(0o755)
     ts = TorchServe.on_free_ports(run_dir, store, extra_properties={"enable_model_api": "true"})
@@ -540,10 +541,10 @@ def test_the_run_directory_and_the_key_file_are_the_owners_alone(odd_store_serve
 
 @pytest.mark.slow
 def test_allowed_urls_match_a_store_path_with_regex_characters(odd_store_server, tmp_path):
-    server, store = odd_store_server, odd_store_server.model_store
+    server, store, served = odd_store_server, odd_store_server.model_store, odd_store_server.served_store
     assert predict(server, SAMPLE_7.read_bytes(), "image/png")[0] == 200
-    (store / "sub").mkdir()
-    shutil.copy2(store / "mnist.mar", store / "sub" / "copy.mar")
+    (served / "sub").mkdir()
+    shutil.copy2(served / "mnist.mar", served / "sub" / "copy.mar")
     shutil.copy2(store / "mnist.mar", tmp_path / "copy.mar")
 
     def register(url: str) -> tuple[int, dict]:
@@ -554,6 +555,9 @@ def test_allowed_urls_match_a_store_path_with_regex_characters(odd_store_server,
     outside = f"file://{tmp_path}/copy.mar"
     assert register(outside) == (404, {"code": 404, "type": "ModelNotFoundException",
                                        "message": f"Given URL {outside} does not match any allowed URL(s)"})
-    status, answer = register(f"file://{store}/sub/copy.mar")  # inside the store: allowed
+    unverified = f"file://{store}/mnist.mar"  # the model store itself: only verified copies are served
+    assert register(unverified) == (404, {"code": 404, "type": "ModelNotFoundException",
+                                          "message": f"Given URL {unverified} does not match any allowed URL(s)"})
+    status, answer = register(f"file://{served}/sub/copy.mar")  # inside the private store: allowed
     assert status == 200, answer
     assert server.request("management", "/models/copy", method="DELETE")[0] == 200

@@ -19,6 +19,7 @@ from training.core.model import ModelConfig, Net
 from training.data import load_split
 from training.loop import fit
 from training.metrics import confusion, summarize
+from training.run_options import RunOptions
 from training.train_config import DEFAULT_CONFIG, TrainConfig
 
 pytest.register_assert_rewrite("serving_fixtures")
@@ -49,7 +50,7 @@ def is_png(path: Path) -> bool:
 def trained(tmp_path_factory, mnist_dir) -> tuple[TrainConfig, dict]:
     """One shrunk training run, shared by the tests that only read its artifacts."""
     cfg = shrunk(tmp_path_factory.mktemp("run"), mnist_dir)
-    return cfg, fit(cfg, quiet=True)
+    return cfg, fit(cfg, RunOptions(quiet=True))
 
 
 @pytest.mark.slow
@@ -152,15 +153,15 @@ def resumed(request, tmp_path_factory, mnist_dir) -> tuple[Path, Path]:
     """The same 2-epoch run twice: straight through into A, and into B interrupted after epoch 1, then resumed."""
     overrides = {**TINY, "train_limit": 1000, "test_limit": 500, "epochs": 2, "model": {"dropout": request.param}}
     a, b = tmp_path_factory.mktemp("straight"), tmp_path_factory.mktemp("resumed")
-    fit(shrunk(a, mnist_dir, **overrides), quiet=True)
+    fit(shrunk(a, mnist_dir, **overrides), RunOptions(quiet=True))
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(loop, "train_epoch", interrupt_at_epoch(2))
         with pytest.raises(KeyboardInterrupt):
-            fit(shrunk(b, mnist_dir, **overrides), quiet=True)
+            fit(shrunk(b, mnist_dir, **overrides), RunOptions(quiet=True))
     assert torch.load(b / "last.pt", weights_only=True)["epoch"] == 1
     assert not (b / "model.pt").exists()
     # --resume takes the config saved in last.pt; only the directories come from the command line.
-    fit(shrunk(b, mnist_dir), resume=True, quiet=True)
+    fit(shrunk(b, mnist_dir), RunOptions(resume=True, quiet=True))
     return a, b
 
 
@@ -178,12 +179,12 @@ def test_a_resumed_run_ends_exactly_where_the_uninterrupted_run_does(resumed):
 def test_resuming_a_finished_run_is_refused(trained):
     cfg, _ = trained
     with pytest.raises(CheckpointError, match=r"is from a finished run: nothing to resume$"):
-        fit(cfg, resume=True, quiet=True)
+        fit(cfg, RunOptions(resume=True, quiet=True))
 
 
 def test_resuming_without_last_pt_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match=r"^nothing to resume: .*last.pt does not exist$"):
-        fit(TrainConfig(out_dir=str(tmp_path)), resume=True)
+        fit(TrainConfig(out_dir=str(tmp_path)), RunOptions(resume=True))
 
 
 @pytest.fixture
@@ -192,7 +193,7 @@ def interrupted(tmp_path, mnist_dir) -> Path:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(loop, "train_epoch", interrupt_at_epoch(2))
         with pytest.raises(KeyboardInterrupt):
-            fit(shrunk(tmp_path, mnist_dir, **{**TINY, "epochs": 2}), quiet=True)
+            fit(shrunk(tmp_path, mnist_dir, **{**TINY, "epochs": 2}), RunOptions(quiet=True))
     return tmp_path
 
 
@@ -226,7 +227,7 @@ def test_resume_refuses_another_world_size(interrupted):
     torch.save({**last, "world_size": 2}, interrupted / "last.pt")
     with pytest.raises(CheckpointError, match=r"last\.pt is from a run on 2 process\(es\), this one has 1: resume it "
                                               r"on as many \(the shards and the schedule depend on it\)$"):
-        fit(TrainConfig(out_dir=str(interrupted)), resume=True, quiet=True)
+        fit(TrainConfig(out_dir=str(interrupted)), RunOptions(resume=True, quiet=True))
 
 
 def random_splits(n: int = 64) -> loop.Splits:
@@ -257,7 +258,7 @@ def test_a_worse_run_never_replaces_model_pt_unless_forced(trained, mnist_dir, t
     # Scored on the same validation and test sets as the run in model.pt (tests/test_publish.py has
     # the rules, runs that cannot be compared included).
     comparable = {**TINY, "val_size": cfg.val_size, "test_limit": cfg.test_limit}
-    worse = fit(shrunk(tmp_path, mnist_dir, **comparable), quiet=True)
+    worse = fit(shrunk(tmp_path, mnist_dir, **comparable), RunOptions(quiet=True))
     assert worse["val_accuracy"] < metrics["val_accuracy"]
     assert (tmp_path / "model.pt").read_bytes() == good
     assert load_checkpoint(tmp_path / "model.candidate.pt")["metrics"]["val_accuracy"] == worse["val_accuracy"]
@@ -273,7 +274,7 @@ def test_a_worse_run_never_replaces_model_pt_unless_forced(trained, mnist_dir, t
                                                            "confusion_matrix.png", "reliability.png"))
     assert not list(tmp_path.glob(".plots-*"))
 
-    fit(shrunk(tmp_path, mnist_dir, **comparable), quiet=True, force=True)
+    fit(shrunk(tmp_path, mnist_dir, **comparable), RunOptions(quiet=True, force=True))
     assert load_checkpoint(tmp_path / "model.pt")["metrics"]["val_accuracy"] == worse["val_accuracy"]
     assert json.loads((tmp_path / "metrics.json").read_text())["val_accuracy"] == worse["val_accuracy"]
     assert (tmp_path / "model.prev.pt").read_bytes() == good

@@ -21,6 +21,7 @@ from training import loop, schedules
 from training import splits as splits_module
 from training.recipes import tune
 from training.run_files import HOLD_ENV, RELEASE_ENV
+from training.run_options import Hooks
 from training.train_config import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -159,7 +160,7 @@ def test_a_stop_request_ends_the_epoch_before_its_next_step():
     with pytest.raises(KeyboardInterrupt):
         loop.train_epoch(model, opt, None, loop.Splits(images, labels, images[:0], labels[:0], images[:0],
                                                          labels[:0]), cfg, Dist(), 1, torch.Generator(),
-                          show=False, dry_run=False, stop=stop)
+                          show=False, dry_run=False, hooks=Hooks(stop=stop))
     assert len(steps) == 3
 
 

@@ -12,7 +12,6 @@ import copy
 import os
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +44,7 @@ from training.run_files import (
     save_last,
     write_outputs,
 )
+from training.run_options import Hooks, RunOptions, cross_entropy
 from training.schedules import build_optimizer, build_schedule
 from training.splits import Splits, dry_run_slices, fingerprint, load_data
 from training.tensorboard import RunLog, default_run_name
@@ -99,22 +99,12 @@ class Progress:
             self.bar.close()
 
 
-# The training loss of one batch: (logits, augmented input, labels, the batch's indices into the training
-# split) → a scalar. Distillation passes one that also reads the teacher (training/recipes/distill.py).
-LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def cross_entropy(cfg: TrainConfig) -> LossFn:
-    """The default loss: cross-entropy with the config's label smoothing."""
-    return lambda logits, x, y, idx: F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-
-
 def train_epoch(model, opt, sched, data: Splits, cfg: TrainConfig, dd: Dist, epoch: int,
-                gen: torch.Generator, show: bool, dry_run: bool,
-                stop: Callable[[], bool] | None = None, loss_fn: LossFn | None = None) -> dict[str, float]:
-    """One epoch; `stop()` true before a step raises KeyboardInterrupt there (training/recipes/tune.py's Ctrl-C).
-    `loss_fn`: the batch loss (default: cross_entropy(cfg)); L1 is added to it here."""
-    loss_fn = loss_fn or cross_entropy(cfg)
+                gen: torch.Generator, show: bool, dry_run: bool, hooks: Hooks | None = None) -> dict[str, float]:
+    """One epoch; `hooks.stop()` true before a step raises KeyboardInterrupt there (tuning's Ctrl-C).
+    `hooks.loss_fn`: the batch loss (default: cross_entropy(cfg)); L1 is added to it here."""
+    hooks = hooks or Hooks()
+    loss_fn, stop = hooks.loss_fn or cross_entropy(cfg), hooks.stop
     model.train()
     device = data.train_x.device
     gen.manual_seed(derived_seed(cfg.seed, epoch, dd.rank, "augment"))
@@ -190,21 +180,17 @@ def warm_up(model: Net, data: Splits, cfg: TrainConfig) -> None:
         torch.cuda.synchronize(device)
 
 
-def fit(cfg: TrainConfig, resume: bool = False, dry_run: bool = False, quiet: bool = False,
-        force: bool = False, test_every_epoch: bool = False, flags: dict[str, Any] | None = None,
-        on_epoch: Callable[[dict], None] | None = None, score_test: bool = True,
-        run_name: str | None = None, stop: Callable[[], bool] | None = None,
-        loss_fn: LossFn | None = None) -> dict[str, Any]:
+def fit(cfg: TrainConfig, options: RunOptions | None = None, hooks: Hooks | None = None) -> dict[str, Any]:
     """Train, keep the best epoch by validation accuracy, score it on the test set, write artifacts.
 
-    With `resume`, the run continues with the config saved in last.pt; `flags` are the config keys
-    given on the command line (dotted name → value), which may change only RESUME_MAY_CHANGE.
-    Returns the metrics written to metrics.json (on every rank). `on_epoch(row)` sees each epoch's
-    history row (training/recipes/tune.py reports it to Optuna and may raise to stop the run);
-    score_test=False never loads the test split and returns validation metrics without publishing;
-    `stop()` is asked before every training step and stops the run with KeyboardInterrupt when true;
-    `loss_fn` replaces the cross-entropy of each batch (distillation).
+    Returns the metrics written to metrics.json (on every rank); with `options.score_test=False`, the
+    validation metrics. `options` (RunOptions) and `hooks` (Hooks) say how, and what a recipe adds.
     """
+    options, hooks = options or RunOptions(), hooks or Hooks()
+    resume, dry_run, quiet, force = options.resume, options.dry_run, options.quiet, options.force
+    test_every_epoch, score_test, run_name, flags = (options.test_every_epoch, options.score_test,
+                                                     options.run_name, options.flags)
+    on_epoch, stop = hooks.on_epoch, hooks.stop
     out = Path(cfg.out_dir)
     # cpu_bf16: the CPU precision decision, kept in last.pt so a resumed run trains as it began.
     state: dict[str, Any] = {"epoch": 0, "history": [], "best_state": None, "best_val": -1.0, "stale": 0,
@@ -276,7 +262,7 @@ def fit(cfg: TrainConfig, resume: bool = False, dry_run: bool = False, quiet: bo
 
         for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
             stats = train_epoch(net, opt, sched, data, cfg, dd, epoch, gen, show=not quiet and dd.is_main,
-                                dry_run=dry_run, stop=stop, loss_fn=loss_fn)
+                                dry_run=dry_run, hooks=hooks)
             sync_buffers(model, dd)
             val = score(model, data.val_x, data.val_y, dd) if len(data.val_x) else \
                 {"accuracy": stats["train_accuracy"], "loss": stats["train_loss"]}

@@ -13,6 +13,7 @@ from training.cli import ArgumentParser
 from training.data import DataError
 from training.loop import fit
 from training.run_files import RESUME_MAY_CHANGE
+from training.run_options import RunOptions
 from training.train_config import DEFAULT_CONFIG, TrainConfig, from_command_line
 
 
@@ -33,8 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = from_command_line(args, args.config)
         flags = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg:") and v is not None}
-        fit(cfg, resume=args.resume, dry_run=args.dry_run, quiet=args.quiet, force=args.force,
-            test_every_epoch=args.test_every_epoch, flags=flags)
+        fit(cfg, RunOptions(resume=args.resume, dry_run=args.dry_run, quiet=args.quiet, force=args.force,
+                            test_every_epoch=args.test_every_epoch, flags=flags))
     except (ValueError, CheckpointError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

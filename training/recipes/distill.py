@@ -40,6 +40,7 @@ from training.core.model import ModelConfig, Net
 from training.core.tensors import normalize
 from training.data import DataError, data_dir, ensure_mnist
 from training.loop import fit, pick_device
+from training.run_options import Hooks, RunOptions
 from training.splits import load_data
 from training.train_config import TrainConfig
 
@@ -101,7 +102,8 @@ def train_student(cfg: TrainConfig, targets: torch.Tensor | torch.nn.Module | No
             soft = targets[idx]
         return kd_loss(logits.float(), soft.float(), y, temperature, alpha, cfg.label_smoothing)
 
-    metrics = fit(cfg, dry_run=dry_run, quiet=True, force=True, loss_fn=None if targets is None else distill_loss)
+    metrics = fit(cfg, RunOptions(dry_run=dry_run, quiet=True, force=True),
+                  Hooks(loss_fn=None if targets is None else distill_loss))
     return Path(cfg.out_dir) / "model.pt", {"seed": cfg.seed, "distilled": targets is not None,
                                             "val_accuracy": metrics["val_accuracy"],
                                             "test_accuracy": metrics["test_accuracy"],

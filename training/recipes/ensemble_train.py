@@ -38,6 +38,7 @@ from training.core.tensors import normalize
 from training.data import DataError, data_dir, load_split
 from training.loop import fit
 from training.metrics import summarize
+from training.run_options import RunOptions
 from training.train_config import DEFAULT_CONFIG, TrainConfig
 
 DEFAULT_OUT = Path("artifacts") / "ensemble"
@@ -157,7 +158,7 @@ def train_members(bases: list[TrainConfig], n: int, out_dir: Path, quiet: bool =
             print(f"member {k}: reusing {cfg.out_dir}/model.pt (seed {cfg.seed})")
         elif jobs <= 1:
             print(f"member {k}: training seed {cfg.seed} into {cfg.out_dir}/")
-            fit(cfg, quiet=quiet, dry_run=dry_run, force=True, run_name=f"ensemble-member-{k}")
+            fit(cfg, RunOptions(quiet=quiet, dry_run=dry_run, force=True, run_name=f"ensemble-member-{k}"))
         else:
             todo.append((k, cfg))
     if todo:

@@ -39,6 +39,7 @@ from training.checkpoint import CheckpointError
 from training.cli import ArgumentParser
 from training.data import DataError
 from training.loop import fit
+from training.run_options import Hooks, RunOptions
 from training.train_config import DEFAULT_CONFIG, TrainConfig, from_command_line
 
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
@@ -136,7 +137,7 @@ def enqueue_baseline(study: optuna.Study, base: TrainConfig) -> None:
 # thread happens to be can land inside SQLAlchemy (a commit, or a garbage-collector callback that
 # returns a connection to the pool) and leave a SQLite transaction open, whose lock then makes every
 # later write, the heartbeat's and the trial's FAIL, wait and fail with "database is locked". The
-# trial stops at its next training step instead (fit(stop=...)), between storage calls. A second
+# trial stops at its next training step instead (fit(..., Hooks(stop=...))), between storage calls. A second
 # Ctrl-C ends the process at once, as a kill would: SQLite rolls back what it was writing, and the
 # trial left RUNNING is failed by the heartbeat check of the next `make tune`.
 INTERRUPTED = threading.Event()
@@ -170,8 +171,8 @@ def objective(base: TrainConfig, trials_dir: Path, dry_run: bool):
             if row["epoch"] < cfg.epochs and trial.should_prune():
                 raise optuna.TrialPruned(f"validation accuracy {row['val_accuracy']:.2%} at epoch {row['epoch']}")
 
-        metrics = fit(cfg, quiet=True, dry_run=dry_run, on_epoch=report, score_test=False,
-                      run_name=f"trial-{trial.number}", stop=INTERRUPTED.is_set)
+        metrics = fit(cfg, RunOptions(quiet=True, dry_run=dry_run, score_test=False, run_name=f"trial-{trial.number}"),
+                      Hooks(on_epoch=report, stop=INTERRUPTED.is_set))
         if INTERRUPTED.is_set():  # Ctrl-C after its last step: the trial was interrupted all the same
             raise KeyboardInterrupt
         trial.set_user_attr("train_seconds", metrics["train_seconds"])
