@@ -10,7 +10,7 @@
 #   6. serve a model archived on the host with the same key dir: curl gets the right digit
 #   7. SIGTERM: the server must stop cleanly; whatever is left is removed even on failure
 # docker runs it where a Docker engine answers, buildah elsewhere. Slow the first time (the CUDA
-# torch wheels are GBs; README, Docker); later runs reuse the base and the layer cache.
+# torch wheels are GBs; docs: Docker); later runs reuse the base and the layer cache.
 # Env: ENGINE=docker|buildah, CHECKPOINT (default artifacts/model.pt; missing: one epoch is trained),
 # MNIST_DIR (default data/), DOCKER_TEST_PORT (first of five, default 18080), DEBIAN_MIRROR.
 set -euo pipefail

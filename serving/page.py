@@ -124,7 +124,7 @@ def _json(raw: bytes) -> dict[str, Any]:
 
 def _error_for(status: int, answer: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     message = str(answer.get("message", ""))[:300]
-    # TorchServe 0.12 answers a refused token with 400 InvalidKeyException, not 401 (README, Security).
+    # TorchServe 0.12 answers a refused token with 400 InvalidKeyException, not 401 (docs: Serving, Security defaults).
     if status in (401, 403) or answer.get("type") == "InvalidKeyException":
         return 502, {"error": "TorchServe refused the inference token: the key file does not belong to the "
                               "running server; restart both with `make stop && make ui`", "kind": "auth"}

@@ -33,7 +33,7 @@ from training.data import sha256_of
 __all__ = ["ServerError", "TorchServe", "free_port", "port_is_free", "verify_checksum"]
 
 TEMPLATE = ROOT / "configs" / "config.properties"
-LOG4J = ROOT / "configs" / "log4j2.xml"  # each log line in one rotated file (README, Tuning)
+LOG4J = ROOT / "configs" / "log4j2.xml"  # each log line in one rotated file (docs: Serving, Tuning)
 
 
 @dataclass

@@ -26,7 +26,7 @@ from serving_fixtures import SAMPLE_7, encode_png, offline_probabilities, settle
 from test_serving import assert_a_batch_mixes_good_and_bad, call, json_body, multipart, predict  # noqa: E402
 
 # Fashion-MNIST classes (FASHION_CLASSES): the first three sandals and bags of its test set, in order,
-# not picked by score. The served detector lets 0.4% of Fashion items through (README, Trust).
+# not picked by score. The served detector lets 0.4% of Fashion items through (docs: Trust).
 SANDAL, BAG = 5, 8
 
 

@@ -83,7 +83,7 @@ def two_nodes() -> Iterator[tuple[Node, Node]]:
 
 
 def torchrun_command(node_rank: int, local_addr: str, out_dir: str, extra: tuple[str, ...] = ()) -> list[str]:
-    """What each machine runs (README, Scaling out). Two flags matter beyond the obvious ones:
+    """What each machine runs (docs: Scaling out). Two flags matter beyond the obvious ones:
     `--rdzv-conf is_host=1|0` says which node serves the rendezvous store (torchrun guesses it by
     comparing the endpoint with the machine's hostname, which fails when the hostname resolves to
     another interface) and `--local-addr` is the address the other node reaches this one at (by

@@ -136,7 +136,7 @@ class MNISTHandler(BaseHandler):
         # (serving/worker/metric_buffer.py: each is a log line the frontend parses). 0: every batch.
         self.metric_buffer = MetricBuffer(self._emit_metric, interval_from_env())
         self.initialized = True
-        worker_io.install()  # from the next message on: README, Benchmarks (serving overhead)
+        worker_io.install()  # from the next message on: docs: Benchmarks (serving overhead)
         logger.info("MNIST model loaded on %s (variant %s, batch size %d)", self.device, variant, self.batch_size)
 
     def _self_check(self, variant: str, path: Path) -> None:

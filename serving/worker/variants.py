@@ -17,7 +17,7 @@ from training.core.tensors import normalize
 # Load-time transforms of the eager model, chosen per archive (`make archive ARGS="--variant ..."`).
 # onnx and int8 run a file the archive carries (training/tools/export.py) with ONNX Runtime: int8 is static
 # int8 of every conv and linear. int8-legacy is torch's deprecated dynamic quantisation of the
-# linears only, kept as a labelled row for comparison (README, Compression and edge). bf16 is fused
+# linears only, kept as a labelled row for comparison (docs: Compression and edge). bf16 is fused
 # in bfloat16 where the CPU (AMX / AVX512-BF16) or GPU runs it natively.
 VARIANTS = ("eager", "fused", "bf16", "onnx", "int8", "int8-legacy")
 
@@ -42,7 +42,7 @@ SELF_CHECK_FILE = "selfcheck.npy"
 SELF_CHECK_MIN_AGREEMENT = 0.99  # 512 digits: at most 5 may differ (the shipped int8 differs on 0-2 of 10k/512)
 
 
-# fused (batch norm folded into the convs) is the fastest at equal test accuracy: README, Benchmarks.
+# fused (batch norm folded into the convs) is the fastest at equal test accuracy: docs: Benchmarks.
 # The one default: serving/archive.py writes it into model.json, and an archive without one gets it too.
 DEFAULT_VARIANT = "fused"
 
@@ -73,7 +73,7 @@ def runnable_variant(variant: str, device: torch.device) -> tuple[str, torch.dev
 def serving_model(model: torch.nn.Module, variant: str, device: torch.device | str = "cpu") -> torch.nn.Module:
     """The model as a worker runs it: eval mode, the archive's variant, channels_last, on `device`.
 
-    channels_last: oneDNN's convolutions run faster in it on CPU (README, Benchmarks). Inputs
+    channels_last: oneDNN's convolutions run faster in it on CPU (docs: Benchmarks). Inputs
     must be channels_last too (`to_model_input`). Benchmarks and fault scripts call this as well, so
     their offline answers are computed exactly the way the server computes them.
     """

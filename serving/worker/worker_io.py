@@ -2,7 +2,7 @@
 
 The worker's frame parser (`ts/protocol/otf_message_handler.py`) reads every length, header name,
 header value and body with its own `socket.recv`: 40-50 system calls per request, each with its
-Python around it (README, Benchmarks: "TorchServe protocol" was 30% of the worker's samples).
+Python around it (docs: Benchmarks: "TorchServe protocol" was 30% of the worker's samples).
 TorchServe 0.12.0 is the last release and its repository is archived, so the fix lives here: once
 the handler is loaded, the worker's loop reads through `BufferedSocket`, which answers `recv(n)`
 from one large read. The parser is unchanged: same frames, same fields, same errors (a closed

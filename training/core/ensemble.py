@@ -8,7 +8,7 @@ Two ways to batch the members, both exact (same answers as running them one by o
 Members of different architectures (e.g. one and two convs per block) are batched per architecture
 and the groups' averages weighted by their sizes (`MixedEnsemble`): the same average over all members.
 `bench/ensemble.py` measures them against a Python loop; `build_ensemble` picks the faster
-(README, Ensembles). Each member's logits are divided by its temperature (1.0 when the checkpoint
+(docs: Tuning and ensembles). Each member's logits are divided by its temperature (1.0 when the checkpoint
 has none) before its softmax, so the average is over calibrated probabilities. The forward returns
 the log of the averaged probabilities: a softmax of that gives back the average exactly, so a caller
 that applies softmax to a single model's logits serves an ensemble unchanged.

@@ -15,7 +15,7 @@ import torch
 
 from training.core.tensors import normalize
 
-IG_STEPS = 32  # Riemann steps; the completeness gap at 32 is in README (Trust)
+IG_STEPS = 32  # Riemann steps; the completeness gap at 32 is in docs: Trust
 
 
 def black_baseline(x: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """"Is this a digit at all?": an out-of-distribution score on the network's own outputs, and its threshold.
 
-Four scores, higher meaning more digit-like; README (Trust) has the table that chose the default:
+Four scores, higher meaning more digit-like; docs: Trust has the table that chose the default:
 - msp: the largest calibrated softmax probability (Hendrycks & Gimpel, 2017).
 - energy: T·logsumexp(logits / T) (Liu et al., 2020); unlike msp it keeps the logits' magnitude.
 - mahalanobis: minus the smallest Mahalanobis distance of the penultimate features (the 128 values
@@ -27,7 +27,7 @@ import torch
 from training.core.model import Net
 
 METHODS = ("msp", "energy", "mahalanobis", "mahalanobis_all")
-DEFAULT_METHOD = "mahalanobis_all"  # best AUROC against Fashion-MNIST and text: README, Trust
+DEFAULT_METHOD = "mahalanobis_all"  # best AUROC against Fashion-MNIST and text: docs: Trust
 # Half the 1% budget of rejected real digits: validation and test differ by sampling noise.
 FALSE_REJECTION = 0.005
 

@@ -154,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="artifacts", type=Path)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
-    # T = 1, alpha 0.5: the setting best by validation accuracy in the README's H100 table, and the one
-    # that gained over labels-only on every seed with the wider ensemble as teacher (README, Distillation).
+    # T = 1, alpha 0.5: the setting best by validation accuracy in the distillation study's H100 table, and the one
+    # that gained over labels-only on every seed with the wider ensemble as teacher (docs: Studies, Distillation).
     parser.add_argument("--epochs", type=int, default=8, help="default 8, as configs/train.yaml")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--alpha", type=float, default=0.5, help="weight of the teacher's term (0: labels only)")
