@@ -113,7 +113,8 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _nest(flat: dict[str, Any]) -> dict[str, Any]:
+def nest(flat: dict[str, Any]) -> dict[str, Any]:
+    """Dotted keys (`model.dropout`, as flags and Optuna name them) → the nested form configs use."""
     nested: dict[str, Any] = {}
     for dotted, value in flat.items():
         *parents, leaf = dotted.split(".")
@@ -138,7 +139,7 @@ def from_args(defaults: T, args: argparse.Namespace, config_path: str | Path | N
     if config_path is not None:
         cfg = apply(cfg, load_yaml(config_path))
     flags = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg:") and v is not None}
-    return apply(cfg, _nest(flags))
+    return apply(cfg, nest(flags))
 
 
 def to_dict(obj: Any) -> dict[str, Any]:

@@ -76,18 +76,6 @@ def suggest(trial: optuna.Trial) -> dict[str, Any]:
     return params
 
 
-def as_config(params: dict[str, Any]) -> dict[str, Any]:
-    """Optuna's flat parameter names (`model.dropout`) → the nested form configs use."""
-    nested: dict[str, Any] = {}
-    for key, value in params.items():
-        *parents, leaf = key.split(".")
-        node = nested
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return nested
-
-
 GRACE_SECONDS = 120  # a RUNNING trial without a heartbeat for this long is failed by any process
 
 
@@ -187,7 +175,7 @@ def write_tuned(study: optuna.Study, base_yaml: Path, output: Path, budget: dict
     config = cfglib.load_yaml(base_yaml)
     # Four significant digits: the search is nowhere near that precise, and the file is read by people.
     params = {k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in best.params.items()}
-    for key, value in as_config(params).items():
+    for key, value in cfglib.nest(params).items():
         config[key] = {**config.get(key, {}), **value} if isinstance(value, dict) else value
     if config.get("schedule") != "cosine_restarts":
         config.pop("restart_period", None)
