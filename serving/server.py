@@ -45,8 +45,8 @@ class TorchServe(ServerClient):
     log_config: Path | None = LOG4J  # None: the log4j2.xml inside TorchServe's jar (bench.profile compares)
     # Where ts_log.log ended when this start began: a crash loop is counted from there, not over the
     # whole log, which survives restarts.
-    _log_offset: int = field(default=0, init=False, repr=False)
-    _model_log_offset: int = field(default=0, init=False, repr=False)
+    # Where each log file ended when this start began: only what a start wrote is read back.
+    _log_offsets: dict[str, int] = field(default_factory=dict, init=False, repr=False)
 
     @classmethod
     def on_free_ports(cls, run_dir: Path, model_store: Path, **kwargs: Any) -> TorchServe:
@@ -183,30 +183,28 @@ class TorchServe(ServerClient):
                           f"worker log ({self.run_dir}/model_log.log):\n" + self.log_tail("model_log.log"))
 
     def mark_log_start(self) -> None:
-        log, model_log = self.run_dir / "ts_log.log", self.run_dir / "model_log.log"
-        self._log_offset = log.stat().st_size if log.exists() else 0
-        self._model_log_offset = model_log.stat().st_size if model_log.exists() else 0
+        for name in ("ts_log.log", "model_log.log"):
+            log = self.run_dir / name
+            self._log_offsets[name] = log.stat().st_size if log.exists() else 0
+
+    def _log_since_start(self, name: str) -> bytes:
+        log = self.run_dir / name
+        if not log.exists():
+            return b""
+        with log.open("rb") as f:
+            f.seek(self._log_offsets.get(name, 0))
+            return f.read()
 
     def self_check_refusal(self) -> str | None:
         """The worker's one line when an approximate variant failed its load-time self-check (worker/handler.py)."""
-        log = self.run_dir / "model_log.log"
-        if not log.exists():
-            return None
-        with log.open("rb") as f:
-            f.seek(self._model_log_offset)
-            text = f.read().decode(errors="replace")
         marker = "SelfCheckError: "
+        text = self._log_since_start("model_log.log").decode(errors="replace")
         line = next((line for line in text.splitlines() if marker in line), None)
         return None if line is None else line.split(marker, 1)[1].strip()
 
     def failed_worker_loads(self) -> int:
         """How often a worker failed to load the model since this start began."""
-        log = self.run_dir / "ts_log.log"
-        if not log.exists():
-            return 0
-        with log.open("rb") as f:
-            f.seek(self._log_offset)
-            return f.read().count(b"Load model failed")
+        return self._log_since_start("ts_log.log").count(b"Load model failed")
 
     def stop(self, timeout: float = 30) -> bool:
         """Stop the frontend and its workers; SIGKILL whatever outlives `timeout`. False if none ran."""
@@ -294,22 +292,31 @@ def template_value(key: str) -> str:
 def copy_verified(mar: Path, folder: Path) -> str:
     """Copy `mar` into the private `folder` TorchServe loads from, checking the copied bytes: the same
     checksum and signature checks as `check_can_start`, on exactly what will be served. Returns the signer."""
-    verify_checksum(mar)
-    copied = verified_copy(mar, folder)
-    if copied.sha256 != mar.with_name(mar.name + ".sha256").read_text().split()[0]:
+    expected = recorded_sha256(mar)
+    copied = verified_copy(mar, folder)  # reads the archive once: the signature and the digest are of those bytes
+    if copied.sha256 != expected:
         (folder / mar.name).unlink(missing_ok=True)
-        raise ServerError(f"{mar} changed while it was being checked: refusing to serve it")
+        raise ServerError(checksum_mismatch(mar, expected))
     return copied.signer
 
 
 def verify_checksum(mar: Path) -> None:
     """Refuse an archive whose bytes differ from what `make archive` recorded beside it (corruption,
     not tampering: whoever can write the archive can write its checksum)."""
+    expected = recorded_sha256(mar)
+    if sha256_of(mar) != expected:
+        raise ServerError(checksum_mismatch(mar, expected))
+
+
+def recorded_sha256(mar: Path) -> str:
+    """The digest `make archive` wrote beside the archive (<name>.mar.sha256)."""
     recorded = mar.with_name(mar.name + ".sha256")
     if not recorded.exists():
         raise ServerError(f"{recorded} is missing: rebuild the archive with `make archive`")
-    expected = recorded.read_text().split()[0]
-    if sha256_of(mar) != expected:
-        raise ServerError(f"{mar} does not match the SHA-256 recorded by `make archive` ({expected[:12]}…): "
-                          "it was modified or corrupted; rebuild it with `make archive ARGS=--force`")
+    return recorded.read_text().split()[0]
+
+
+def checksum_mismatch(mar: Path, expected: str) -> str:
+    return (f"{mar} does not match the SHA-256 recorded by `make archive` ({expected[:12]}…): "
+            "it was modified or corrupted; rebuild it with `make archive ARGS=--force`")
 

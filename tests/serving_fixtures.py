@@ -15,6 +15,7 @@ import os
 import time
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -112,18 +113,23 @@ def offline_probabilities(checkpoint: Path, images: np.ndarray | torch.Tensor) -
         return torch.softmax(model(normalize(images)) / ckpt.get("temperature", 1.0), dim=1)
 
 
-@pytest.fixture(scope="session")
-def trained_checkpoint(mnist_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """configs/train.yaml shrunk to TRAIN_SLICE, trained once per session (the real training code path)."""
-    out_dir = tmp_path_factory.mktemp("trained")
+def train_slice(mnist_dir: Path, out_dir: Path, slice_: dict[str, Any] | None = None) -> Path:
+    """configs/train.yaml shrunk to `slice_` (default TRAIN_SLICE), trained through the real code path."""
     cfg = cfglib.apply(TrainConfig(), cfglib.load_yaml(DEFAULT_CONFIG))
-    cfg = cfglib.apply(cfg, {**TRAIN_SLICE, "data_dir": str(mnist_dir), "out_dir": str(out_dir)})
+    cfg = cfglib.apply(cfg, {**(TRAIN_SLICE if slice_ is None else slice_), "data_dir": str(mnist_dir),
+                             "out_dir": str(out_dir)})
     threads = torch.get_num_threads()
     try:
         fit(cfg, RunOptions(quiet=True))
     finally:
         torch.set_num_threads(threads)  # fit sets the process-wide thread count
     return out_dir / "model.pt"
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(mnist_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """configs/train.yaml shrunk to TRAIN_SLICE, trained once per session."""
+    return train_slice(mnist_dir, tmp_path_factory.mktemp("trained"))
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from serving.worker.requests import decode_request
 from training.core.inputs.preprocess import to_mnist
@@ -149,24 +148,15 @@ def test_a_flag_widens_an_upright_1_a_crossbar_crosses_a_7_a_broad_pen_widens_a_
 @pytest.fixture(scope="module")
 def printed_slice(mnist_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """serving_fixtures.TRAIN_SLICE with the digits redrawn in print's shapes, as configs/train.yaml has them."""
-    from serving_fixtures import TRAIN_SLICE
+    from serving_fixtures import TRAIN_SLICE, train_slice
 
     from training import config as cfglib
-    from training.loop import fit
-    from training.run_options import RunOptions
-    from training.train_config import DEFAULT_CONFIG, TrainConfig
+    from training.train_config import DEFAULT_CONFIG
 
-    out_dir = tmp_path_factory.mktemp("printed")
-    cfg = cfglib.apply(TrainConfig(), cfglib.load_yaml(DEFAULT_CONFIG))
-    overrides = {k: v for k, v in TRAIN_SLICE.items() if k not in ("printed_strokes", "broad_pen")}
-    cfg = cfglib.apply(cfg, {**overrides, "data_dir": str(mnist_dir), "out_dir": str(out_dir)})
-    assert cfg.printed_strokes > 0 and cfg.broad_pen > 0
-    threads = torch.get_num_threads()
-    try:
-        fit(cfg, RunOptions(quiet=True))
-    finally:
-        torch.set_num_threads(threads)  # fit sets the process-wide thread count
-    return out_dir / "model.pt"
+    printed = {k: v for k, v in TRAIN_SLICE.items() if k not in ("printed_strokes", "broad_pen")}
+    defaults = cfglib.load_yaml(DEFAULT_CONFIG)
+    assert defaults["printed_strokes"] > 0 and defaults["broad_pen"] > 0
+    return train_slice(mnist_dir, tmp_path_factory.mktemp("printed"), printed)
 
 
 @needs_fonts

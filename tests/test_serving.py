@@ -30,6 +30,7 @@ import pytest
 import yaml
 
 from bench.inputs import handler_rejections
+from serving.drain import parse_samples
 from serving.server import ServerError, TorchServe, free_port, make_private_dir
 
 # Shared fixtures (tiny_archive, trained_archive, trained_checkpoint) load as a plugin, so each
@@ -366,12 +367,7 @@ def test_models_cannot_be_registered_or_removed_at_run_time(server):
 def _prometheus(server: TorchServe) -> dict[tuple[str, frozenset], float]:
     status, raw = server.request("metrics", "/metrics")
     assert status == 200
-    samples = {}
-    for line in raw.decode().splitlines():
-        if match := re.fullmatch(r"(\w+)\{(.*)\} (\S+)", line):
-            labels = frozenset(re.findall(r'(\w+)="([^"]*)"', match[2]))
-            samples[(match[1], labels)] = float(match[3])
-    return samples
+    return parse_samples(raw.decode())  # the project's one parser of Prometheus text
 
 
 def _value(samples: dict, name: str, **labels: str) -> float:
