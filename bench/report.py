@@ -11,19 +11,8 @@ from pathlib import Path
 import psutil
 
 from bench.load import Record
+from bench.record import cpu_model
 from serving.server import TorchServe
-
-
-def cpu_model() -> str:
-    """`lscpu`'s model name (what the README names above each table), else the platform's word for it."""
-    import platform
-    import subprocess
-
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def machine_line() -> str:
@@ -53,7 +42,6 @@ def serving_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-
 def plot_serving(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -74,7 +62,6 @@ def plot_serving(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-
 def outcome_table(records: list[Record], hung_after: float) -> list[str]:
     ok = sum(r.status == 200 for r in records)
     hung = sum(r.seconds > hung_after for r in records)
@@ -90,10 +77,8 @@ def outcome_table(records: list[Record], hung_after: float) -> list[str]:
     return lines
 
 
-
 def ok_between(records: list[Record], start: float, end: float) -> int:
     return sum(r.status == 200 and start <= r.end < end for r in records)
-
 
 
 def rss_mb(server: TorchServe) -> dict[str, float]:
@@ -102,7 +87,6 @@ def rss_mb(server: TorchServe) -> dict[str, float]:
     for p in frontend.children(recursive=True):
         sizes[f"worker {p.pid}"] = p.memory_info().rss / 2**20
     return sizes
-
 
 
 def other_jobs(seconds: float = 1.0) -> str:
