@@ -28,19 +28,24 @@ MODEL_API  ?= off
 A          ?= 1.0
 B          ?= 2.0
 LIMIT      ?=
+# `make finetune-report CANDIDATE=...`, `make feedback-key NAME=...`
+CANDIDATE  ?= artifacts/finetune/model.pt
+NAME       ?= client
 # Debian packages the slow tests and benchmarks use (wrk: bench-serve; chromium: the page's browser
 # test; iproute2: `ip netns` for the two-node torchrun test; dataset-fashion-mnist: the "not a digit"
 # test set of training/tools/ood_data.py; prometheus: `make monitor` and its test; the fonts-* packages:
-# the printed-digit set of training/tools/fonts.py, `make eval-fonts`); `make system-deps` installs the missing ones.
+# the printed-digit set of training/tools/fonts.py, `make eval-fonts`; postgresql: the feedback store's
+# PostgreSQL test starts its own throwaway cluster); `make system-deps` installs the missing ones.
 APT_PACKAGES ?= wrk chromium iproute2 dataset-fashion-mnist prometheus fonts-dejavu-core fonts-liberation2 \
-                fonts-freefont-ttf fonts-sil-andika fonts-comic-neue
+                fonts-freefont-ttf fonts-sil-andika fonts-comic-neue postgresql
 export INFERENCE_ADDRESS ?= 127.0.0.1:8080
 export MANAGEMENT_ADDRESS ?= 127.0.0.1:8081
 export METRICS_ADDRESS ?= 127.0.0.1:8082
 
 .PHONY: help setup lock system-deps data train train-ddp tune train-ensemble tensorboard report-models evaluate \
         eval-wild eval-fonts calibrate trust-eval explain explain-eval latency keygen archive serve predict status token ui stop \
-        demo kserve-bundle deploy promote rollback versions undeploy compare monitor rollout-check test test-isa test-fast lint int8-parity \
+        demo kserve-bundle deploy promote rollback versions undeploy compare monitor rollout-check \
+        feedback-api feedback-key finetune finetune-report bench-feedback test test-isa test-fast lint int8-parity \
         bench bench-train bench-serve gpu-check chaos export distill bench-compress bench-hybrid edge-install \
         docker-build docker-run docker-train docker-archive docker-test docs docs-serve audit clean
 
@@ -156,6 +161,18 @@ compare: $(STAMP) ## @lifecycle versions A= and B= on the MNIST test set over HT
 monitor: $(STAMP) ## @lifecycle Prometheus on 127.0.0.1:9090 scraping the running server, configs/alerts.yml (Ctrl-C stops)
 	$(PY) -m serving.monitor $(ARGS)
 
+feedback-api: $(STAMP) ## @lifecycle the feedback API for programs on 127.0.0.1:8093 (a feedback key; MNIST_FEEDBACK_DB= for PostgreSQL)
+	$(PY) -m serving.feedback.api $(ARGS)
+
+feedback-key: $(STAMP) ## @lifecycle create the feedback key NAME= (0600, in ~/.config/mnist-serve/feedback.keys) and print it
+	$(PY) -m serving.feedback.api --add-key $(NAME)
+
+finetune: $(STAMP) ## @lifecycle fine-tune CHECKPOINT on the stored corrections + MNIST replay → artifacts/finetune/model.pt (ARGS=--freeze-convs, --epochs, --replay-ratio)
+	$(PY) -m training.recipes.finetune --base $(CHECKPOINT) $(ARGS)
+
+finetune-report: $(STAMP) ## @lifecycle base CHECKPOINT vs CANDIDATE on MNIST and held-out feedback; exits non-zero unless GO
+	$(PY) -m training.recipes.finetune_report --base $(CHECKPOINT) --candidate $(CANDIDATE) $(ARGS)
+
 rollout-check: $(STAMP) ## @lifecycle deploy, promote, roll back under c=32 load on its own server: errors, p99 per step
 	$(PY) -m bench.rollout --checkpoint $(CHECKPOINT) $(ARGS)
 
@@ -262,6 +279,9 @@ bench-train: $(STAMP) ## @bench training time-to-accuracy over seeds (SEEDS=3), 
 
 bench-serve: $(STAMP) ## @bench serving: this project vs TorchServe's MNIST example and vs in-process, wrk at c=1,8,64,256
 	$(PY) -m bench.serve --checkpoint $(CHECKPOINT) $(ARGS)
+
+bench-feedback: $(STAMP) ## @bench fine-tuning on 50/200/1000 corrections in a user's style: accuracy before/after, MNIST after
+	$(PY) -m bench.feedback $(ARGS)
 
 gpu-check: $(STAMP) ## @bench everything that needs CUDA, one table in <= 8 min (CUDA training, nccl DDP, serving on cuda:0)
 	$(PY) -m bench.gpu_check $(ARGS)

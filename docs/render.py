@@ -244,10 +244,26 @@ def plot_hybrid(ax: Any, record: dict[str, Any]) -> None:
            title="Edge first, server when unsure")
 
 
+def plot_feedback(ax: Any, record: dict[str, Any]) -> None:
+    runs, base = record["figures"]["runs"], record["baseline"]
+    sizes = sorted({r["corrections"] for r in runs})
+    for key, name, before in (("eval", "user-style digits (evaluation part)", base["eval_accuracy"]),
+                              ("mnist", "MNIST test", base["mnist_test_accuracy"])):
+        after = [[100 * r[key] for r in runs if r["corrections"] == n] for n in sizes]
+        line = ax.errorbar(sizes, [sum(a) / len(a) for a in after],
+                           yerr=[(max(a) - min(a)) / 2 for a in after], marker="o", capsize=3, label=f"{name}, after")
+        ax.axhline(100 * before, linestyle="--", color=line[0].get_color(), label=f"{name}, before")
+    ax.set_xscale("log")
+    ax.set_xticks(sizes, [str(n) for n in sizes])
+    ax.legend(fontsize=8)
+    ax.set(xlabel="corrections fine-tuned on", ylabel="accuracy (%)", title="Fine-tuning on a user's hand")
+
+
 # Plots drawn from records (docs/pages/img/, committed): the page that shows each, and what draws it.
 PLOTS = {"served-throughput.png": ("imported/2026-11-28-bench-serve-full-run", plot_served),
          "deletion-curves.png": ("imported/undated-explain-eval-deletion", plot_deletion),
-         "hybrid-edge.png": ("imported/undated-bench-hybrid-hybrid", plot_hybrid)}
+         "hybrid-edge.png": ("imported/undated-bench-hybrid-hybrid", plot_hybrid),
+         "feedback-finetune.png": ("2026-12-07-bench-feedback-avx512-vnni", plot_feedback)}
 
 
 def draw_plots() -> None:

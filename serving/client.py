@@ -62,7 +62,9 @@ class ServerClient:
             raise ServerError(f"no token file at {path}: is the server running (`make serve`)?") from None
 
     def request(self, kind: str, path: str, data: bytes | None = None, method: str | None = None,
-                headers: dict[str, str] | None = None, timeout: float = 10) -> tuple[int, bytes]:
+                headers: dict[str, str] | None = None, timeout: float = 10,
+                response_headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+        """(status, body); `response_headers`, where given, receives the answer's headers."""
         headers = dict(headers or {})
         token_kind = "management" if kind == "management" else "inference"
         if kind != "metrics" and (key := self.token(token_kind)):
@@ -70,6 +72,8 @@ class ServerClient:
         req = urllib.request.Request(self.url(kind, path), data=data, method=method, headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=timeout) as resp:
+                if response_headers is not None:
+                    response_headers.update(resp.headers.items())
                 return resp.status, resp.read()
         except urllib.error.HTTPError as err:
             return err.code, err.read()

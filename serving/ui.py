@@ -19,9 +19,11 @@ from pathlib import Path
 
 import psutil
 
+from serving.feedback.service import FeedbackService
 from serving.page import PageServer
 from serving.server import TorchServe, free_port
 from training.cli import ArgumentParser
+from training.feedback.store import FeedbackStore, FeedbackStoreError
 
 PID_FILE = "ui.pid"
 LOG_FILE = "ui.log"
@@ -47,8 +49,15 @@ def running_pid(run_dir: Path) -> int | None:
 
 
 def run(torchserve: TorchServe, host: str, port: int) -> int:
-    """Serve in the foreground until SIGTERM or Ctrl-C, with a pid file beside TorchServe's."""
-    page = PageServer(torchserve, host, port)
+    """Serve in the foreground until SIGTERM or Ctrl-C, with a pid file beside TorchServe's. Corrections go
+    to the feedback store ($MNIST_FEEDBACK_DB, else feedback/feedback.db); where it cannot be opened the
+    page still answers, and says so in its log."""
+    feedback = None
+    try:
+        feedback = FeedbackService(FeedbackStore())
+    except FeedbackStoreError as err:
+        print(f"WARNING: corrections are not stored: {err}", file=sys.stderr, flush=True)
+    page = PageServer(torchserve, host, port, feedback=feedback)
     pid_file = torchserve.run_dir / PID_FILE
     torchserve.run_dir.mkdir(parents=True, exist_ok=True)
     pid_file.write_text(f"{os.getpid()}\n")

@@ -34,6 +34,8 @@ from serving.page import PageServer
 from serving.page_pictures import find_attribution_map, heatmap_png, strip_data_url
 from serving.server import TorchServe, free_port
 from training.core.inputs.preprocess import PreprocessError, preprocess_bytes
+from training.feedback.models import NOT_A_DIGIT
+from training.feedback.store import FeedbackStore
 
 pytest.register_assert_rewrite("serving_fixtures")
 pytest_plugins = ["serving_fixtures"]
@@ -248,7 +250,7 @@ def wait_until(condition, timeout: float = 30) -> None:
 @pytest.fixture(scope="module")
 def page_url(trained_server):
     """`python -m serving.ui start` beside the test's TorchServe (what `make ui` runs); stopped after."""
-    env = {**os.environ, "SERVE_DIR": str(trained_server.run_dir),
+    env = {**os.environ, "SERVE_DIR": str(trained_server.run_dir), "MNIST_FEEDBACK_DB": feedback_db(trained_server),
            **{f"{k.upper()}_ADDRESS": v.split("://")[1] for k, v in trained_server.addresses.items()}}
     cmd = [sys.executable, "-m", "serving.ui"]
     out = subprocess.run([*cmd, "start"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
@@ -262,6 +264,11 @@ def page_url(trained_server):
     assert out.stdout.strip() == "page stopped", out
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     assert not (trained_server.run_dir / "ui.pid").exists()
+
+
+def feedback_db(trained_server) -> str:
+    """Where the page started by `page_url` stores corrections: beside the test's server, not feedback/."""
+    return f"sqlite:///{trained_server.run_dir / 'feedback.db'}"
 
 
 def chromium_path() -> Path:
@@ -422,6 +429,36 @@ def test_page_draws_uploads_and_explains_errors_and_never_leaks_the_token(
     leaked = [url for url, body in responses for s in secrets if s.encode() in body]
     assert leaked == []
     page.context.close()
+
+
+@pytest.mark.slow
+def test_a_drawn_digit_is_corrected_and_stored_with_what_the_model_saw(browser, page_url, trained_server):
+    page, _ = open_page(browser, page_url, viewport={"width": 1100, "height": 900})
+    draw(page, SEVEN)
+    result = shown(page)
+    assert result["digit"] == "7" and page.is_visible("#correct") and page.is_disabled("#send-correction")
+    page.select_option("#label", "1")  # "that's wrong, it is a 1"
+    with page.expect_response("**/api/feedback") as answer:
+        page.click("#send-correction")
+    assert answer.value.status == 201
+    page.wait_for_function("document.querySelector('#correct-status').textContent.startsWith('Thanks')")
+    page.select_option("#label", "not a digit")
+    page.check("#keep-raw")
+    with page.expect_response("**/api/feedback") as answer:
+        page.click("#send-correction")
+    assert answer.value.status == 201
+    page.context.close()
+
+    store = FeedbackStore(feedback_db(trained_server))
+    rows = {r.label: r for r in store.rows()}
+    store.close()
+    assert set(rows) == {1, NOT_A_DIGIT}
+    corrected = rows[1]
+    assert np.array_equal(np.frombuffer(corrected.image, np.uint8).reshape(28, 28), png_of_data_url(result["seen"]))
+    assert (corrected.answer, corrected.source, corrected.raw_image) == (7, "page", None)
+    assert corrected.model_name == trained_server.model_name and corrected.model_version  # the header's version
+    assert rows[NOT_A_DIGIT].raw_image is not None  # the drawing's PNG, kept because the box was ticked
+    assert cv2.imdecode(np.frombuffer(rows[NOT_A_DIGIT].raw_image, np.uint8), cv2.IMREAD_UNCHANGED) is not None
 
 
 @pytest.mark.slow

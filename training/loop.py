@@ -227,11 +227,15 @@ def fit(cfg: TrainConfig, options: RunOptions | None = None, hooks: Hooks | None
         data = load_data(cfg, device, test=score_test)
         if dry_run:
             data = dry_run_slices(data)
+        if hooks.train_data is not None:
+            data = hooks.train_data(data)
         board = RunLog(out / "runs" / (run_name or default_run_name(cfg.seed))
                        if cfg.tensorboard and dd.is_main else None)
         sets = {"val_set": fingerprint(data.val_x, data.val_y), "test_set": fingerprint(data.test_x, data.test_y)}
         memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         model = Net(cfg.model).to(device, memory_format=memory_format)
+        if hooks.init_model is not None:
+            hooks.init_model(model)
         opt = build_optimizer(model, cfg)
         sched = build_schedule(opt, cfg, steps_per_epoch(len(data.train_x), dd.world, cfg.batch_size))
         if resume:

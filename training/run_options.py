@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from training.splits import Splits
 from training.train_config import TrainConfig
 
 # The training loss of one batch: (logits, augmented input, labels, the batch's indices into the training
@@ -38,11 +39,16 @@ class RunOptions:
 class Hooks:
     """What a recipe plugs into the loop: `on_epoch(row)` sees each epoch's history row (tuning reports it
     and may raise to stop the run); `stop()` is asked before every step and ends the run with
-    KeyboardInterrupt when true (Ctrl-C in tuning); `loss_fn` replaces the cross-entropy (distillation)."""
+    KeyboardInterrupt when true (Ctrl-C in tuning); `loss_fn` replaces the cross-entropy (distillation);
+    `train_data(splits)` replaces the training images and `init_model(model)` starts from other weights
+    before the optimiser is built (fine-tuning: corrections mixed with MNIST, the served model's weights,
+    frozen layers). Validation and test stay MNIST's."""
 
     on_epoch: Callable[[dict], None] | None = None
     stop: Callable[[], bool] | None = None
     loss_fn: LossFn | None = None
+    train_data: Callable[[Splits], Splits] | None = None
+    init_model: Callable[[torch.nn.Module], None] | None = None
 
 
 def cross_entropy(cfg: TrainConfig) -> LossFn:

@@ -170,6 +170,52 @@ function render(answer) {
     ? "The 28×28 image the model saw, with its attributions (red: for the answer, blue: against)"
     : "The 28×28 image the model saw";
   $("answer").hidden = false;
+  resetCorrection(answer.id);
+}
+
+// --- corrections: the backend remembers each answer's 28×28 and version; the page names it by id ------
+
+let answerId = null;
+
+function resetCorrection(id) {
+  answerId = id || null;
+  $("correct").hidden = !answerId;
+  $("label").value = "";
+  $("keep-raw").checked = false;
+  $("send-correction").disabled = true;
+  correctionStatus("");
+}
+
+function correctionStatus(text, isError = false) {
+  $("correct-status").textContent = text;
+  $("correct-status").classList.toggle("error", isError);
+}
+
+async function sendCorrection() {
+  const choice = $("label").value;
+  if (!answerId || !choice) return;
+  const label = choice === "not a digit" ? choice : Number(choice);
+  $("send-correction").disabled = true;
+  let status = 0;
+  let body = {};
+  try {
+    const response = await fetch("/api/feedback", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ id: answerId, label, keep_raw: $("keep-raw").checked }),
+    });
+    status = response.status;
+    body = await response.json().catch(() => ({ error: `the page's server answered HTTP ${status}` }));
+  } catch {
+    body = { error: "the page's server is not answering" };
+  }
+  if (status === 201) correctionStatus(`Thanks: stored as correction #${body.id}.`);
+  else if (status === 200) correctionStatus(`Already stored (correction #${body.id}).`);
+  else {
+    correctionStatus(`Not stored: ${body.error || `HTTP ${status}`}`, true);
+    $("send-correction").disabled = false;
+  }
+  document.body.dataset.corrections = String(Number(document.body.dataset.corrections || 0) + 1);
 }
 
 function showPicture(img, url) {
@@ -244,3 +290,6 @@ document.addEventListener("paste", (event) => {
 
 resetPad();
 setIdle();
+
+$("label").addEventListener("change", () => { $("send-correction").disabled = !$("label").value; });
+$("send-correction").addEventListener("click", sendCorrection);
