@@ -35,18 +35,19 @@ NAME       ?= client
 # test; iproute2: `ip netns` for the two-node torchrun test; dataset-fashion-mnist: the "not a digit"
 # test set of training/tools/ood_data.py; prometheus: `make monitor` and its test; the fonts-* packages:
 # the printed-digit set of training/tools/fonts.py, `make eval-fonts`; postgresql: the feedback store's
-# PostgreSQL test starts its own throwaway cluster); `make system-deps` installs the missing ones.
+# PostgreSQL test starts its own throwaway cluster; buildah and debootstrap: the KServe predictor image
+# the slow suite builds and serves from, `make kserve-image`); `make system-deps` installs the missing ones.
 APT_PACKAGES ?= wrk chromium iproute2 dataset-fashion-mnist prometheus fonts-dejavu-core fonts-liberation2 \
-                fonts-freefont-ttf fonts-sil-andika fonts-comic-neue postgresql
+                fonts-freefont-ttf fonts-sil-andika fonts-comic-neue postgresql buildah debootstrap
 export INFERENCE_ADDRESS ?= 127.0.0.1:8080
 export MANAGEMENT_ADDRESS ?= 127.0.0.1:8081
 export METRICS_ADDRESS ?= 127.0.0.1:8082
 
 .PHONY: help setup lock system-deps data train train-ddp tune train-ensemble tensorboard report-models evaluate \
         eval-wild eval-fonts calibrate trust-eval explain explain-eval latency keygen archive serve predict status token ui stop \
-        demo kserve-bundle deploy promote rollback versions undeploy compare monitor rollout-check \
-        feedback-api feedback-key finetune finetune-report bench-feedback test test-isa test-fast lint int8-parity \
-        bench bench-train bench-serve gpu-check chaos export distill bench-compress bench-hybrid edge-install \
+        demo kserve-bundle kserve-image kserve-serve deploy promote rollback versions undeploy compare monitor \
+        rollout-check feedback-api feedback-key finetune finetune-report bench-feedback test test-isa test-fast lint \
+        int8-parity bench bench-train bench-serve bench-kserve gpu-check chaos export distill bench-compress bench-hybrid edge-install \
         docker-build docker-run docker-train docker-archive docker-test docs docs-serve audit clean
 
 help: ## @dev list the targets, by section
@@ -176,8 +177,14 @@ finetune-report: $(STAMP) ## @lifecycle base CHECKPOINT vs CANDIDATE on MNIST an
 rollout-check: $(STAMP) ## @lifecycle deploy, promote, roll back under c=32 load on its own server: errors, p99 per step
 	$(PY) -m bench.rollout --checkpoint $(CHECKPOINT) $(ARGS)
 
-kserve-bundle: $(STAMP) ## @scale lay out artifacts/kserve/ (config + model-store) for KServe's TorchServe runtime
+kserve-bundle: $(STAMP) ## @scale verify the signed archive and lay out artifacts/kserve/ (config + model-store) for KServe
 	$(PY) -m serving.kserve --model-store model_store --model-name $(MODEL_NAME) --out artifacts/kserve $(ARGS)
+
+kserve-serve: $(STAMP) ## @scale serve model_store/mnist.mar with the KServe predictor: v2 REST on 127.0.0.1:8090, gRPC on :8091
+	$(PY) -m serving.predictor --archive model_store/$(MODEL_NAME).mar --http_port 8090 --grpc_port 8091 $(ARGS)
+
+kserve-image: ## @scale build the KServe predictor image (buildah or docker; the project's CPU image first, cached)
+	docker/kserve.sh
 
 predict: $(STAMP) ## @serve send IMAGE=path to the running server and print the prediction
 	$(PY) -m serving.cli predict $(IMAGE) --model-name $(MODEL_NAME)
@@ -282,6 +289,9 @@ bench-serve: $(STAMP) ## @bench serving: this project vs TorchServe's MNIST exam
 
 bench-feedback: $(STAMP) ## @bench fine-tuning on 50/200/1000 corrections in a user's style: accuracy before/after, MNIST after
 	$(PY) -m bench.feedback $(ARGS)
+
+bench-kserve: $(STAMP) ## @bench the KServe predictor vs TorchServe on one archive, v2 requests, wrk at c=1 and 64
+	$(PY) -m bench.kserve --checkpoint $(CHECKPOINT) $(ARGS)
 
 gpu-check: $(STAMP) ## @bench everything that needs CUDA, one table in <= 8 min (CUDA training, nccl DDP, serving on cuda:0)
 	$(PY) -m bench.gpu_check $(ARGS)

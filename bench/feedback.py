@@ -115,10 +115,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def row(n: int, runs: list[dict[str, Any]], before: dict[str, float]) -> dict[str, str]:
     drop = [(before["mnist"] - r["mnist"]) * 100 for r in runs]
-    return {"corrections": str(n), "user-style eval before (%)": f"{before['eval'] * 100:.2f}",
-            "after (%)": _mean_std([r["eval"] for r in runs]),
-            "MNIST test before (%)": f"{before['mnist'] * 100:.2f}",
-            "after (%) ": _mean_std([r["mnist"] for r in runs]),
+    return {"corrections": str(n), "user-style before (%)": f"{before['eval'] * 100:.2f}",
+            "user-style after (%)": _mean_std([r["eval"] for r in runs]),
+            "MNIST before (%)": f"{before['mnist'] * 100:.2f}",
+            "MNIST after (%)": _mean_std([r["mnist"] for r in runs]),
             "MNIST drop (points, worst seed)": f"{max(drop):+.2f}",
             "MNIST 9k unseen after (%)": _mean_std([r["mnist_unseen"] for r in runs]),
             "seconds per run": f"{statistics.mean(r['seconds'] for r in runs):.0f}"}

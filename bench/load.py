@@ -56,7 +56,12 @@ def write_digits(folder: Path, count: int, data_dir: str | None) -> tuple[list[P
 
 
 def run_wrk(server: TorchServe, script: Path, connections: int, seconds: int) -> dict:
-    url = server.url("inference", f"/predictions/{server.model_name}")
+    return run_wrk_url(server.url("inference", f"/predictions/{server.model_name}"), script, connections, seconds)
+
+
+def run_wrk_url(url: str, script: Path, connections: int, seconds: int) -> dict:
+    """wrk's summary (requests, seconds, non2xx, socket_errors, p50/p90/p99/max ms) and req/s, from the script's
+    `done` line."""
     threads = max(1, min(2, connections))
     out = subprocess.run(["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds}s",
                           "--timeout", "10s", "-s", str(script), url],

@@ -18,10 +18,7 @@ set -euo pipefail
 source "$(dirname "$0")/common.sh"
 
 PY=${PY:-.venv/bin/python}
-CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/mnist-serve-docker
-BASE=localhost/mnist-base:bookworm
 DOCKER_IMAGE=localhost/mnist-serve:test
-DEBIAN_MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 PORT=${DOCKER_TEST_PORT:-18080}
 SAMPLE=serving/samples/7.png EXPECTED_DIGIT=7
 work=$(mktemp -d -t mnist-docker-test.XXXXXX)
@@ -53,52 +50,6 @@ hadolint() {
     "$venv/bin/hadolint" "$@"
 }
 
-image_exists() {
-    if [[ $ENGINE == docker ]]; then docker image inspect "$1" >/dev/null 2>&1
-    else buildah inspect --type image "$1" >/dev/null 2>&1; fi
-}
-
-# A debian:bookworm-slim stand-in (no image registry is reachable), as a tarball in $CACHE and an image.
-ensure_base() {
-    if image_exists "$BASE"; then
-        echo "base image $BASE: cached"
-        return
-    fi
-    local tarball=$CACHE/debian-bookworm-minbase.tar root=$work/rootfs
-    if [[ ! -s $tarball ]]; then
-        debootstrap --variant=minbase bookworm "$root" "$DEBIAN_MIRROR"
-        rm -f "$root/etc/apt/sources.list"
-        cat >"$root/etc/apt/sources.list.d/debian.sources" <<EOF
-Types: deb
-URIs: $DEBIAN_MIRROR
-Suites: bookworm bookworm-updates
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-
-Types: deb
-URIs: ${DEBIAN_MIRROR%/debian}/debian-security
-Suites: bookworm-security
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-EOF
-        # A snapshot mirror serves Release files past their Valid-Until date: take the host's settings.
-        apt-config dump | grep -E '^Acquire::Check-(Valid-Until|Date) ' >"$root/etc/apt/apt.conf.d/99mirror" || true
-        rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
-        mkdir -p "$CACHE"
-        tar -C "$root" -cf "$tarball.partial" . && mv "$tarball.partial" "$tarball"
-        rm -rf "$root"
-    fi
-    local path=PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
-    if [[ $ENGINE == docker ]]; then
-        docker import --change "ENV $path" --change 'CMD ["bash"]' "$tarball" "$BASE"
-    else
-        local c
-        c=$(buildah from scratch)
-        buildah add "$c" "$tarball" / >/dev/null
-        buildah config --env "$path" --cmd bash "$c"
-        buildah commit --rm "$c" "$BASE"
-    fi
-}
 
 # --- the container --------------------------------------------------------------------------------
 

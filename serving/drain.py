@@ -7,7 +7,7 @@ probe, `ready`, fails from then on, so Kubernetes takes it out of the Service's 
 serving while the endpoint removal reaches every node (`--settle`), then waits until no request has
 arrived for `--quiet` seconds and TorchServe's queue is empty. Only then does the kubelet send SIGTERM.
 
-Standard library only: it runs inside KServe's TorchServe runtime image (deploy/kserve/Dockerfile).
+Standard library only: it runs inside KServe's TorchServe runtime image (deploy/kserve/torchserve.Dockerfile).
 Addresses come from the bundle's config.properties (the management API answers readiness).
 """
 

@@ -6,8 +6,10 @@ TS_SERVICE_ENVELOPE=kservev2, TorchServe's default request decoding), on free lo
 
 from __future__ import annotations
 
+import ast
 import base64
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -178,8 +180,9 @@ def test_v2_requests_answer_known_digits(runtime, trained_checkpoint, mnist_test
     assert status == 200
     assert {k: answer[k] for k in ("id", "model_name", "model_version")} == {
         "id": "req-7", "model_name": "mnist", "model_version": "1.0"}
-    probs, digit = answer["outputs"]
+    probs, digit, digit_like = answer["outputs"]
     assert (probs["name"], probs["datatype"], probs["shape"]) == ("probabilities", "FP32", [1, 10])
+    assert (digit_like["name"], digit_like["datatype"], digit_like["shape"]) == ("is_digit", "BOOL", [1])
     assert (digit["name"], digit["datatype"], digit["shape"], digit["data"]) == ("digit", "INT64", [1], [7])
     assert labels[0] == 7
     # The archive serves the fused variant (batch norm folded into the convs): equal up to float rounding.
@@ -221,3 +224,105 @@ def test_bad_v2_input_gets_the_v2_error_shape(runtime):
     assert (status, answer) == (400, {"error": "not an image: expected PNG, JPEG, BMP, WebP or HEIC bytes"})
     status, answer = infer(runtime, {"inputs": []})
     assert (status, answer) == (400, {"error": "'inputs' must hold exactly one tensor (one digit per request)"})
+
+
+# --- the TorchServe runtime image: every packed module imports with only its packages ---------------
+
+TORCHSERVE_DOCKERFILE = ROOT / "deploy" / "kserve" / "torchserve.Dockerfile"
+# What pytorch/torchserve-kfs:0.12.0 brings itself (TorchServe, and the torch it runs); all else must be
+# installed by the Dockerfile.
+RUNTIME_BASE = {"torch", "torchserve"}
+# Imports every module packed in the archive, with a finder that refuses every top-level module outside the
+# standard library, the archive and the allowed distributions: what the image would lack fails here too.
+ONLY_THESE = """
+import importlib, importlib.abc, json, sys
+from pathlib import Path
+model_dir, allowed, names = sys.argv[1], set(json.loads(sys.argv[2])), json.loads(sys.argv[3])
+
+class OnlyTheImage(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        top = name.split(".")[0]
+        if top in sys.stdlib_module_names or top in allowed or top in ("training", "serving"):
+            return None
+        raise ModuleNotFoundError(f"No module named {top!r} in the image", name=top)
+
+sys.meta_path.insert(0, OnlyTheImage())
+sys.path.insert(0, model_dir)
+for name in names:
+    module = importlib.import_module(name)
+    assert Path(module.__file__).is_relative_to(model_dir), module.__file__
+print("imported", len(names))
+"""
+
+
+def dockerfile_packages(path) -> set[str]:
+    """The distributions the Dockerfile's `pip install` lines name."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    text = path.read_text().replace("\\\n", " ")
+    lines = [line for line in text.splitlines() if line.startswith("RUN pip install")]
+    return {canonicalize_name(Requirement(req).name) for line in lines for req in re.findall(r'"([^"]+)"', line)}
+
+
+def with_dependencies(names: set[str]) -> set[str]:
+    """`names` and everything they require (no extras), as installed here."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    found, todo = set(), list(names)
+    while todo:
+        name = canonicalize_name(todo.pop())
+        if name in found:
+            continue
+        found.add(name)
+        for spec in metadata.requires(name) or []:
+            req = Requirement(spec)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(req.name)
+    return found
+
+
+def top_level_modules(distributions: set[str]) -> set[str]:
+    from importlib import metadata
+
+    from packaging.utils import canonicalize_name
+
+    return {module for module, dists in metadata.packages_distributions().items()
+            if any(canonicalize_name(d) in distributions for d in dists)}
+
+
+def packed_modules(model_dir) -> list[str]:
+    return sorted(".".join(p.relative_to(model_dir).with_suffix("").parts).removesuffix(".__init__")
+                  for package in ("training", "serving") for p in (model_dir / package).rglob("*.py"))
+
+
+def import_with_only(model_dir, distributions: set[str]) -> subprocess.CompletedProcess:
+    allowed = sorted(top_level_modules(with_dependencies(distributions)))
+    return subprocess.run([sys.executable, "-c", ONLY_THESE, str(model_dir), json.dumps(allowed),
+                           json.dumps(packed_modules(model_dir))], capture_output=True, text=True, cwd=model_dir)
+
+
+def test_every_packed_module_imports_with_only_the_runtime_image_packages(tiny_archive, tmp_path):
+    model_dir = unpack(tiny_archive[1].path, tmp_path / "model")
+    declared = dockerfile_packages(TORCHSERVE_DOCKERFILE)
+    result = import_with_only(model_dir, declared | RUNTIME_BASE)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == f"imported {len(packed_modules(model_dir))}"
+    # Imports inside functions (captum for explanations, ONNX Runtime for its variants) need the packages too.
+    imported = set()
+    for path in (model_dir / "training").rglob("*.py"):
+        imported |= {node.names[0].name.split(".")[0] if isinstance(node, ast.Import) else node.module.split(".")[0]
+                     for node in ast.walk(ast.parse(path.read_text()))
+                     if isinstance(node, ast.Import) or (isinstance(node, ast.ImportFrom) and node.level == 0)}
+    third_party = imported - set(sys.stdlib_module_names) - {"training", "serving", "__future__"}
+    assert third_party <= top_level_modules(with_dependencies(declared | RUNTIME_BASE)), third_party
+
+
+def test_the_import_check_fails_without_a_package_the_code_imports(tiny_archive, tmp_path):
+    """The check above can fail: the Dockerfile before this test (no pillow-heif) is refused."""
+    model_dir = unpack(tiny_archive[1].path, tmp_path / "model")
+    result = import_with_only(model_dir, dockerfile_packages(TORCHSERVE_DOCKERFILE) - {"pillow-heif"} | RUNTIME_BASE)
+    assert result.returncode != 0 and "No module named 'pillow_heif' in the image" in result.stderr

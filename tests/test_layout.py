@@ -71,6 +71,21 @@ def test_the_trainer_never_imports_serving_and_the_core_never_the_trainer():
             assert all(m.startswith("training.core") for m in imported), name
 
 
+def test_the_predictor_imports_the_served_core_only_from_the_archive():
+    """serving/predictor/ serves the code packed in the .mar (serving/predictor/archive.py imports it from
+    there): this repository's training.core or serving.worker imported first would be served instead."""
+    known = modules()
+    for name, path in known.items():
+        if name.startswith("serving.predictor"):
+            imported = top_level_imports(path, set(known))
+            assert imported <= {*(m for m in known if m.startswith("serving.predictor")), "serving.signing",
+                                "serving.errors", "serving"}, (name, imported)
+    probe = ("import sys, serving.predictor.__main__; "
+             "print(sorted(m for m in sys.modules if m.startswith(('training.core', 'serving.worker'))))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"
+
+
 def test_make_archive_does_not_import_torchserve():
     probe = "import sys, serving.archive; print(sorted(m for m in sys.modules if m == 'ts' or m.startswith('ts.')))"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT)

@@ -67,6 +67,8 @@ def test_the_expected_objects_are_there():
     kinds = {str(p.relative_to(ROOT)): [d["kind"] for d in documents(p)] for p in MANIFESTS}
     assert kinds == {
         "deploy/kserve/inferenceservice-gpu.yaml": ["InferenceService", "PodDisruptionBudget"],
+        "deploy/kserve/inferenceservice-torchserve-gpu.yaml": ["InferenceService", "PodDisruptionBudget"],
+        "deploy/kserve/inferenceservice-torchserve.yaml": ["InferenceService", "PodDisruptionBudget"],
         "deploy/kserve/inferenceservice.yaml": ["InferenceService", "PodDisruptionBudget"],
         "deploy/kubeflow/trainjob.yaml": ["TrainJob", "PersistentVolumeClaim"],
     }
@@ -79,7 +81,7 @@ def test_the_expected_objects_are_there():
      d["spec"]["predictor"]["model"]["resources"]["limits"].update(cpu=[2]), "is not valid under any of"),
 ])
 def test_a_broken_inferenceservice_is_refused(mutate, error):
-    doc = documents(ROOT / "deploy" / "kserve" / "inferenceservice.yaml")[0]
+    doc = documents(ROOT / "deploy" / "kserve" / "inferenceservice-torchserve.yaml")[0]
     mutate(doc)
     with pytest.raises(jsonschema.ValidationError, match=error):
         validate(doc)
@@ -92,7 +94,47 @@ def test_a_broken_core_object_is_refused():
         validate(doc)
 
 
+@pytest.mark.parametrize(("mutate", "error"), [
+    (lambda d: d["spec"]["predictor"]["containers"][0].update(port=8080), "Additional properties"),
+    (lambda d: d["spec"]["predictor"]["storageUris"][0].update(mountPath="mnt"), "does not match"),
+])
+def test_a_broken_predictor_inferenceservice_is_refused(mutate, error):
+    doc = documents(ROOT / "deploy" / "kserve" / "inferenceservice.yaml")[0]
+    mutate(doc)
+    with pytest.raises(jsonschema.ValidationError, match=error):
+        validate(doc)
+
+
 @pytest.mark.parametrize("name", ["inferenceservice.yaml", "inferenceservice-gpu.yaml"])
+def test_the_predictor_inferenceservice_serves_the_verified_bundle_and_drains(name):
+    """The custom predictor (deploy/kserve/predictor.Dockerfile): the bundle's archive, keys from a Secret
+    mounted read-only, readiness from the v2 endpoint, a preStop pause before SIGTERM starts the drain."""
+    isvc, pdb = documents(ROOT / "deploy" / "kserve" / name)
+    predictor = isvc["spec"]["predictor"]
+    (container,) = predictor["containers"]
+    assert container["name"] == "kserve-container"  # the name KServe gives a predictor's own container
+    assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Standard"
+    (storage,) = predictor["storageUris"]
+    archive = container["args"][container["args"].index("--archive") + 1]
+    assert archive.startswith(storage["mountPath"] + "/model-store/")  # `make kserve-bundle`'s layout
+    (volume,) = predictor["volumes"]
+    (mount,) = container["volumeMounts"]
+    assert volume["secret"]["secretName"] and (mount["name"], mount["readOnly"]) == (volume["name"], True)
+    assert {"name": "MNIST_SERVE_TRUSTED_DIR", "value": mount["mountPath"]} in container["env"]
+    assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": 8080}
+    assert [p["containerPort"] for p in container["ports"]] == [8080]
+    dockerfile = (ROOT / "deploy" / "kserve" / "predictor.Dockerfile").read_text()
+    assert '"--http_port", "8080"' in dockerfile and '"--host", "0.0.0.0"' in dockerfile
+    pause = float(container["lifecycle"]["preStop"]["exec"]["command"][1])
+    # The kubelet SIGKILLs at the end of the grace period, preStop included: the predictor's 30 s grace fits.
+    assert predictor["terminationGracePeriodSeconds"] >= pause + 30
+    assert predictor["minReplicas"] >= 2 and pdb["spec"]["minAvailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"]["serving.kserve.io/inferenceservice"] == isvc["metadata"]["name"]
+    assert container["resources"]["limits"].get("nvidia.com/gpu") == (1 if "gpu" in name else None)
+    assert ("--device" in container["args"]) == ("gpu" in name)
+
+
+@pytest.mark.parametrize("name", ["inferenceservice-torchserve.yaml", "inferenceservice-torchserve-gpu.yaml"])
 def test_inferenceservice_matches_the_bundle_image_and_drain(name):
     isvc, pdb = documents(ROOT / "deploy" / "kserve" / name)
     predictor = isvc["spec"]["predictor"]
@@ -100,7 +142,7 @@ def test_inferenceservice_matches_the_bundle_image_and_drain(name):
     assert (model["modelFormat"]["name"], model["protocolVersion"]) == ("pytorch", "v2")
     assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Standard"
     # The probe and the hook run the drain script the Dockerfile copies into the runtime image.
-    dockerfile = (ROOT / "deploy" / "kserve" / "Dockerfile").read_text()
+    dockerfile = (ROOT / "deploy" / "kserve" / "torchserve.Dockerfile").read_text()
     assert "COPY serving/drain.py /home/model-server/drain.py" in dockerfile
     assert model["readinessProbe"]["exec"]["command"] == ["python", "/home/model-server/drain.py", "ready"]
     prestop = model["lifecycle"]["preStop"]["exec"]["command"]

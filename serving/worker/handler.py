@@ -7,13 +7,13 @@ answer carries a calibrated confidence (logits / the archive's temperature) and 
 
 The model, the preprocessing, the OOD score and the explainer are the served core itself
 (training/core/), packed into the `.mar` with this folder (serving/worker/): the lifecycle is
-TorchServe's BaseHandler (initialize → handle); request parsing, variants and the v2 protocol are
+TorchServe's BaseHandler (initialize → handle); request parsing, variants, the v2 protocol and the model
+itself (served.py, which the KServe predictor loads from the archive too) are
 the modules beside this one.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -41,25 +41,10 @@ from serving.worker.requests import (  # noqa: E402
     prediction_body,
     wants_explanation,
 )
-from serving.worker.variants import (  # noqa: E402
-    APPROXIMATE_VARIANTS,
-    CPU_ONLY_VARIANTS,
-    DEFAULT_VARIANT,
-    ONNX_FILES,
-    SELF_CHECK_FILE,
-    SELF_CHECK_MIN_AGREEMENT,
-    runnable_variant,
-    serving_model,
-    to_model_input,
-)
-from training.core import precision  # noqa: E402
-from training.core.ensemble import load_ensemble  # noqa: E402
+from serving.worker.served import classify, load_served  # noqa: E402  (the model, as the KServe predictor runs it)
+from serving.worker.variants import CPU_ONLY_VARIANTS, to_model_input  # noqa: E402
 from training.core.explain import integrated_gradients  # noqa: E402
 from training.core.inputs.preprocess import PreprocessError  # noqa: E402
-from training.core.model import build_model  # noqa: E402
-from training.core.ood import features_and_logits, is_digit, ood_score  # noqa: E402
-from training.core.precision import SelfCheckError  # noqa: E402  (TorchServe: one class per handler module)
-from training.core.runners import OnnxModel  # noqa: E402  (TorchServe: one class per handler module)
 
 logger = logging.getLogger(__name__)
 
@@ -83,42 +68,10 @@ class MNISTHandler(BaseHandler):
             # threads per worker would fight the other workers and the Java frontend for the cores.
             torch.set_num_threads(int(os.environ.get("MNIST_WORKER_THREADS", "1")))
         serialized = (context.manifest or {}).get("model", {}).get("serializedFile", "weights.pt")
-        state_dict = torch.load(model_dir / serialized, map_location="cpu", weights_only=True)
-        variant, self.device, why = runnable_variant(meta.get("variant", DEFAULT_VARIANT), self.device)
-        if why:
-            logger.warning(why)
-        self.temperature = float(meta.get("temperature", 1.0))
-        self.detector = None
-        if "ensemble" in meta:  # N members, one batched forward, averaged probabilities: training/core/ensemble.py
-            # bf16 wraps the whole ensemble (a copy: the explainer stays fp32); the grouped forward
-            # batches the fused networks themselves, not bf16 wrappers of them.
-            member_variant = "fused" if variant == "bf16" else variant
-            ensemble = load_ensemble(state_dict, meta, lambda m: serving_model(m, member_variant)).to(self.device)
-            self.explainer = ensemble  # differentiable: Integrated Gradients of the averaged answer
-            self.model = precision.BF16Model(copy.deepcopy(ensemble)) if variant == "bf16" else ensemble
-        else:
-            model = build_model(meta["model_config"])
-            model.load_state_dict(state_dict)
-            # Quantised layers (int8-legacy) have no backward, ONNX runners no autograd at all, and bf16
-            # wraps the network: explanations and the "not a digit" features then use the float model.
-            wrapped = variant in ONNX_FILES or variant in ("int8-legacy", "bf16")
-            float_model = build_model(meta["model_config"]) if wrapped else None
-            if float_model is not None:
-                float_model.load_state_dict(state_dict)
-            if variant in ONNX_FILES:
-                self.model = OnnxModel(model_dir / ONNX_FILES[variant], torch.get_num_threads(),
-                                       use_features=variant == "onnx")  # training/core/runners.py
-            else:
-                self.model = serving_model(model, variant, self.device)
-            self.explainer = self.model if float_model is None else serving_model(float_model, "eager", self.device)
-            if "ood" in meta and (model_dir / "ood.pt").is_file():
-                tensors = torch.load(model_dir / "ood.pt", map_location=self.device, weights_only=True)
-                self.detector = {**meta["ood"], **tensors}
-        if self.detector is None:
-            logger.warning("archive has no OOD detector: every answer says is_digit true")
-        if variant in APPROXIMATE_VARIANTS and self.explainer is not self.model:
-            self._self_check(variant, model_dir / SELF_CHECK_FILE)
-        self.classes = meta["class_names"]
+        served = load_served(model_dir, self.device, serialized)  # served.py: what the KServe predictor loads too
+        self.served, self.device, variant = served, served.device, served.variant
+        self.model, self.explainer, self.detector = served.model, served.explainer, served.detector
+        self.classes = served.classes
         self.batch_size = int(properties.get("batch_size") or 1)
         with torch.inference_mode():  # warm-up: first-call allocations happen here, not on a request
             self.model(to_model_input(torch.zeros(self.batch_size, 28, 28, dtype=torch.uint8), self.device))
@@ -138,19 +91,6 @@ class MNISTHandler(BaseHandler):
         self.initialized = True
         worker_io.install()  # from the next message on: docs: Benchmarks (serving overhead)
         logger.info("MNIST model loaded on %s (variant %s, batch size %d)", self.device, variant, self.batch_size)
-
-    def _self_check(self, variant: str, path: Path) -> None:
-        """Refuse to serve `variant` unless it gives the fp32 model's answers on the packed digits (one line)."""
-        if not path.is_file():
-            raise SelfCheckError(f"variant {variant}: the archive has no {SELF_CHECK_FILE} for its load-time "
-                                 "self-check: rebuild it with `make archive`")
-        agree, total = precision.agreement(self.model, self.explainer, to_model_input(np.load(path), self.device))
-        line = (f"variant {variant} agrees with the fp32 model on {agree} of {total} self-check digits "
-                f"({agree / total:.1%}; needs {SELF_CHECK_MIN_AGREEMENT:.0%})")
-        if agree < SELF_CHECK_MIN_AGREEMENT * total:
-            raise SelfCheckError(f"{line}: refusing to serve it on this CPU ({precision.cpu_isa()}); "
-                                 "archive another variant (e.g. fused)")
-        logger.info(line)
 
     def handle(self, data: list[dict[str, Any]], context) -> list[bytes]:
         """Decode each request on its own, run the good ones as one batch, answer each in order."""
@@ -183,18 +123,8 @@ class MNISTHandler(BaseHandler):
         explain_s = 0.0
         if digits:
             x = to_model_input(np.stack(digits), self.device)  # outside inference_mode: IG needs its gradients
-            with torch.inference_mode():
-                if hasattr(self.model, "features"):  # the CNN itself: one pass gives both
-                    features, logits = features_and_logits(self.model, x)
-                elif getattr(self.model, "has_features", False) and self.detector is not None:  # ONNX with both
-                    features, logits = self.model.features_and_logits(x)
-                else:  # older ONNX, bf16, an ensemble: logits only; the detector reads the float model's features
-                    logits = self.model(x)
-                    features = features_and_logits(self.explainer, x)[0] if self.detector is not None else logits
-                probabilities = torch.softmax(logits.float() / self.temperature, dim=1)
-                digit_like = (is_digit(self.detector, ood_score(self.detector, features, logits))
-                              if self.detector is not None else torch.ones(len(digits), dtype=torch.bool))
-                predicted = probabilities.argmax(1).tolist()
+            probabilities, digit_like = classify(self.served, x)
+            predicted = probabilities.argmax(1).tolist()
             low_confidence = int((probabilities.max(1).values < LOW_CONFIDENCE).sum())
             inferred = time.perf_counter()
             try:
@@ -210,7 +140,7 @@ class MNISTHandler(BaseHandler):
                     context.set_response_status(500, "Internal Server Error", i)
                     responses[i] = error_body("could not explain the request", 500)
                 elif i in v2:
-                    responses[i] = oip.response_body(v2[i], probs, self.classes, *self.model_id,
+                    responses[i] = oip.response_body(v2[i], probs, self.classes, ok, *self.model_id,
                                                      context.get_request_id(i))
                 else:
                     responses[i] = prediction_body(probs, self.classes, ok, maps.get(j))

@@ -11,8 +11,11 @@ Accepted, one digit per request (the server batches requests, not tensors):
   {"inputs": [{"name": "input-0", "shape": [1], "datatype": "BYTES", "data": ["<base64 PNG/JPEG>"]}]}
   {"inputs": [{"name": "input-0", "shape": [1, 28, 28], "datatype": "UINT8", "data": [784 values]}]}
 `data` may be flat or nested, as the protocol allows. Answered with outputs `probabilities` (FP32,
-[1, 10]) and `digit` (INT64, [1]); a bad request with HTTP 400 and `{"error": "..."}`, a body that
-claims to be one (an object with "inputs") but is not JSON or nests too deeply included.
+[1, 10]), `digit` (INT64, [1]) and `is_digit` (BOOL, [1]: the OOD detector's verdict); a bad request
+with HTTP 400 and `{"error": "..."}`, a body that claims to be one (an object with "inputs") but is
+not JSON or nests too deeply included.
+The KServe predictor (serving/predictor/) answers the same contract with this module, from the same
+archive; over gRPC and the binary-data extension, BYTES data arrives as the image's raw bytes.
 """
 
 from __future__ import annotations
@@ -63,6 +66,8 @@ def decode(body: dict[str, Any]) -> np.ndarray:
         if shape not in ([1], [1, 1]):
             raise PreprocessError(f"BYTES input must have shape [1] (one image), got {shape}")
         item = np.asarray(data, dtype=object).reshape(-1) if isinstance(data, list) else np.asarray([data])
+        if item.size == 1 and isinstance(item[0], (bytes, bytearray)):  # gRPC or binary data: the image itself
+            return preprocess_bytes(bytes(item[0]))
         if item.size != 1 or not isinstance(item[0], str):
             raise PreprocessError("BYTES data must be one base64-encoded image string")
         try:
@@ -85,18 +90,24 @@ def decode(body: dict[str, Any]) -> np.ndarray:
     raise PreprocessError(f"unsupported datatype {datatype!r}: send BYTES (a base64 image) or UINT8 (28x28 pixels)")
 
 
-def response_body(body: dict[str, Any], probabilities: list[float], classes: list[str], model_name: str,
-                  model_version: str, request_id: str) -> bytes:
-    """The v2 response: outputs `probabilities` and `digit`, and the request's id, or TorchServe's
-    request id when it sent none (clients, KServe's wrapper among them, may read `id` unconditionally)."""
-    response: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
-    response["id"] = body["id"] if isinstance(body.get("id"), str) else request_id
-    response["outputs"] = [
+def outputs(probabilities: list[float], classes: list[str], digit_like: bool) -> list[dict[str, Any]]:
+    """The answer's output tensors, one digit: what both servers send, in this order."""
+    best = max(range(len(probabilities)), key=probabilities.__getitem__)
+    return [
         {"name": "probabilities", "shape": [1, len(probabilities)], "datatype": "FP32",
          "data": [round(p, 6) for p in probabilities]},
-        {"name": "digit", "shape": [1], "datatype": "INT64",
-         "data": [int(classes[max(range(len(probabilities)), key=probabilities.__getitem__)])]},
+        {"name": "digit", "shape": [1], "datatype": "INT64", "data": [int(classes[best])]},
+        {"name": "is_digit", "shape": [1], "datatype": "BOOL", "data": [bool(digit_like)]},
     ]
+
+
+def response_body(body: dict[str, Any], probabilities: list[float], classes: list[str], digit_like: bool,
+                  model_name: str, model_version: str, request_id: str) -> bytes:
+    """The v2 response: `outputs`, and the request's id, or TorchServe's request id when it sent none
+    (clients, KServe's wrapper among them, may read `id` unconditionally)."""
+    response: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
+    response["id"] = body["id"] if isinstance(body.get("id"), str) else request_id
+    response["outputs"] = outputs(probabilities, classes, digit_like)
     return json.dumps(response).encode()
 
 
