@@ -24,10 +24,11 @@ import torch
 from bench.load import WRK_SCRIPT, Sampler, run_wrk, write_digits
 from bench.record import markdown_tables, write_record
 from bench.report import machine_line, plot_serving, serving_table
+from bench.worst_case import worst_case_rows, worst_case_table
 from serving.archive import build_archive
 from serving.server import TorchServe
 from serving.signing import sign_archive
-from serving.worker.variants import DEFAULT_VARIANT
+from serving.worker.variants import ARCHIVE_DEFAULT_VARIANT
 from training.checkpoint import atomic_save, load_checkpoint, model_from_checkpoint
 from training.core.tensors import normalize
 from training.data import load_split, sha256_of
@@ -53,9 +54,10 @@ BASELINE_MODEL = "from training.core.model import Net\n\n\nclass MNISTNet(Net):\
 def baseline_archive(checkpoint: Path, store: Path, work: Path) -> None:
     """The same weights packaged the way TorchServe's MNIST example does it."""
     ckpt = load_checkpoint(checkpoint)
-    (work / "extra" / "training").mkdir(parents=True)
-    shutil.copy2(ROOT / "training" / "model.py", work / "extra" / "training" / "model.py")
+    (work / "extra" / "training" / "core").mkdir(parents=True)
+    shutil.copy2(ROOT / "training" / "core" / "model.py", work / "extra" / "training" / "core" / "model.py")
     (work / "extra" / "training" / "__init__.py").write_text("")
+    (work / "extra" / "training" / "core" / "__init__.py").write_text("")
     (work / "mnist_handler.py").write_text(BASELINE_HANDLER)
     (work / "mnist.py").write_text(BASELINE_MODEL)
     torch.save(ckpt["state_dict"], work / "weights.pt")
@@ -70,7 +72,8 @@ def baseline_archive(checkpoint: Path, store: Path, work: Path) -> None:
 
 
 def bench_setup(label: str, server: TorchServe, script_path: Path, digits: list[Path], expected: list[int],
-                parse, concurrencies: list[int], seconds: int) -> list[dict]:
+                parse, concurrencies: list[int], seconds: int, then=None) -> list[dict]:
+    """wrk at each concurrency against `server`; `then(server)` runs before it stops (more rows of its own)."""
     rows = []
     server.start(timeout=180)
     try:
@@ -91,6 +94,8 @@ def bench_setup(label: str, server: TorchServe, script_path: Path, digits: list[
             print(f"  {label:8} c={c:<4} {result['rps']:8.0f} req/s  p50 {result['p50']:7.1f} ms  "
                   f"p99 {result['p99']:7.1f} ms  errors {result['non2xx'] + result['socket_errors']}  "
                   f"wrong {sampler.wrong}/{sampler.checked}", flush=True)
+        if then is not None:
+            then(server)
     finally:
         server.stop()
     return rows
@@ -123,8 +128,11 @@ def _ms_per_batch(model, x: torch.Tensor, runs: int) -> float:
 def in_process_rps(checkpoint: Path, variant: str, images: torch.Tensor, threads: int = 1) -> float:
     """Digits per second the variant does in-process at batch 32 on `threads` (the worker's): uint8 in,
     normalisation included, no HTTP, no decode. The ceiling a served rate is a fraction of."""
+    from serving.worker.auto import AUTO, AUTO_CANDIDATES
     from serving.worker.variants import to_model_input
 
+    if variant == AUTO:  # the worker serves the fastest exact candidate: the ceiling is the best of them
+        return max(in_process_rps(checkpoint, v, images, threads) for v in AUTO_CANDIDATES)
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -159,7 +167,8 @@ def variant_table(checkpoint: Path, compiled: bool = True) -> str:
             reference = serving_model(model_from_checkpoint(load_checkpoint(checkpoint)), "fused")
             with torch.inference_mode():
                 fp32 = reference(to_model_input(images)).argmax(1)
-            names = [*VARIANTS] + ([f"{v}+compile" for v in ("fused", "bf16")] if compiled else [])
+            names = [v for v in VARIANTS if v != "auto"]  # auto is a choice among these, not a model
+            names += [f"{v}+compile" for v in ("fused", "bf16")] if compiled else []
             for name in names:
                 variant = name.removesuffix("+compile")
                 model = variant_model(checkpoint, variant, Path(tmp))
@@ -203,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", default=None, help="archive variant the project serves (default: the default)")
     parser.add_argument("--no-compile", action="store_true", help="leave the torch.compile rows out")
     parser.add_argument("--no-variants", action="store_true", help="leave the in-process variant table out")
+    parser.add_argument("--no-worst-case", action="store_true",
+                        help="leave out the largest-image rows and the mixed load (bench/worst_case.py)")
     parser.add_argument("--model-config", default=ROOT / "configs" / "model-config.yaml", type=Path,
                         help="the project's TorchServe per-model settings (batch size, delay, workers)")
     parser.add_argument("--ensemble", type=Path, default=None, metavar="ENSEMBLE_PT",
@@ -231,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
+    worst: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="mnist-bench-") as tmp:
         work = Path(tmp)
         digits, images, _ = write_digits(work / "digits", args.digits, None)
@@ -238,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         with torch.inference_mode():
             expected = model(normalize(images)).argmax(1).tolist()  # what the offline model says
         store = work / "store"
-        variant = args.variant or DEFAULT_VARIANT
+        variant = args.variant or ARCHIVE_DEFAULT_VARIANT
         build_archive(args.checkpoint, store, "mnist", "1.0", variant, model_config=args.model_config)
         threads = int(os.environ.get("MNIST_WORKER_THREADS", "1"))
         ceiling = in_process_rps(args.checkpoint, variant, images, threads)
@@ -270,8 +282,12 @@ def main(argv: list[str] | None = None) -> int:
                 data = json.loads(body)
                 return int(data) if setup == "baseline" else data["digit"]
 
+            then = None
+            if setup == "project" and not args.no_worst_case:
+                def then(srv: TorchServe) -> None:
+                    worst.extend(worst_case_rows(srv, work / "worst", digits, expected, args.seconds))
             rows += bench_setup(setup, server, work / f"{setup}.lua", digits, answers, parse, concurrencies,
-                                args.seconds)
+                                args.seconds, then)
         # Measured again after the load: on a shared machine the better of the two is the ceiling.
         ceiling = max(ceiling, in_process_rps(args.checkpoint, variant, images, threads))
         for row in rows:
@@ -287,9 +303,13 @@ def main(argv: list[str] | None = None) -> int:
     if variants:
         print("\nmodel variants, in-process (one thread, channels_last, full MNIST test set):\n")
         print(variants)
+    if worst:
+        print(f"\nthe worst accepted requests ({args.variant or ARCHIVE_DEFAULT_VARIANT}, bench/worst_case.py):\n")
+        print(worst_case_table(worst))
     tables = {"served": markdown_tables(table)[0], **({"variants in-process": markdown_tables(variants)[0]}
-                                                     if variants else {})}
-    record = write_record("bench-serve", {"tables": tables, "rows": rows, "variant": variant,
+                                                     if variants else {}),
+              **({"worst case": markdown_tables(worst_case_table(worst))[0]} if worst else {})}
+    record = write_record("bench-serve", {"tables": tables, "rows": rows, "worst_case_rows": worst, "variant": variant,
                                           "seconds_per_point": args.seconds},
                           baseline={"setup": "baseline (TorchServe's MNIST example setup)", "in_process_rps": ceiling})
     print(f"\nwrote {args.out}/serving.json, {args.out}/serving.png and {record}")

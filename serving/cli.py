@@ -59,13 +59,28 @@ def _worker_memory(worker: dict) -> str:
         return "n/a"
 
 
+def served_variants(server: TorchServe, version: str) -> str:
+    """The variants `version`'s workers report serving (auto: what each chose at start), from the
+    handler's mnist_worker_variant gauge; "unknown" before a worker reported or for other handlers."""
+    from serving.drain import parse_samples
+
+    try:
+        status, body = server.request("metrics", "/metrics")
+    except ServerError:
+        return "unknown"
+    text = body.decode(errors="replace") if status == 200 else ""
+    found = sorted({dict(labels).get("Variant", "?") for (name, labels), value in parse_samples(text).items()
+                    if name == "mnist_worker_variant" and value and dict(labels).get("ModelVersion") == version})
+    return ", ".join(found) or "unknown"
+
+
 def _status(server: TorchServe) -> int:
     if server.running_pid() is None:
         print("TorchServe is not running")
         return 1
     info = server.describe()
     print(f"model {info['modelName']} version {info['modelVersion']}  batch {info['batchSize']}  "
-          f"max delay {info['maxBatchDelay']} ms")
+          f"max delay {info['maxBatchDelay']} ms  variant {served_variants(server, str(info['modelVersion']))}")
     for w in info["workers"]:
         print(f"  worker {w['id']}  {w['status']}  pid {w['pid']}  gpu {w['gpu']}  memory {_worker_memory(w)}")
     return 0

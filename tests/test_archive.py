@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from serving.archive import DEFAULT_VARIANT, ArchiveError, archive_version, build_archive, main
+from serving.archive import ARCHIVE_DEFAULT_VARIANT, ArchiveError, archive_version, build_archive, main
 from serving.signing import verify_archive
 from training.checkpoint import CheckpointError, load_checkpoint
 from training.core.model import build_model
@@ -30,6 +30,7 @@ EXPECTED_FILES = {
     "handler.py", "weights.pt", "model.json", "index_to_name.json", "model-config.yaml",
     "training/__init__.py", *CORE_FILES,
     "MAR-INF/MANIFEST.json", "serving/__init__.py", *WORKER_FILES,
+    "model.onnx", "selfcheck.npy",  # the default variant auto: its onnx candidate, its exactness check
 }  # the tiny checkpoint predates calibration: no ood.pt (the trained one's archive adds it)
 
 
@@ -55,7 +56,7 @@ def test_archive_holds_exactly_what_the_server_needs(tiny_archive):
     meta = json.loads(read_member(archive.path, "model.json"))
     assert meta["model_config"] == dict(vars(TINY_MODEL))
     assert meta["class_names"] == [str(d) for d in range(10)]
-    assert meta["variant"] == DEFAULT_VARIANT
+    assert meta["variant"] == ARCHIVE_DEFAULT_VARIANT == "auto"
     assert meta["metrics"]["test_accuracy"] == 0.5
     assert meta["temperature"] == 1.0 and "ood" not in meta  # a checkpoint from before temperature scaling
     assert meta["checkpoint"] == {"file": "model.pt", "sha256": hashlib.sha256(checkpoint.read_bytes()).hexdigest()}
@@ -145,7 +146,7 @@ def test_unusable_checkpoint_is_refused_before_anything_is_written(tmp_path, dam
 
 
 def test_unknown_variant_is_refused(tmp_path):
-    expected = r"unknown variant 'fp4': choose one of eager, fused, bf16, onnx, int8, int8-legacy$"
+    expected = r"unknown variant 'fp4': choose one of auto, eager, fused, bf16, onnx, int8, int8-legacy$"
     with pytest.raises(ArchiveError, match=expected):
         build_archive(save_tiny_checkpoint(tmp_path / "model.pt"), tmp_path / "store", "mnist", "1.0", "fp4")
 
@@ -160,7 +161,7 @@ def test_cli_reports_the_archive_and_fails_in_one_line(tmp_path, capsys):
     mar = store / "digits.mar"
     digest = hashlib.sha256(mar.read_bytes()).hexdigest()
     assert out.splitlines() == [
-        f"archive        {mar}  (version 1.0, variant {DEFAULT_VARIANT})",
+        f"archive        {mar}  (version 1.0, variant {ARCHIVE_DEFAULT_VARIANT})",
         f"size           {mar.stat().st_size / 1e6:.2f} MB",
         f"sha256         {digest}",
         f"signed by      key {verify_archive(mar).signer} (digits.mar.sig)",

@@ -74,3 +74,33 @@ def test_report_models_dry_run_prints_a_row_per_model_and_ensemble(tmp_path, mni
     out = tmp_path / "ensemble-deep+ensemble-deep3"
     assert (out / "ensemble-2.pt").is_file()
     assert [load_checkpoint(out / f"member-{k}" / "model.pt")["model_config"]["convs"] for k in (0, 1)] == [2, 3]
+
+
+def test_serve_settings_vary_only_the_batch_delay(tmp_path):
+    import yaml
+
+    from bench.serve_settings import DEFAULT_CONFIG, LOW_LATENCY, setting_configs
+
+    configs = setting_configs([1, 5], True, tmp_path)
+    default = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    written = [yaml.safe_load(path.read_text()) for path in list(configs.values())[:2]]
+    assert written == [{**default, "maxBatchDelay": 1}, {**default, "maxBatchDelay": 5}]
+    assert list(configs.values())[2] == LOW_LATENCY
+    assert next(iter(configs)) == f"{default['minWorkers']} workers, batch {default['batchSize']}, delay 1 ms"
+
+
+@pytest.mark.slow
+def test_the_largest_images_are_accepted_and_fit_the_frontend_limit(mnist_test_images):
+    """What bench/worst_case.py sends must be what the server accepts: within the body limit and the pixel limit."""
+    from bench.worst_case import FORMATS, largest_images, max_request_bytes
+    from training.core.inputs.decode import MAX_PIXELS, load_image
+
+    images, _ = mnist_test_images
+    found = largest_images(images[0].numpy())
+    assert list(found) == list(FORMATS)
+    for fmt, (size, body) in found.items():
+        side = int(size.split("x")[0])
+        assert len(body) <= max_request_bytes() == 2**20, fmt
+        assert side * side <= MAX_PIXELS, fmt
+        assert load_image(body).ndim == 2, fmt  # accepted (a decoder may reduce a large image while decoding)
+    assert int(found["PNG"][0].split("x")[0]) ** 2 == MAX_PIXELS  # compressible formats reach the pixel limit

@@ -367,7 +367,7 @@ def test_one_batch_of_64_matches_the_offline_model(trained_worker, trained_check
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["eager", "fused", "bf16", "onnx", "int8", "int8-legacy"])
+@pytest.mark.parametrize("variant", ["auto", "eager", "fused", "bf16", "onnx", "int8", "int8-legacy"])
 def test_every_variant_serves_the_trained_model(variant, trained_checkpoint, mnist_test_images, mnist_pngs,
                                                 tmp_path):
     archive = build_archive(trained_checkpoint, tmp_path / "store", "mnist", "1.0", variant)
@@ -435,6 +435,35 @@ def test_a_two_convs_per_block_model_serves_in_every_exact_variant(variant, tmp_
         assert list(answer["probabilities"].values()) == pytest.approx(probabilities.tolist(), abs=1e-4)
     if variant == "fused":
         assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in worker.handler.model.modules())
+
+
+def test_auto_serves_an_exact_variant_chosen_at_start_and_reports_it(tmp_path, mnist_test_images, mnist_pngs, caplog):
+    """The archive's default: the worker times the exact candidates on this host (no timing asserted
+    here) and serves one of them; its answers are the fp32 model's; the log and the metrics name it."""
+    checkpoint = save_tiny_checkpoint(tmp_path / "model.pt")
+    model_dir = unpack(build_archive(checkpoint, tmp_path / "store", "mnist", "1.0").path, tmp_path / "model")
+    assert json.loads((model_dir / "model.json").read_text())["variant"] == "auto"
+    with caplog.at_level(logging.INFO):
+        worker = InProcessWorker(model_dir)
+    assert worker.handler.served.variant in ("fused", "onnx")
+    assert set(worker.handler.served.auto_ms) == {"fused", "onnx"}  # both equal fp32 on the 512 self-check digits
+    assert f"auto: serving {worker.handler.served.variant} (median ms per batch of 32: fused " in caplog.text
+    images, _ = mnist_test_images
+    answers = worker.answers(mnist_pngs[:64])
+    assert [a["digit"] for a in answers] == offline_probabilities(checkpoint, images[:64]).argmax(1).tolist()
+
+
+def test_auto_leaves_out_a_candidate_that_answers_unlike_fp32(tmp_path):
+    """Another network's file planted as the onnx candidate: auto must not serve it, however fast."""
+    from training.tools.export import export_all
+
+    checkpoint = save_tiny_checkpoint(tmp_path / "model.pt")
+    model_dir = unpack(build_archive(checkpoint, tmp_path / "store", "mnist", "1.0", "auto").path, tmp_path / "model")
+    other = save_tiny_checkpoint(tmp_path / "other.pt", seed=1)
+    export_all(other, tmp_path / "other", ("onnx",), None, log=lambda _: None)
+    shutil.copyfile(tmp_path / "other" / "model.onnx", model_dir / ONNX_FILES["auto"])
+    worker = InProcessWorker(model_dir)
+    assert (worker.handler.served.variant, set(worker.handler.served.auto_ms)) == ("fused", {"fused"})
 
 
 def test_an_archive_without_a_variant_gets_the_one_default(tiny_archive, tmp_path):

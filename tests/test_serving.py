@@ -202,7 +202,7 @@ def expected_digits(trained_checkpoint, mnist_test_images) -> list[int]:
 def test_server_runs_the_archived_model_config(server):
     info = server.describe()
     summary = (info["modelName"], info["modelVersion"], info["batchSize"], info["maxBatchDelay"])
-    assert summary == ("mnist", "1.0", 32, 5)  # configs/model-config.yaml, packed in the .mar
+    assert summary == ("mnist", "1.0", 32, 1)  # configs/model-config.yaml, packed in the .mar
     assert [w["status"] for w in info["workers"]] == ["READY"] * workers_of_the_archive() == ["READY"] * 2
     # serving/worker/worker_io.py: each worker reads TorchServe's frames through one buffer, once loaded.
     assert server.log_tail("model_log.log", 10_000).count("reads frames through a 256 KiB buffer") == 2
@@ -402,7 +402,7 @@ def test_prometheus_metrics_count_predictions_by_digit(server):
 @pytest.mark.slow
 def test_cli_predicts_and_reports_status_against_the_running_server(server):
     env = {**os.environ, "SERVE_DIR": str(server.run_dir), "INFERENCE_ADDRESS": server.addresses["inference"],
-           "MANAGEMENT_ADDRESS": server.addresses["management"]}
+           "MANAGEMENT_ADDRESS": server.addresses["management"], "METRICS_ADDRESS": server.addresses["metrics"]}
     result = subprocess.run([sys.executable, "-m", "serving.cli", "predict", str(SAMPLE_7)], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -411,7 +411,9 @@ def test_cli_predicts_and_reports_status_against_the_running_server(server):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0] == "model mnist version 1.0  batch 32  max delay 5 ms"
+    # The default archive's variant is auto: the status names what the workers chose, an exact variant.
+    assert re.fullmatch(r"model mnist version 1\.0  batch 32  max delay \d+ ms  variant (fused|onnx)(, onnx)?",
+                        lines[0]), lines[0]
     # A GPU host gives the worker a GPU (gpu True): both are a healthy worker.
     pids = worker_pids(server)
     for line in lines[1:]:

@@ -160,15 +160,18 @@ def train_epoch(model, opt, sched, data: Splits, cfg: TrainConfig, dd: Dist, epo
             "seconds": seconds, "images_per_second": images / seconds}
 
 
-def warm_up(model: Net, data: Splits, cfg: TrainConfig) -> None:
+def warm_up(model: Net, data: Splits, cfg: TrainConfig, compiled: torch.nn.Module | None = None) -> None:
     """One untimed forward and backward pass on a copy of the model, so epoch 1's time is training.
 
     On CUDA the first step pays the start-up: context, cuBLAS/cuDNN handles, cudnn.benchmark's
     algorithm search. A copy leaves the weights, batch-norm statistics and optimiser untouched, and
-    its RNG draws do not matter: every epoch reseeds its own.
+    its RNG draws do not matter: every epoch reseeds its own. `compiled` (torch.compile of the model):
+    the pass runs through it instead, so the compilation happens here and not in epoch 1; the batch-norm
+    statistics it moved are put back and its gradients dropped.
     """
     device = data.train_x.device
-    clone = copy.deepcopy(model).train()
+    saved = {k: v.clone() for k, v in model.state_dict().items()} if compiled is not None else None
+    clone = compiled.train() if compiled is not None else copy.deepcopy(model).train()
     x = normalize(data.train_x[: cfg.batch_size])
     if cfg.augment:
         x = random_affine(x, cfg, torch.Generator(device=device).manual_seed(0))
@@ -176,6 +179,9 @@ def warm_up(model: Net, data: Splits, cfg: TrainConfig) -> None:
     with precision.autocast(device, cfg.amp):
         loss = F.cross_entropy(clone(x).float(), data.train_y[: cfg.batch_size])
     loss.backward()
+    if saved is not None:
+        model.load_state_dict(saved)
+        model.zero_grad(set_to_none=True)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -255,8 +261,9 @@ def fit(cfg: TrainConfig, options: RunOptions | None = None, hooks: Hooks | None
         if dd.world > 1:
             device_ids = [local_rank] if device.type == "cuda" else None
             net = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-        if cfg.compile:
+        if cfg.compile:  # compiled before the timer: its warm-up pass pays the compilation
             net = torch.compile(net)
+            warm_up(model, data, cfg, compiled=net)
         log(f"training on {len(data.train_x):,} images ({len(data.val_x):,} validation, {len(data.test_x):,} test) "
             f"on {device}" + (f" × {dd.world} ranks" if dd.world > 1 else "")
             + f"; global batch {cfg.batch_size * dd.world}, peak lr {cfg.lr}, {cfg.optimizer}, {cfg.schedule}"

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from training.data import load_split
-from training.printed import with_printed_strokes
+from training.printed_cache import printed_training_digits
 from training.train_config import TrainConfig
 
 
@@ -41,8 +41,8 @@ def load_data(cfg: TrainConfig, device: torch.device, test: bool = True) -> Spli
         train_idx = train_idx[: cfg.train_limit]
     train_x, train_y = images[train_idx], labels[train_idx]
     if cfg.printed_strokes or cfg.broad_pen:
-        train_x = torch.from_numpy(with_printed_strokes(train_x.numpy(), train_y.numpy(), cfg.printed_strokes,
-                                                        cfg.broad_pen, cfg.seed))
+        train_x = torch.from_numpy(printed_training_digits(train_x.numpy(), train_y.numpy(), cfg.printed_strokes,
+                                                           cfg.broad_pen, cfg.seed, cfg.data_dir))
     if test:
         test_x, test_y = load_split(cfg.data_dir, train=False)
     else:

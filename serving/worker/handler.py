@@ -33,7 +33,8 @@ _HERE = Path(__file__).resolve().parent
 if (_HERE / "training").is_dir() and str(_HERE) not in sys.path[:1]:
     sys.path.insert(0, str(_HERE))
 
-from serving.worker import oip, worker_io  # noqa: E402  (KServe v2 protocol; buffered reads of the worker socket)
+# oip: KServe v2 protocol; worker_io: buffered reads of the worker socket
+from serving.worker import oip, worker_io  # noqa: E402
 from serving.worker.metric_buffer import MetricBuffer, interval_from_env  # noqa: E402  (counters, gauges once a second)
 from serving.worker.requests import (  # noqa: E402
     decode_request,
@@ -68,7 +69,8 @@ class MNISTHandler(BaseHandler):
             # threads per worker would fight the other workers and the Java frontend for the cores.
             torch.set_num_threads(int(os.environ.get("MNIST_WORKER_THREADS", "1")))
         serialized = (context.manifest or {}).get("model", {}).get("serializedFile", "weights.pt")
-        served = load_served(model_dir, self.device, serialized)  # served.py: what the KServe predictor loads too
+        # served.py: what the KServe predictor loads too (auto: timed on batches of the worker's batch size)
+        served = load_served(model_dir, self.device, serialized, int(properties.get("batch_size") or 1))
         self.served, self.device, variant = served, served.device, served.variant
         self.model, self.explainer, self.detector = served.model, served.explainer, served.detector
         self.classes = served.classes
@@ -81,6 +83,10 @@ class MNISTHandler(BaseHandler):
         # rollout can be attributed; the metrics carry it too.
         self.version = str(archived.get("modelVersion", ""))
         context.metrics.add_counter("mnist_worker_loads_total", 1, None, [Dimension("ModelVersion", self.version)])
+        # Which variant this worker serves (auto: the one it chose): `make status` reads this gauge.
+        context.metrics.add_metric("mnist_worker_variant", 1, "count", None,
+                                   [Dimension("ModelVersion", self.version), Dimension("Variant", variant)],
+                                   MetricTypes.GAUGE)
         # ... and the explainer's first call (Captum's import, autograd's set-up) here too.
         integrated_gradients(self.explainer, to_model_input(torch.zeros(1, 28, 28, dtype=torch.uint8), self.device),
                              torch.zeros(1, dtype=torch.long, device=self.device))

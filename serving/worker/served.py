@@ -11,13 +11,14 @@ from __future__ import annotations
 import copy
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from serving.worker import auto
 from serving.worker.variants import (
     APPROXIMATE_VARIANTS,
     DEFAULT_VARIANT,
@@ -47,10 +48,13 @@ class Served:
     classes: list[str]
     variant: str
     device: torch.device
+    auto_ms: dict[str, float] = field(default_factory=dict)  # auto: median ms per batch of each exact candidate
 
 
-def load_served(model_dir: Path, device: torch.device, serialized: str = "weights.pt") -> Served:
+def load_served(model_dir: Path, device: torch.device, serialized: str = "weights.pt",
+                batch_size: int = 32) -> Served:
     """The model an unpacked archive describes (model.json, weights, ood.pt, ONNX files), ready to answer.
+    Variant auto is resolved here, by timing the exact candidates on batches of `batch_size`.
 
     Raises SelfCheckError where an approximate variant does not answer as the fp32 model on this host."""
     meta = json.loads((model_dir / "model.json").read_text())
@@ -58,6 +62,9 @@ def load_served(model_dir: Path, device: torch.device, serialized: str = "weight
     variant, device, why = runnable_variant(meta.get("variant", DEFAULT_VARIANT), device)
     if why:
         logger.warning(why)
+    auto_ms: dict[str, float] = {}
+    if variant == auto.AUTO:
+        variant, auto_ms = choose_variant(meta, state_dict, model_dir, batch_size)
     detector = None
     model: Any
     if "ensemble" in meta:  # N members, one batched forward, averaged probabilities: training/core/ensemble.py
@@ -88,10 +95,25 @@ def load_served(model_dir: Path, device: torch.device, serialized: str = "weight
     if detector is None:
         logger.warning("archive has no OOD detector: every answer says is_digit true")
     served = Served(model, explainer, detector, float(meta.get("temperature", 1.0)), meta["class_names"],
-                    variant, device)
+                    variant, device, auto_ms)
     if variant in APPROXIMATE_VARIANTS and explainer is not model:
         self_check(served, model_dir / SELF_CHECK_FILE)
     return served
+
+
+def choose_variant(meta: dict, state_dict: dict, model_dir: Path, batch_size: int) -> tuple[str, dict[str, float]]:
+    """auto: the fastest of auto.AUTO_CANDIDATES that answers exactly as fp32 on the self-check digits."""
+    network = build_model(meta["model_config"])
+    network.load_state_dict(state_dict)
+    reference = serving_model(network, "eager")
+    candidates: dict[str, Any] = {"fused": serving_model(copy.deepcopy(reference), "fused")}
+    if (model_dir / ONNX_FILES["onnx"]).is_file():
+        candidates["onnx"] = OnnxModel(model_dir / ONNX_FILES["onnx"], torch.get_num_threads())
+    if not (model_dir / SELF_CHECK_FILE).is_file():
+        raise SelfCheckError(f"variant auto: the archive has no {SELF_CHECK_FILE} to compare the candidates "
+                             "with fp32 on: rebuild it with `make archive`")
+    digits = to_model_input(np.load(model_dir / SELF_CHECK_FILE))
+    return auto.choose_fastest(candidates, reference, digits, batch_size)
 
 
 def self_check(served: Served, path: Path) -> None:

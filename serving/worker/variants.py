@@ -18,11 +18,12 @@ from training.core.tensors import normalize
 # onnx and int8 run a file the archive carries (training/tools/export.py) with ONNX Runtime: int8 is static
 # int8 of every conv and linear. int8-legacy is torch's deprecated dynamic quantisation of the
 # linears only, kept as a labelled row for comparison (docs: Compression and edge). bf16 is fused
-# in bfloat16 where the CPU (AMX / AVX512-BF16) or GPU runs it natively.
-VARIANTS = ("eager", "fused", "bf16", "onnx", "int8", "int8-legacy")
+# in bfloat16 where the CPU (AMX / AVX512-BF16) or GPU runs it natively. auto (the archive's default)
+# carries the onnx file and picks fused or onnx at worker start by timing them (serving/worker/auto.py).
+VARIANTS = ("auto", "eager", "fused", "bf16", "onnx", "int8", "int8-legacy")
 
 
-ONNX_FILES = {"onnx": "model.onnx", "int8": "model_int8.onnx"}
+ONNX_FILES = {"auto": "model.onnx", "onnx": "model.onnx", "int8": "model_int8.onnx"}
 
 
 # ONNX Runtime here and packed int8 weights run only on the CPU: on a GPU host such a worker stays on
@@ -33,7 +34,7 @@ CPU_ONLY_VARIANTS = ("onnx", "int8", "int8-legacy")
 # Variants that approximate the fp32 model: each carries SELF_CHECK_FILE (MNIST test digits, written by
 # serving/archive.py) and a worker serves it only if it agrees with the fp32 model on at least
 # SELF_CHECK_MIN_AGREEMENT of them on this host (int8 and bf16 kernels differ by CPU; a broken file too).
-APPROXIMATE_VARIANTS = ("bf16", "onnx", "int8", "int8-legacy")
+APPROXIMATE_VARIANTS = ("auto", "bf16", "onnx", "int8", "int8-legacy")
 
 
 SELF_CHECK_FILE = "selfcheck.npy"
@@ -42,9 +43,13 @@ SELF_CHECK_FILE = "selfcheck.npy"
 SELF_CHECK_MIN_AGREEMENT = 0.99  # 512 digits: at most 5 may differ (the shipped int8 differs on 0-2 of 10k/512)
 
 
-# fused (batch norm folded into the convs) is the fastest at equal test accuracy: docs: Benchmarks.
-# The one default: serving/archive.py writes it into model.json, and an archive without one gets it too.
+# fused (batch norm folded into the convs): the exact network offline tools compute with, and what a
+# worker serves for an archive without a variant in its model.json (older archives).
 DEFAULT_VARIANT = "fused"
+
+
+# What `make archive` packs by default: the fastest exact variant on the serving host (auto.py).
+ARCHIVE_DEFAULT_VARIANT = "auto"
 
 
 def optimize(model: torch.nn.Module, variant: str) -> torch.nn.Module:
@@ -62,6 +67,8 @@ def optimize(model: torch.nn.Module, variant: str) -> torch.nn.Module:
 
 def runnable_variant(variant: str, device: torch.device) -> tuple[str, torch.device, str]:
     """The variant and device a worker actually uses, and why if that is not what the archive asked for."""
+    if variant == "auto" and device.type != "cpu":
+        return "fused", device, "variant auto times the CPU variants: serving fused on the GPU"
     if variant in CPU_ONLY_VARIANTS and device.type != "cpu":
         return variant, torch.device("cpu"), f"variant {variant} runs on the CPU only"
     if variant == "bf16" and device.type == "cpu" and not precision.use_cpu_bf16(train=False):
