@@ -426,8 +426,9 @@ def test_cli_predicts_and_reports_status_against_the_running_server(server):
 @pytest.mark.slow
 def test_server_listens_on_loopback_only(server):
     frontend = psutil.Process(server.running_pid())
+    # psutil < 6 (kserve pins it) names net_connections `connections`
     listening = [c.laddr for p in (frontend, *frontend.children(recursive=True))
-                 for c in p.net_connections("inet") if c.status == psutil.CONN_LISTEN]
+                 for c in getattr(p, "net_connections", p.connections)("inet") if c.status == psutil.CONN_LISTEN]
     ports = {int(url.rsplit(":", 1)[1]) for url in server.addresses.values()} | set(server.grpc_ports.values())
     assert ports <= {a.port for a in listening}  # the three HTTP endpoints and the two gRPC ports
     assert {a.ip for a in listening} <= {"127.0.0.1", "::ffff:127.0.0.1"}, listening
