@@ -31,6 +31,8 @@ LIMIT      ?=
 # `make finetune-report CANDIDATE=...`, `make feedback-key NAME=...`
 CANDIDATE  ?= artifacts/finetune/model.pt
 NAME       ?= client
+# `make soak DURATION=10`: minutes of load, warm-up included.
+DURATION   ?= 30
 # Debian packages the slow tests and benchmarks use (wrk: bench-serve; chromium: the page's browser
 # test; iproute2: `ip netns` for the two-node torchrun test; dataset-fashion-mnist: the "not a digit"
 # test set of training/tools/ood_data.py; prometheus: `make monitor` and its test; the fonts-* packages:
@@ -47,7 +49,7 @@ export METRICS_ADDRESS ?= 127.0.0.1:8082
         eval-wild eval-fonts calibrate trust-eval explain explain-eval latency keygen archive serve predict status token ui stop \
         demo kserve-bundle kserve-image kserve-serve deploy promote rollback versions undeploy compare monitor \
         rollout-check feedback-api feedback-key finetune finetune-report bench-feedback test test-isa test-fast lint \
-        int8-parity bench bench-train bench-serve bench-kserve gpu-check chaos export distill bench-compress bench-hybrid edge-install \
+        int8-parity bench bench-train bench-serve bench-kserve gpu-check chaos soak export distill bench-compress bench-hybrid edge-install \
         docker-build docker-run docker-train docker-archive docker-test docs docs-serve audit clean
 
 help: ## @dev list the targets, by section
@@ -298,6 +300,9 @@ gpu-check: $(STAMP) ## @bench everything that needs CUDA, one table in <= 8 min 
 
 chaos: $(STAMP) ## @bench faults on a live server: bad input, kill a worker, SIGTERM, 5-min soak (~9 min)
 	$(PY) -m bench.chaos --checkpoint $(CHECKPOINT) $(ARGS)
+
+soak: $(STAMP) ## @bench DURATION min (30) at c=32, digits + worst-case images, kill -9 / promote / rollback in turn
+	$(PY) -m bench.soak --checkpoint $(CHECKPOINT) --minutes $(DURATION) $(ARGS)
 
 docker-build: ## @scale build the image (docker, or buildah where no Docker engine runs)
 	docker/build.sh

@@ -117,6 +117,7 @@ class Record:
     detail: str  # start of the body (or exception message) when not 200
     wrong: bool
     version: str = ""  # the X-Model-Version header: which model version answered
+    item: int = -1  # which of the bodies was sent
 
     @property
     def end(self) -> float:
@@ -181,7 +182,7 @@ class Load:
             seconds = time.monotonic() - start
             detail = "" if status == 200 else " ".join(body[:160].decode(errors="replace").split())
             wrong = status == 200 and digit_of(body) != self.expected[i]
-            self.records.append(Record(start - self.t0, seconds, status, detail, wrong, version))
+            self.records.append(Record(start - self.t0, seconds, status, detail, wrong, version, i))
             if isinstance(status, str):
                 time.sleep(0.05)  # no server to talk to: retry, but don't spin
 

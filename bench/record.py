@@ -95,6 +95,12 @@ def _program() -> str:
     return Path(sys.argv[0]).name
 
 
+def record_order(path: Path) -> tuple[str, int]:
+    """Sort key of a record file: by name, a day's second record (-2, -3...) after its first."""
+    name, n = re.fullmatch(r"(.*?)(?:-(\d+))?", path.stem).groups()  # type: ignore[union-attr]
+    return name, int(n or 1)
+
+
 def write_record(command: str, figures: dict[str, Any], baseline: dict[str, Any] | None = None,
                  out_dir: Path | None = None) -> Path:
     """Write results/<date>-<command>-<cpu class>.json (a second one the same day gets -2, -3...)."""
@@ -119,7 +125,7 @@ def write_record(command: str, figures: dict[str, Any], baseline: dict[str, Any]
 def read_records(command: str, folder: Path | None = None) -> list[dict[str, Any]]:
     """Every record of `command`, oldest first, each with its file name under "file"."""
     slug = re.sub(r"[^a-z0-9]+", "-", command.lower())
-    paths = sorted((folder or RESULTS).glob(f"*-{slug}-*.json"))
+    paths = sorted((folder or RESULTS).glob(f"*-{slug}-*.json"), key=record_order)
     return [{**json.loads(p.read_text()), "file": p.name} for p in paths]
 
 

@@ -89,9 +89,10 @@ def run_steps(server: TorchServe, old: str, new: str, step_seconds: float, threa
     return [Step(name, action, [r for r in records if start <= r.start < end]) for name, start, action, end in bounds]
 
 
-def rollout(checkpoint: Path, candidate: Path, work: Path, step_seconds: float, threads: int = 32,
-            data_dir: str | None = None, old: str = "1.0", new: str = "2.0") -> list[Step]:
-    """A server of its own in `work`; archives signed with a key made there (never the user's)."""
+def serve_old_beside_new(checkpoint: Path, candidate: Path, work: Path, old: str = "1.0",
+                         new: str = "2.0") -> TorchServe:
+    """A started server of its own in `work`, model API on, serving OLD; NEW archived in its store, not
+    registered. Archives are signed with a key made in `work` (never the user's)."""
     os.environ["MNIST_SERVE_KEY_DIR"] = str(work / "keys")
     os.environ.pop("MNIST_SERVE_TRUSTED_DIR", None)
     store = work / "store"
@@ -100,6 +101,16 @@ def rollout(checkpoint: Path, candidate: Path, work: Path, step_seconds: float, 
     server.start()
     try:
         build_archive(candidate, store, "mnist", new)  # keeps OLD as mnist-OLD.mar, as `make archive` does
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+def rollout(checkpoint: Path, candidate: Path, work: Path, step_seconds: float, threads: int = 32,
+            data_dir: str | None = None, old: str = "1.0", new: str = "2.0") -> list[Step]:
+    server = serve_old_beside_new(checkpoint, candidate, work, old, new)
+    try:
         pngs, labels = digits(500, data_dir)
         return run_steps(server, old, new, step_seconds, threads, pngs, labels)
     finally:

@@ -21,7 +21,7 @@ import numpy as np
 
 from bench.load import WRK_SCRIPT, Load, run_wrk
 from serving.server import TorchServe
-from training.core.inputs.decode import MAX_PIXELS
+from training.core.inputs.decode import MAX_PIXELS, PreprocessError, load_image
 
 ROOT = Path(__file__).resolve().parent.parent
 FORMATS = {"PNG": ".png", "JPEG": ".jpg", "BMP": ".bmp", "WebP": ".webp", "HEIC": ".heic"}
@@ -49,7 +49,7 @@ def encode(image: np.ndarray, fmt: str) -> bytes:
 
 def largest_images(digit: np.ndarray) -> dict[str, tuple[str, bytes]]:
     """{format: (size label, file)}: `digit` (28×28, white on black) as dark ink on paper, square, as large as
-    the pixel limit and the body limit allow."""
+    the pixel limit, the body limit and the decoder's limits (decode.py: bytes a decode may hold) allow."""
     paper = 255 - digit
     limit = max_request_bytes()
     found = {}
@@ -60,8 +60,19 @@ def largest_images(digit: np.ndarray) -> dict[str, tuple[str, bytes]]:
             if len(body) <= limit:
                 break
             side = int(side * math.sqrt(limit / len(body)) * 0.98)  # uncompressed formats: bytes ~ pixels
+        while not _accepted(body):  # e.g. HEIC: its decoder holds more per pixel, so fewer pixels pass
+            side = int(side * 0.8)
+            body = encode(cv2.resize(paper, (side, side), interpolation=cv2.INTER_LINEAR), fmt)
         found[fmt] = (f"{side}x{side}, {len(body) / 1000:,.0f} KB", body)
     return found
+
+
+def _accepted(body: bytes) -> bool:
+    try:
+        load_image(body)
+    except PreprocessError:
+        return False
+    return True
 
 
 def _script(server: TorchServe, folder: Path, name: str, files: list[Path]) -> Path:

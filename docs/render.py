@@ -25,6 +25,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # `python docs/render.py`: bench/ is not an installed package
+from bench.record import record_order  # noqa: E402  (one order of a day's records: first, -2, -3...)
+
 RESULTS = ROOT / "results"
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs" / "pages").rglob("*.md"))]
 MARKER = re.compile(r"(<!-- results: (?P<spec>[^>]*?) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
@@ -64,7 +67,7 @@ def load(ref: str) -> dict[str, Any]:
 
 def native_records(command: str) -> list[dict[str, Any]]:
     slug = re.sub(r"[^a-z0-9]+", "-", command.lower())
-    paths = sorted(RESULTS.glob(f"*-{slug}-*.json"), reverse=True)
+    paths = sorted(RESULTS.glob(f"*-{slug}-*.json"), key=record_order, reverse=True)
     return [load(p.relative_to(RESULTS).with_suffix("").as_posix()) for p in paths]
 
 

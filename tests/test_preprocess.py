@@ -170,10 +170,12 @@ def test_the_gap_bridging_kernel_follows_the_picture_but_not_a_strips_length(sha
 def test_a_page_of_dots_is_refused_not_joined_dot_by_dot():
     """A 188 KB PNG of 49×41,000 px, every other pixel a dot: ~500k marks, each a candidate part of the digit.
     Joining them one by one grew with the square of their number (minutes: the worker was killed); now
-    the count is bounded and the picture refused."""
+    the count is bounded and the picture refused. (Decoded, it is first shrunk to WORK_PIXELS, fewer marks.)"""
     page = np.full((49, 41_000), 255, np.uint8)
     page[1::2, 1::2] = 0
     with pytest.raises(PreprocessError, match=r"^too many separate marks of similar size \(492,000\): not one digit$"):
+        to_mnist(page)
+    with pytest.raises(PreprocessError, match=r"^too many separate marks of similar size \([\d,]+\): not one digit$"):
         preprocess_bytes(encode(page))
 
 
