@@ -113,6 +113,9 @@ CASES: dict[str, Callable[[], bytes]] = {
     "HEIC, 2000x2000": lambda: pil(np.repeat(digit_page(2000, 2000)[..., None], 3, 2), "HEIF", quality=50),
     "HEIC, 1150x1150 (the decode limit)": lambda: pil(np.repeat(digit_page(1150, 1150)[..., None], 3, 2), "HEIF",
                                                       quality=50),
+    # A phone's photo is read from its thumbnail (decode.py): the largest thumbnail within the limit.
+    "HEIC, 4032x3024 with a 1300-px thumbnail": lambda: pil(np.repeat(digit_page(3024, 4032)[..., None], 3, 2),
+                                                            "HEIF", quality=50, thumbnails=[1300]),
     "GIF, 4000x4000": lambda: pil(digit_page(4000, 4000), "GIF"),
     # The costliest the search of tests/test_budget.py found (BUDGET_EXAMPLES=400, AVX2-capped): ~90 ms.
     "interlaced grey PNG, 12649x1264": lambda: png(digit_page(12_649, 1264), 0, interlaced=True),

@@ -117,6 +117,26 @@ def test_heic_over_the_pixel_limit_is_refused_from_its_header(monkeypatch):
     assert str(err.value) == "image too large: 48x64 pixels (limit 3,071 pixels)"
 
 
+def phone_heic(orientation: int | None = None, thumbnails: tuple[int, ...] = (320,)) -> bytes:
+    """upright() at 1600×1200, over the HEIC decode limit, with the thumbnail a phone writes."""
+    page = cv2.resize(upright(), (1200, 1600), interpolation=cv2.INTER_NEAREST)
+    page = unorient(page, orientation) if orientation else page
+    return encode_pil(page, "HEIF", orientation, quality=90, thumbnails=list(thumbnails))
+
+
+@pytest.mark.parametrize("orientation", [None, 6])
+def test_a_phone_heic_over_the_decode_limit_is_read_from_its_thumbnail(monkeypatch, orientation):
+    monkeypatch.setattr(decode, "_decode_pil", lambda data: pytest.fail("the full HEIC was decoded"))
+    gray = load_image(phone_heic(orientation))
+    assert gray.shape == (320, 240) and bar_corner(gray) == (20, 20)  # the 4-px margin, scaled by 5
+
+
+def test_a_heic_over_the_decode_limit_without_a_thumbnail_is_refused():
+    with pytest.raises(PreprocessError) as err:
+        load_image(phone_heic(thumbnails=()))
+    assert str(err.value).startswith("image too large to decode: 1200x1600 HEIF needs 23 MB decoded")
+
+
 def test_truncated_heic_is_refused():
     data = encode_pil(upright(), "HEIF")
     with pytest.raises(PreprocessError) as err:

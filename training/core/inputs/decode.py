@@ -36,6 +36,9 @@ WORK_PIXELS = 1_000_000
 # A progressive JPEG is decoded scan by scan over a buffer of all its coefficients; each scan is a pass
 # over that buffer. Encoders write about 10; thousands fit in a small file and cost seconds.
 MAX_SCANS = 64
+# A HEIC over the decode limit (a phone's 12 MP photo: HEVC costs ~30 ms per MP) is read from its embedded
+# thumbnail instead, as a JPEG is read at reduced scale: iPhones write a 320×240 one, plenty for a digit.
+THUMBNAIL_MIN_SIDE = 192
 JPEG_REDUCED = {2: cv2.IMREAD_REDUCED_GRAYSCALE_2, 4: cv2.IMREAD_REDUCED_GRAYSCALE_4,
                 8: cv2.IMREAD_REDUCED_GRAYSCALE_8}
 OPENCV_FORMATS = {"PNG", "JPEG", "MPO", "BMP", "WEBP"}  # cv2.imdecode reads an MPO's first frame (a JPEG)
@@ -71,6 +74,8 @@ def load_image(data: bytes) -> np.ndarray:
         raise PreprocessError(f"image too large: {width}x{height} pixels (limit {MAX_PIXELS:,} pixels)")
     if min(width, height) < MIN_SIDE:
         raise PreprocessError(f"image too small: {width}x{height} pixels (at least {MIN_SIDE} per side)")
+    if cost > MAX_DECODED_BYTES and fmt == "HEIF" and (thumbnail := _heif_thumbnail(data)) is not None:
+        return orient(to_gray(thumbnail), orientation)
     if cost > MAX_DECODED_BYTES:
         raise PreprocessError(f"image too large to decode: {width}x{height} {fmt} needs {cost / 1e6:.0f} MB "
                               f"decoded (limit {MAX_DECODED_BYTES / 1e6:.0f} MB); send it smaller or as a JPEG")
@@ -208,6 +213,21 @@ def _decode_pil(data: bytes) -> np.ndarray | None:
     except Exception:  # a truncated or corrupt HEIF fails inside libheif with its own error types
         return None
     return np.ascontiguousarray(rgba[:, :, [2, 1, 0, 3]])  # OpenCV's BGRA order, as to_gray expects
+
+
+def _heif_thumbnail(data: bytes) -> np.ndarray | None:
+    """The HEIC's embedded thumbnail, BGRA, where one is a scaled copy of the picture (pillow-heif's draft
+    checks size, orientation and crop) at least THUMBNAIL_MIN_SIDE a side and itself within the limit."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.draft(None, (THUMBNAIL_MIN_SIDE, THUMBNAIL_MIN_SIDE)) is None:
+                return None
+            if decoded_bytes(data, image, *image.size) > MAX_DECODED_BYTES:
+                return None
+            rgba = np.asarray(image.convert("RGBA"))
+    except Exception:  # libheif's own error types, as in _decode_pil
+        return None
+    return np.ascontiguousarray(rgba[:, :, [2, 1, 0, 3]])
 
 
 def to_gray(image: np.ndarray) -> np.ndarray:
