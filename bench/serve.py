@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
+from bench.largest_images import worst_case_rows, worst_case_table
 from bench.load import WRK_SCRIPT, Sampler, run_wrk, write_digits
 from bench.record import markdown_tables, write_record
 from bench.report import machine_line, plot_serving, serving_table
-from bench.worst_case import worst_case_rows, worst_case_table
 from serving.archive import build_archive
 from serving.server import TorchServe
 from serving.signing import sign_archive

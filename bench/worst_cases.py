@@ -11,12 +11,23 @@ import io
 import struct
 import zlib
 from collections.abc import Callable
+from pathlib import Path
 
 import cv2
 import numpy as np
 from PIL import Image
 
-MAX_REQUEST = 1_048_576  # TorchServe's max_request_size (configs/config.properties): nothing larger arrives
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def max_request_bytes() -> int:
+    """TorchServe's max_request_size (configs/config.properties): nothing larger reaches a worker."""
+    props = dict(line.split("=", 1) for line in (ROOT / "configs" / "config.properties").read_text().splitlines()
+                 if "=" in line and not line.lstrip().startswith("#"))
+    return int(props.get("max_request_size", 6553500))
+
+
+MAX_REQUEST = max_request_bytes()
 # Adam7's seven passes: (first row, first column, row step, column step)
 ADAM7 = ((0, 0, 8, 8), (0, 4, 8, 8), (4, 0, 8, 4), (0, 2, 4, 4), (2, 0, 4, 2), (0, 1, 2, 2), (1, 0, 2, 1))
 

@@ -91,8 +91,9 @@ def test_serve_settings_vary_only_the_batch_delay(tmp_path):
 
 @pytest.mark.slow
 def test_the_largest_images_are_accepted_and_fit_the_frontend_limit(mnist_test_images):
-    """What bench/worst_case.py sends must be what the server accepts: within the body limit and the pixel limit."""
-    from bench.worst_case import FORMATS, largest_images, max_request_bytes
+    """What bench/largest_images.py sends must be what the server accepts: within the body limit and the pixel limit."""
+    from bench.largest_images import FORMATS, largest_images
+    from bench.worst_cases import MAX_REQUEST
     from training.core.inputs.decode import MAX_PIXELS, load_image
 
     images, _ = mnist_test_images
@@ -100,7 +101,7 @@ def test_the_largest_images_are_accepted_and_fit_the_frontend_limit(mnist_test_i
     assert list(found) == list(FORMATS)
     for fmt, (size, body) in found.items():
         side = int(size.split("x")[0])
-        assert len(body) <= max_request_bytes() == 2**20, fmt
+        assert len(body) <= MAX_REQUEST == 2**20, fmt
         assert side * side <= MAX_PIXELS, fmt
         assert load_image(body).ndim == 2, fmt  # accepted (a decoder may reduce a large image while decoding)
     assert int(found["PNG"][0].split("x")[0]) ** 2 == MAX_PIXELS  # compressible formats reach the pixel limit

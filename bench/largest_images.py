@@ -20,19 +20,13 @@ import cv2
 import numpy as np
 
 from bench.load import WRK_SCRIPT, Load, run_wrk
+from bench.worst_cases import MAX_REQUEST
 from serving.server import TorchServe
 from training.core.inputs.decode import MAX_PIXELS, PreprocessError, load_image
 
-ROOT = Path(__file__).resolve().parent.parent
 FORMATS = {"PNG": ".png", "JPEG": ".jpg", "BMP": ".bmp", "WebP": ".webp", "HEIC": ".heic"}
 MIXED_SHARE = 10  # 1 request in this many is a largest image
 PROBE_CLIENTS = 4
-
-
-def max_request_bytes() -> int:
-    props = dict(line.split("=", 1) for line in (ROOT / "configs" / "config.properties").read_text().splitlines()
-                 if "=" in line and not line.lstrip().startswith("#"))
-    return int(props.get("max_request_size", 6553500))
 
 
 def encode(image: np.ndarray, fmt: str) -> bytes:
@@ -51,7 +45,7 @@ def largest_images(digit: np.ndarray) -> dict[str, tuple[str, bytes]]:
     """{format: (size label, file)}: `digit` (28×28, white on black) as dark ink on paper, square, as large as
     the pixel limit, the body limit and the decoder's limits (decode.py: bytes a decode may hold) allow."""
     paper = 255 - digit
-    limit = max_request_bytes()
+    limit = MAX_REQUEST
     found = {}
     for fmt in FORMATS:
         side = math.isqrt(MAX_PIXELS)
