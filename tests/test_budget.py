@@ -8,7 +8,7 @@ as the rise of the resident high-water mark (VmHWM, reset through /proc/self/cle
 input). malloc's dynamic mmap threshold is pinned so that freed buffers go back to the system and the
 next input's rise is its own. A fixed corpus (bench/worst_cases.py: each format at its limits, and the
 slowest inputs the search below has found) and a derandomized property-based search over adversarial
-images; `BUDGET_EXAMPLES=500` searches longer.
+images; `BUDGET_EXAMPLES=400` searches longer.
 """
 
 from __future__ import annotations
