@@ -23,7 +23,7 @@ import torch
 
 from serving import archive
 from training.checkpoint import load_checkpoint
-from training.run_files import HOLD_ENV
+from training.run_files import HOLD_ENV, HOLDING_ENV
 from training.tools import evaluate
 
 pytest.register_assert_rewrite("serving_fixtures")
@@ -58,12 +58,14 @@ def test_ctrl_c_keeps_the_good_model_and_resume_ends_where_an_uninterrupted_run_
     # A good model.pt from an earlier run is already in the output folder.
     interrupted.mkdir()
     good = save_tiny_checkpoint(interrupted / "model.pt", test_accuracy=0.999).read_bytes()
-    # The run holds after writing last.pt of epoch 1 (training/train.py: HOLD_ENV), so SIGINT arrives at that
-    # point on any machine, however fast it finishes the remaining epochs.
-    run = train_cli(*SLICE, "--data-dir", mnist_dir, "--out-dir", interrupted, env_extra={HOLD_ENV: "1"})
+    # The run holds after writing last.pt of epoch 1 (training/run_files.py: HOLD_ENV), so SIGINT arrives at
+    # that point on any machine, however fast it finishes the remaining epochs; HOLDING_ENV's file says it waits.
+    holding = tmp_path / "holding"
+    run = train_cli(*SLICE, "--data-dir", mnist_dir, "--out-dir", interrupted,
+                    env_extra={HOLD_ENV: "1", HOLDING_ENV: str(holding)})
     deadline = time.monotonic() + 240
-    while not (interrupted / "last.pt").exists():  # written (atomically) at the end of epoch 1
-        assert run.poll() is None and time.monotonic() < deadline, "no last.pt from epoch 1"
+    while not holding.exists():  # after last.pt of epoch 1
+        assert run.poll() is None and time.monotonic() < deadline, "the run never held after epoch 1"
         time.sleep(0.02)
     run.send_signal(signal.SIGINT)
     code, out, err = finish(run)

@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 from kserve import InferenceGRPCClient, InferenceRESTClient, InferInput, InferRequest, RESTConfig
 
+from serving.archive import build_archive
 from serving.kserve import build_bundle, start_local
 from serving.ports import free_port
 from serving.predictor.archive import PredictorError, unpack_verified
@@ -148,9 +149,17 @@ def test_a_refused_archive_never_listens(store, tmp_path, damage):  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def predictor(trained_archive, tmp_path_factory):
+def parity_archive(trained_checkpoint, tmp_path_factory):
+    """The trained model archived with one variant (fused): `auto`, the default, times its candidates in
+    each process, and two processes may pick two exact variants whose probabilities differ in the 6th
+    decimal. The same variant on both servers is what "the same answers" means."""
+    return build_archive(trained_checkpoint, tmp_path_factory.mktemp("parity-store"), "mnist", "1.0", "fused")
+
+
+@pytest.fixture(scope="module")
+def predictor(parity_archive, tmp_path_factory):
     log = tmp_path_factory.mktemp("predictor") / "predictor.log"
-    server = Predictor(trained_archive.path, log)
+    server = Predictor(parity_archive.path, log)
     try:
         server.polls = server.wait_until_ready()
         yield server
@@ -174,10 +183,10 @@ def test_ready_only_once_the_verified_model_is_loaded(predictor):
 
 
 @pytest.fixture(scope="module")
-def torchserve(trained_archive, tmp_path_factory):
+def torchserve(parity_archive, tmp_path_factory):
     """The same archive on TorchServe, as `make kserve-bundle` lays it out (no token, loopback)."""
     bundle = tmp_path_factory.mktemp("kserve") / "bundle"
-    build_bundle(trained_archive.path.parent, "mnist", bundle)
+    build_bundle(parity_archive.path.parent, "mnist", bundle)
     server = start_local(bundle, tmp_path_factory.mktemp("kserve-run"), envelope=None)
     try:
         yield server
@@ -277,12 +286,12 @@ def kserve_image() -> str:
 
 
 @pytest.mark.slow
-def test_the_image_serves_all_test_digits_like_torchserve(kserve_image, trained_archive, signing_key_dir,
+def test_the_image_serves_all_test_digits_like_torchserve(kserve_image, parity_archive, signing_key_dir,
                                                            torchserve_answers, mnist_test_images, tmp_path):
     """The predictor image as a pod runs it: the bundle's model store and the trusted public keys mounted
     read-only, nothing else from this checkout; `buildah run --network host`, bound to loopback."""
     mounts = {"store": tmp_path / "store", "trusted": tmp_path / "trusted"}
-    shutil.copytree(trained_archive.path.parent, mounts["store"])
+    shutil.copytree(parity_archive.path.parent, mounts["store"])
     shutil.copytree(signing_key_dir / "trusted", mounts["trusted"])
     for folder in mounts.values():  # the image runs as uid 10001, as in a pod
         folder.chmod(0o755)

@@ -14,7 +14,11 @@ pytest_plugins = ["serving_fixtures"]
 
 @pytest.mark.slow
 def test_a_short_soak_answers_right_and_loses_nothing_outside_a_killed_batch(trained_checkpoint, mnist_dir,
-                                                                             tmp_path):
+                                                                             tmp_path, monkeypatch):
+    # The soak signs with a key of its own through the environment (bench/rollout.py, a command's
+    # process): set here, monkeypatch puts the session's key dir back for the tests after this one.
+    monkeypatch.setenv("MNIST_SERVE_KEY_DIR", str(tmp_path / "keys"))
+    monkeypatch.delenv("MNIST_SERVE_TRUSTED_DIR", raising=False)
     bodies, expected, ordinary = soak_corpus(trained_checkpoint, 50, str(mnist_dir))
     # Faults at 27.5 s (kill), 42.5 (promote), 57.5 (kill), 72.5 (rollback) and 87.5 (kill).
     soak = soak_own_server(trained_checkpoint, tmp_path, bodies, expected, ordinary, seconds=90, clients=32,

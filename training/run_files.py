@@ -36,17 +36,24 @@ def save_last(path: Path, model: Net, opt, sched, state: dict[str, Any]) -> None
 # Test-only hook: with MNIST_TEST_HOLD_AFTER_EPOCH=N a run waits right after last.pt of epoch N is written,
 # until a signal, `stop()`, the file named by MNIST_TEST_RELEASE_FILE, or 10 minutes: tests
 # (test_faults.py, test_tune.py) interrupt or overlap runs at a known point instead of racing the
-# machine's speed. Unset in every normal run.
+# machine's speed. The run creates the file named by MNIST_TEST_HOLDING_FILE once it waits: a SIGINT sent
+# then lands in the wait, not in the clean-up after last.pt (where a finaliser may swallow it). Unset in
+# every normal run.
 HOLD_ENV = "MNIST_TEST_HOLD_AFTER_EPOCH"
 
 
 RELEASE_ENV = "MNIST_TEST_RELEASE_FILE"
 
 
+HOLDING_ENV = "MNIST_TEST_HOLDING_FILE"
+
+
 def hold_for_test(epoch: int, stop: Callable[[], bool] | None) -> None:
     if os.environ.get(HOLD_ENV) != str(epoch):
         return
     release = Path(os.environ.get(RELEASE_ENV) or "/nonexistent/release")
+    if holding := os.environ.get(HOLDING_ENV):
+        Path(holding).touch()
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and not release.exists() and not (stop is not None and stop()):
         time.sleep(0.05)
