@@ -38,9 +38,12 @@ SLICE = ["--amp", "false", "--device", "cpu", "--threads", "1", "--epochs", "3",
 
 
 def train_cli(*args: str | Path, env_extra: dict[str, str] | None = None) -> subprocess.Popen:
+    # SIGINT as a terminal leaves it: a suite started in the background (`.ci/run &`) inherits it ignored,
+    # and Python then installs no KeyboardInterrupt handler, so the Ctrl-C under test would never arrive.
     return subprocess.Popen([sys.executable, "-m", "training.train", "--quiet", *map(str, args)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **(env_extra or {})})
+                            env={**os.environ, **(env_extra or {})},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def finish(process: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str]:
