@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-compile", action="store_true", help="leave the torch.compile rows out")
     parser.add_argument("--no-variants", action="store_true", help="leave the in-process variant table out")
     parser.add_argument("--no-worst-case", action="store_true",
-                        help="leave out the largest-image rows and the mixed load (bench/worst_case.py)")
+                        help="leave out the largest-image rows and the mixed load (bench/largest_images.py)")
     parser.add_argument("--model-config", default=ROOT / "configs" / "model-config.yaml", type=Path,
                         help="the project's TorchServe per-model settings (batch size, delay, workers)")
     parser.add_argument("--ensemble", type=Path, default=None, metavar="ENSEMBLE_PT",
@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\nmodel variants, in-process (one thread, channels_last, full MNIST test set):\n")
         print(variants)
     if worst:
-        print(f"\nthe worst accepted requests ({args.variant or ARCHIVE_DEFAULT_VARIANT}, bench/worst_case.py):\n")
+        print(f"\nthe worst accepted requests ({args.variant or ARCHIVE_DEFAULT_VARIANT}, bench/largest_images.py):\n")
         print(worst_case_table(worst))
     tables = {"served": markdown_tables(table)[0], **({"variants in-process": markdown_tables(variants)[0]}
                                                      if variants else {}),
