@@ -17,7 +17,6 @@ import argparse
 import base64
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from bench.load import run_wrk_url, write_digits
+from bench.load import prerequisites_missing, run_wrk_url, write_digits, wrk_script
 from bench.record import markdown_tables, write_record
 from bench.report import machine_line
 from serving.archive import build_archive
@@ -38,29 +37,6 @@ from training.core.tensors import normalize
 
 ROOT = Path(__file__).resolve().parent.parent
 PATH = "/v2/models/mnist/infer"
-WRK_SCRIPT = '''
-local bodies = {}
-local n = 0
-for line in io.lines("%(list)s") do
-  local f = assert(io.open(line, "rb")); n = n + 1; bodies[n] = f:read("*a"); f:close()
-end
-local i = 0
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-request = function()
-  i = (i %% n) + 1
-  return wrk.format(nil, nil, nil, bodies[i])
-end
-done = function(summary, latency, requests)
-  io.write(string.format("JSON{\\"requests\\": %%d, \\"seconds\\": %%f, \\"non2xx\\": %%d, \\"socket_errors\\": %%d, "
-    .. "\\"p50\\": %%f, \\"p90\\": %%f, \\"p99\\": %%f, \\"max\\": %%f}\\n",
-    summary.requests, summary.duration / 1e6, summary.errors.status,
-    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout,
-    latency:percentile(50) / 1e3, latency:percentile(90) / 1e3, latency:percentile(99) / 1e3, latency.max / 1e3))
-end
-'''
-
-
 def v2_bodies(digits: list[Path], folder: Path) -> list[Path]:
     """One v2 request body per digit PNG, as files for wrk's script."""
     folder.mkdir()
@@ -129,11 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=int, default=15, help="per concurrency point")
     parser.add_argument("--digits", type=int, default=200, help="distinct MNIST test digits cycled through")
     args = parser.parse_args(argv)
-    if shutil.which("wrk") is None:
-        print("error: wrk is not installed (Debian/Ubuntu: sudo apt-get install wrk)", file=sys.stderr)
-        return 1
-    if not args.checkpoint.is_file():
-        print(f"error: no checkpoint at {args.checkpoint}: run `make train` first", file=sys.stderr)
+    if prerequisites_missing(args.checkpoint):
         return 1
     print(machine_line(), flush=True)
     concurrencies = [int(c) for c in args.concurrency.split(",")]
@@ -147,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         bodies = v2_bodies(digits, work / "bodies")
         (work / "bodies.txt").write_text("\n".join(str(p) for p in bodies) + "\n")
         script = work / "v2.lua"
-        script.write_text(WRK_SCRIPT % {"list": work / "bodies.txt"})
+        script.write_text(wrk_script(work / "bodies.txt", None, "application/json"))
         archive = build_archive(args.checkpoint, work / "store", "mnist", "1.0")
         build_bundle(archive.path.parent, "mnist", work / "bundle")
         torchserve = start_local(work / "bundle", work / "torchserve", envelope=None)

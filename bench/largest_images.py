@@ -19,7 +19,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from bench.load import WRK_SCRIPT, Load, run_wrk
+from bench.load import Load, run_wrk, wrk_script
 from bench.worst_cases import MAX_REQUEST
 from serving.server import TorchServe
 from training.core.inputs.decode import MAX_PIXELS, PreprocessError, load_image
@@ -72,7 +72,7 @@ def _accepted(body: bytes) -> bool:
 def _script(server: TorchServe, folder: Path, name: str, files: list[Path]) -> Path:
     script = folder / f"{name}.lua"
     script.with_suffix(".txt").write_text("\n".join(str(p) for p in files) + "\n")
-    script.write_text(WRK_SCRIPT % {"list": script.with_suffix(".txt"), "token": server.token("inference") or ""})
+    script.write_text(wrk_script(script.with_suffix(".txt"), server.token("inference") or ""))
     return script
 
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 import http.client
 import json
 import random
+import shutil
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -27,9 +29,8 @@ for line in io.lines("%(list)s") do
 end
 local i = 0
 wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/octet-stream"
-wrk.headers["Authorization"] = "Bearer %(token)s"
-request = function()
+wrk.headers["Content-Type"] = "%(content_type)s"
+%(auth)srequest = function()
   i = (i %% n) + 1
   return wrk.format(nil, nil, nil, bodies[i])
 end
@@ -41,6 +42,24 @@ done = function(summary, latency, requests)
     latency:percentile(50) / 1e3, latency:percentile(90) / 1e3, latency:percentile(99) / 1e3, latency.max / 1e3))
 end
 '''
+
+
+def wrk_script(bodies: Path, token: str | None, content_type: str = "application/octet-stream") -> str:
+    """wrk's Lua: POST the files listed in `bodies` in turn (one path a line), report as run_wrk parses.
+    `token`: sent as a bearer token (TorchServe's inference key); None sends no Authorization header."""
+    auth = "" if token is None else f'wrk.headers["Authorization"] = "Bearer {token}"\n'
+    return WRK_SCRIPT % {"list": bodies, "content_type": content_type, "auth": auth}
+
+
+def prerequisites_missing(checkpoint: Path) -> bool:
+    """Print the one-line error and say so where wrk or the checkpoint is missing."""
+    if shutil.which("wrk") is None:
+        print("error: wrk is not installed (Debian/Ubuntu: sudo apt-get install wrk)", file=sys.stderr)
+        return True
+    if not checkpoint.is_file():
+        print(f"error: no checkpoint at {checkpoint}: run `make train` first", file=sys.stderr)
+        return True
+    return False
 
 
 def write_digits(folder: Path, count: int, data_dir: str | None) -> tuple[list[Path], torch.Tensor, torch.Tensor]:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from bench.largest_images import worst_case_rows, worst_case_table
-from bench.load import WRK_SCRIPT, Sampler, run_wrk, write_digits
+from bench.load import Sampler, prerequisites_missing, run_wrk, write_digits, wrk_script
 from bench.record import markdown_tables, write_record
 from bench.report import machine_line, plot_serving, serving_table
 from serving.archive import build_archive
@@ -77,8 +77,7 @@ def bench_setup(label: str, server: TorchServe, script_path: Path, digits: list[
     rows = []
     server.start(timeout=180)
     try:
-        script_path.write_text(WRK_SCRIPT % {"list": script_path.with_suffix(".txt"),
-                                             "token": server.token("inference") or ""})
+        script_path.write_text(wrk_script(script_path.with_suffix(".txt"), server.token("inference") or ""))
         script_path.with_suffix(".txt").write_text("\n".join(str(p) for p in digits) + "\n")
         run_wrk(server, script_path, 8, 3)  # warm-up, not reported
         pngs = [p.read_bytes() for p in digits]
@@ -230,11 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         write_record("bench-serve", {"tables": {"variants in-process": markdown_tables(table)[0]}},
                      baseline={"variant": "eager (its row)"})
         return 0
-    if shutil.which("wrk") is None:
-        print("error: wrk is not installed (Debian/Ubuntu: sudo apt-get install wrk)", file=sys.stderr)
-        return 1
-    if not args.checkpoint.is_file():
-        print(f"error: no checkpoint at {args.checkpoint}: run `make train` first", file=sys.stderr)
+    if prerequisites_missing(args.checkpoint):
         return 1
     if args.ensemble is not None and not args.ensemble.is_file():
         print(f"error: no ensemble at {args.ensemble}: run `make train-ensemble` first", file=sys.stderr)
