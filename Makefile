@@ -283,8 +283,8 @@ docs-serve: $(STAMP) ## @dev serve the docs site on 127.0.0.1:DOCS_PORT (8000), 
 
 bench: bench-train bench-serve ## @bench both benchmarks, each writing a record under results/
 
-bench-train: $(STAMP) ## @bench training time-to-accuracy over seeds (SEEDS=3), also in plain-recipe epochs (bench/plain.py)
-	$(PY) -m bench.train --seeds $(SEEDS)
+bench-train: $(STAMP) ## @bench training time-to-accuracy over seeds (SEEDS=3) in plain-recipe epochs (bench/plain.py); ISA=avx2: capped
+	$(ISA_CAP) $(PY) -m bench.train --seeds $(SEEDS) $(ARGS)
 
 bench-serve: $(STAMP) ## @bench serving: this project vs TorchServe's MNIST example and vs in-process, wrk at c=1,8,64,256
 	$(PY) -m bench.serve --checkpoint $(CHECKPOINT) $(ARGS)

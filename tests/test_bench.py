@@ -10,7 +10,7 @@ import pytest
 from bench import models
 from bench.plain import plain_net
 from bench.report import serving_table
-from bench.train import table
+from bench.train import goals, table
 from training.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,6 +37,17 @@ def test_training_table_gives_each_time_in_baseline_epochs():
                         "| 20 per epoch (= 1 bl-ep) | 3,000 | | — |")
     assert lines[3] == ("| default | cpu | fp32 | 2 | 99.50 ± 0.00 | 12 ± 3 (0.6 bl-ep) | 30 ± 0 (1.5 bl-ep) "
                         "| 1/2 runs, 40 (2.0 bl-ep) | 40 ± 0 (2.0 bl-ep) | 1,000 | 900 | — |")
+
+
+def test_training_goal_needs_the_mean_accuracy_within_two_baseline_epochs():
+    base = {"seconds_per_epoch": 20.0}
+    timed = lambda seed, seconds: {**_run(seed, 10.0, seconds), "train_seconds": seconds}  # noqa: E731
+    runs = {"fast": [timed(0, 40.0), timed(1, 40.0)], "slow": [timed(0, 40.0), timed(1, 50.0)]}
+    verdicts = {row["config"]: (row["mean training time"], row["verdict"]) for row in goals(runs, base)}
+    assert verdicts == {"fast": ("2.00 bl-ep", "met"), "slow": ("2.25 bl-ep", "not met")}
+    low = [{**r, "test_accuracy": 0.9949} for r in runs["fast"]]
+    assert goals({"low": low}, base)[0]["verdict"] == "not met"
+    assert goals(runs, None)[0]["verdict"] == "not met"
 
 
 def test_serving_table_gives_the_share_of_in_process_throughput():

@@ -296,6 +296,23 @@ def test_main_dry_run_trains_a_few_batches_and_exits_0(mnist_dir, tmp_path):
 def test_a_one_cycle_schedule_too_short_to_warm_up_is_refused_in_one_line():
     # 4 steps in all made OneCycleLR divide by zero (its warm-up phase would span no step).
     opt = schedules.build_optimizer(Net(ModelConfig(conv1=4, conv2=8, hidden=16)), TrainConfig())
-    with pytest.raises(cfglib.ConfigError, match=r"^the one-cycle schedule needs at least 5 steps, this run has 4 "):
-        schedules.build_schedule(opt, TrainConfig(epochs=2), steps=2)
-    assert schedules.build_schedule(opt, TrainConfig(epochs=1), steps=5).total_steps == 5
+    with pytest.raises(cfglib.ConfigError,
+                       match=r"^the one-cycle schedule needs at least 5 steps \(warmup 0.25\), this run has 4 "):
+        schedules.build_schedule(opt, TrainConfig(epochs=2, warmup=0.25), steps=2)
+    assert schedules.build_schedule(opt, TrainConfig(epochs=1, warmup=0.25), steps=5).total_steps == 5
+    with pytest.raises(cfglib.ConfigError, match=r"^the one-cycle schedule needs at least 7 steps \(warmup 0.15\)"):
+        schedules.build_schedule(opt, TrainConfig(epochs=1, warmup=0.15), steps=6)
+
+
+def test_momentum_stays_fixed_without_cycling():
+    model = Net(ModelConfig(conv1=4, conv2=8, hidden=16))
+    for cycle, expected in ((True, {0.85, 0.95}), (False, {0.9})):
+        cfg = TrainConfig(epochs=1, cycle_momentum=cycle)
+        opt = schedules.build_optimizer(model, cfg)
+        sched = schedules.build_schedule(opt, cfg, steps=20)
+        seen = set()
+        for _ in range(20):
+            seen.add(round(opt.param_groups[0]["momentum"], 4))
+            opt.step()
+            sched.step()
+        assert expected <= seen if cycle else seen == expected

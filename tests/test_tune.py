@@ -65,7 +65,7 @@ def test_tuning_never_loads_the_test_split_and_writes_a_train_config(tmp_path, m
     assert cfg.lr == float(f"{best['lr']:.4g}") and cfg.schedule == best["schedule"]
     assert cfg.model.dropout == float(f"{best['model.dropout']:.4g}")
     # The trials' budget (slice, epochs, device) stays out: the file trains at full size.
-    assert cfg.epochs == 8 and cfg.train_limit == 0 and cfg.device == "auto"
+    assert cfg.epochs == TrainConfig().epochs and cfg.train_limit == 0 and cfg.device == "auto"
     assert {"optimization_history.png", "param_importances.png"} <= {p.name for p in (tmp_path / "tune").iterdir()}
     events = list((tmp_path / "tune" / "trials" / "trial-0" / "runs").rglob("events.out.tfevents.*"))
     assert len(events) == 1  # each trial has its own TensorBoard run

@@ -23,22 +23,24 @@ class TrainConfig:
     out_dir: str = "artifacts"
     device: str = "auto"  # auto | cuda | mps | cpu
     seed: int = 0
-    epochs: int = 8
+    epochs: int = 5
     batch_size: int = 128  # per process; under torchrun the global batch is this × world size
     optimizer: str = "nesterov"  # sgd | nesterov | adam | adamw
     lr: float = 0.1  # peak learning rate
     momentum: float = 0.9
     weight_decay: float = 5e-4
     schedule: str = "onecycle"  # onecycle | cosine | cosine_restarts | plateau | none
+    warmup: float = 0.15  # onecycle: fraction of the steps spent rising to the peak lr
+    cycle_momentum: bool = False  # onecycle: true cycles momentum 0.95 → 0.85 → 0.95 against the lr (torch's default)
     restart_period: int = 2  # cosine_restarts: epochs in the first cycle (training/schedules.py)
     restart_mult: int = 2  # cosine_restarts: each cycle this many times longer than the one before
     l1: float = 0.0  # L1 penalty on conv/linear weights (training/regularization.py); 0 disables
     grad_clip: float = 0.0  # max gradient norm; 0 disables
     label_smoothing: float = 0.1
     augment: bool = True
-    rotate: float = 10.0  # degrees
-    shift: float = 0.1  # fraction of the image side
-    scale: float = 0.1  # ± relative zoom
+    rotate: float = 6.0  # degrees
+    shift: float = 0.06  # fraction of the image side
+    scale: float = 0.06  # ± relative zoom
     # Training digits redrawn in print's shapes (training/printed.py): this fraction of the upright 1s
     # gets a flag (half of them a foot too) and of the 7s a crossbar; `broad_pen` of the others get
     # upright strokes thicker than horizontal ones, as serif and bold faces have. 0 disables either.
@@ -65,6 +67,8 @@ class TrainConfig:
             raise cfglib.ConfigError("epochs, batch_size and lr must be positive")
         if self.val_size < 0 or self.train_limit < 0 or self.test_limit < 0:
             raise cfglib.ConfigError("val_size, train_limit and test_limit must be >= 0")
+        if not 0 < self.warmup < 1:
+            raise cfglib.ConfigError(f"warmup is a fraction of the steps in (0, 1), got {self.warmup}")
         if self.l1 < 0 or self.restart_period < 1 or self.restart_mult < 1:
             raise cfglib.ConfigError("l1 must be >= 0, restart_period and restart_mult >= 1")
         if not (0 <= self.printed_strokes <= 1 and 0 <= self.broad_pen <= 1):
