@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -36,8 +37,8 @@ MARKER = re.compile(r"(<!-- results: (?P<spec>[^>]*?) -->\n)(?P<body>.*?)(<!-- /
 # machine, where the record holds rows of several]).
 # Each row must name a figure measured against a baseline of the same run.
 HEADLINES = [
-    ("Test accuracy of the default config then (before printed strokes), 3 seeds",
-     "imported/2026-11-28-bench-train-full", "time to accuracy", {"config": "default"}, "test accuracy (%)", "s total"),
+    ("Test accuracy of the default config, 3 seeds (bf16 autocast on this CPU)",
+     "2026-12-07-bench-train-avx512-vnni", "time to accuracy", {"config": "default"}, "test accuracy (%)", "s total"),
     ("Served req/s at 64 connections through TorchServe", "imported/2026-11-28-bench-serve-full-run", "served",
      {"setup": "project", "conc.": "64"}, "req/s", "vs baseline"),
     ("Wild digits: all 13 transforms, first 1000 test digits each", "imported/undated-eval-wild-wild", "transforms",
@@ -58,6 +59,14 @@ TIMINGS = [
     ("`make demo`, setup already done", "demo", "make demo", "wall time, setup already done"),
     ("`make test`, in CI", "imported/2026-11-28-test-suite", "suite", "make test in CI"),
 ]
+
+
+def shell_line(record: dict[str, Any], argv: list[str]) -> str:
+    """A record's argv as a command to paste: the program as written, each argument quoted where the shell
+    needs it. An imported record's argv holds whole command lines as its source wrote them: joined as they are."""
+    if record.get("imported"):
+        return " ".join(argv)
+    return " ".join([argv[0], *(shlex.quote(a) for a in argv[1:])])
 
 
 def load(ref: str) -> dict[str, Any]:
@@ -111,7 +120,7 @@ def where(record: dict[str, Any]) -> str:
         parts.append(versions(m["versions"]))
     date = (record.get("date") or "")[:10] or "date not stated"
     commit = f"commit {record['commit']}" if record.get("commit") else ""
-    command = " ".join(record.get("argv") or [record["command"]])
+    command = shell_line(record, record.get("argv") or [record["command"]])
     return (f"Measured on {'; '.join(p for p in parts if p)}; {date}"
             + (f"; {commit}" if commit else "") + f". Command: `{command.replace('`', '')}`.")
 
@@ -133,7 +142,8 @@ def render_record(record: dict[str, Any], only: str | None) -> list[str]:
     if record.get("note"):
         out += [f"Note: {record['note']}.", ""]
     if record.get("baseline"):
-        base = "; ".join(f"{k}: {v}" for k, v in record["baseline"].items() if not isinstance(v, (dict, list)))
+        base = "; ".join(f"{k}: {format(v, '.4g') if isinstance(v, float) else v}" for k, v in record["baseline"].items()
+                         if not isinstance(v, (dict, list)))
         if base:
             out += [f"Baseline, same run: {base}.", ""]
     return [*out, f"Record: `{record['file']}`", ""]
@@ -142,21 +152,31 @@ def render_record(record: dict[str, Any], only: str | None) -> list[str]:
 def render_headline() -> list[str]:
     out = ["| result | figure | vs the same run's baseline | machine, date | command and record |",
            "|---|---|---|---|---|"]
+    imported = []
     for what, ref, name, match, figure, ratio, *where_measured in HEADLINES:
         record = load(ref)
+        if record.get("imported"):
+            imported.append(what)
         rows = [r for r in record["figures"]["tables"][name] if all(r.get(k) == v for k, v in match.items())]
         if len(rows) != 1:
             raise SystemExit(f"headline {what!r}: {len(rows)} rows of {ref} match {match}")
         row, m = rows[0], record["machine"]
         machine = where_measured[0] if where_measured else ", ".join(str(m[k]) for k in ("cpu", "gpu") if m.get(k))
-        command = row.get("where, command") or "`" + " ".join(record["argv"]) + "`"
+        command = row.get("where, command") or "`" + shell_line(record, record["argv"]) + "`"
         versus = (f"{ratio}: {row[ratio]}" if ratio else
                   "; ".join(str(v) for v in (record.get("baseline") or {}).values()))
         out.append("| " + " | ".join(cell(x) for x in (
             what, row[figure], versus, f"{machine}; {(record['date'] or '')[:10] or 'date not stated'}",
             f"{command}; `{record['file']}`")) + " |")
-    note = ("*All five come from an earlier version of this project (imported from its README; the GPU row ran "
-            "torch 2.11): [Benchmarks](docs/pages/benchmarks.md) has every table and how to measure yours.*")
+    if len(imported) == len(HEADLINES):
+        which = "All rows come"
+    elif imported == [h[0] for h in HEADLINES[1:]]:
+        which = "Every row but the first comes"
+    else:
+        which = f"{len(imported)} of the {len(HEADLINES)} rows come"
+    note = (f"*{which} from an earlier version of this project (imported from its README; the GPU row ran torch "
+            "2.11): [Benchmarks](docs/pages/benchmarks.md) has every table and how to measure yours.*"
+            if imported else "*[Benchmarks](docs/pages/benchmarks.md) has every table and how to measure yours.*")
     return [*out, "", note, ""]
 
 
