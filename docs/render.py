@@ -142,8 +142,8 @@ def render_record(record: dict[str, Any], only: str | None) -> list[str]:
     if record.get("note"):
         out += [f"Note: {record['note']}.", ""]
     if record.get("baseline"):
-        base = "; ".join(f"{k}: {format(v, '.4g') if isinstance(v, float) else v}" for k, v in record["baseline"].items()
-                         if not isinstance(v, (dict, list)))
+        shown = {k: format(v, ".4g") if isinstance(v, float) else v for k, v in record["baseline"].items()}
+        base = "; ".join(f"{k}: {v}" for k, v in shown.items() if not isinstance(v, (dict, list)))
         if base:
             out += [f"Baseline, same run: {base}.", ""]
     return [*out, f"Record: `{record['file']}`", ""]
