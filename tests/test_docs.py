@@ -307,3 +307,13 @@ def test_the_site_builds_strict(tmp_path):
                              "--site-dir", str(tmp_path / "site")], capture_output=True, text=True,
                             env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_a_record_command_renders_as_a_line_to_paste():
+    sys.path.insert(0, str(ROOT / "docs"))
+    from render import shell_line
+
+    native = ["python -m bench.train", "--config", "fp32-only=--amp false", "--seeds", "3"]
+    assert shell_line({}, native) == "python -m bench.train --config 'fp32-only=--amp false' --seeds 3"
+    imported = ["make train ARGS=\"--epochs 3\"", "python -m bench.plain"]  # whole lines, as the source wrote them
+    assert shell_line({"imported": True}, imported) == "make train ARGS=\"--epochs 3\" python -m bench.plain"
