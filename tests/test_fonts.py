@@ -154,6 +154,10 @@ def printed_slice(mnist_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     from training.train_config import DEFAULT_CONFIG
 
     printed = {k: v for k, v in TRAIN_SLICE.items() if k not in ("printed_strokes", "broad_pen")}
+    # The one-cycle shape this 2-epoch slice was measured with: a 25% warm-up, momentum cycled. With the
+    # 5-epoch default's 15% and fixed momentum, seed 0 read all 54 printed 1s but called 48 of them digits
+    # (seeds 0 and 1 pass all three checks with these two settings).
+    printed.update(warmup=0.25, cycle_momentum=True)
     defaults = cfglib.load_yaml(DEFAULT_CONFIG)
     assert defaults["printed_strokes"] > 0 and defaults["broad_pen"] > 0
     return train_slice(mnist_dir, tmp_path_factory.mktemp("printed"), printed)

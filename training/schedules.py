@@ -46,11 +46,12 @@ def build_optimizer(model: Net, cfg: TrainConfig) -> torch.optim.Optimizer:
 def build_schedule(opt: torch.optim.Optimizer, cfg: TrainConfig, steps: int):
     total = cfg.epochs * steps  # steps per epoch: exactly what train_epoch takes, or OneCycleLR refuses to step
     if cfg.schedule == "onecycle":
-        if total * cfg.warmup <= 1:  # its warm-up phase must span more than one step
-            raise cfglib.ConfigError(f"the one-cycle schedule needs at least {int(1 / cfg.warmup) + 1} steps "
-                                     f"(warmup {cfg.warmup}), this run has {total} (epochs × steps per epoch): use "
-                                     "more images or epochs, or a smaller batch")
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=cfg.warmup,
+        if total < 5:  # OneCycleLR divides by the warm-up's length in steps minus one
+            raise cfglib.ConfigError(f"the one-cycle schedule needs at least 5 steps, this run has {total} "
+                                     "(epochs × steps per epoch): use more images or epochs, or a smaller batch")
+        # A run too short for its warm-up share to span more than one step warms up over 1.25 steps instead.
+        warmup = max(cfg.warmup, 1.25 / total)
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=warmup,
                                                    cycle_momentum=cfg.cycle_momentum)
     if cfg.schedule == "cosine_restarts":
         return warm_restarts(opt, cfg.restart_period * steps, cfg.restart_mult)
