@@ -96,6 +96,7 @@ def test_values_of_the_wrong_type_are_errors_naming_the_field(updates, message):
         ({"epochs": 0}, "epochs, batch_size and lr must be positive"),
         ({"lr": -0.1}, "epochs, batch_size and lr must be positive"),
         ({"val_size": -1}, "val_size, train_limit and test_limit must be >= 0"),
+        ({"warmup": 1.0}, "warmup is a fraction of the steps in (0, 1), got 1.0"),
     ],
 )
 def test_validate_rejects_bad_values_naming_the_field(updates, message):
