@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from bench.load import prerequisites_missing, run_wrk_url, write_digits, wrk_script
+from bench.load import prerequisites_missing, run_wrk_url, write_digits, write_wrk_script
 from bench.record import markdown_tables, write_record
 from bench.report import machine_line
 from serving.archive import build_archive
@@ -117,9 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         with torch.inference_mode():
             expected = model_from_checkpoint(load_checkpoint(args.checkpoint))(normalize(images)).argmax(1).tolist()
         bodies = v2_bodies(digits, work / "bodies")
-        (work / "bodies.txt").write_text("\n".join(str(p) for p in bodies) + "\n")
-        script = work / "v2.lua"
-        script.write_text(wrk_script(work / "bodies.txt", None, "application/json"))
+        script = write_wrk_script(work / "v2.lua", bodies, None, "application/json")
         archive = build_archive(args.checkpoint, work / "store", "mnist", "1.0")
         build_bundle(archive.path.parent, "mnist", work / "bundle")
         torchserve = start_local(work / "bundle", work / "torchserve", envelope=None)

@@ -12,15 +12,14 @@ configs/config.properties): BMP is uncompressed, so the body limit caps it first
 
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from bench.load import Load, run_wrk, wrk_script
-from bench.worst_cases import MAX_REQUEST
+from bench.load import Load, p99_ms, run_wrk, write_wrk_script
+from bench.worst_cases import MAX_REQUEST, pil
 from serving.server import TorchServe
 from training.core.inputs.decode import MAX_PIXELS, PreprocessError, load_image
 
@@ -32,12 +31,9 @@ PROBE_CLIENTS = 4
 def encode(image: np.ndarray, fmt: str) -> bytes:
     if fmt == "HEIC":  # OpenCV writes no HEIF: pillow-heif, as the decoder reads it
         import pillow_heif
-        from PIL import Image
 
         pillow_heif.register_heif_opener()
-        out = io.BytesIO()
-        Image.fromarray(image).save(out, format="HEIF")
-        return out.getvalue()
+        return pil(image, "HEIF")
     return cv2.imencode(FORMATS[fmt], image)[1].tobytes()
 
 
@@ -69,18 +65,6 @@ def _accepted(body: bytes) -> bool:
     return True
 
 
-def _script(server: TorchServe, folder: Path, name: str, files: list[Path]) -> Path:
-    script = folder / f"{name}.lua"
-    script.with_suffix(".txt").write_text("\n".join(str(p) for p in files) + "\n")
-    script.write_text(wrk_script(script.with_suffix(".txt"), server.token("inference") or ""))
-    return script
-
-
-def _probe_p99(records) -> float | None:
-    times = sorted(r.seconds for r in records if r.status == 200)
-    return times[min(len(times) - 1, int(len(times) * 0.99))] * 1e3 if times else None
-
-
 def worst_case_rows(server: TorchServe, folder: Path, digits: list[Path], expected: list[int],
                     seconds: int) -> list[dict]:
     """The rows above against the running `server`; `digits` are the ordinary requests (PNG files)."""
@@ -88,22 +72,24 @@ def worst_case_rows(server: TorchServe, folder: Path, digits: list[Path], expect
     digit = cv2.imread(str(digits[0]), cv2.IMREAD_GRAYSCALE)
     assert digit is not None, digits[0]
     largest = largest_images(digit)
+    token = server.token("inference") or ""
     files = {}
     rows = []
     for fmt, (size, body) in largest.items():
         files[fmt] = folder / f"largest{FORMATS[fmt]}"
         files[fmt].write_bytes(body)
-        result = run_wrk(server, _script(server, folder, fmt, [files[fmt]]), 1, seconds)
+        result = run_wrk(server, write_wrk_script(folder / f"{fmt}.lua", [files[fmt]], token), 1, seconds)
         rows.append({**result, "load": f"largest {fmt} only ({size})", "concurrency": 1, "probe_p99": None})
     large = list(files.values())
     mixed = [p for i, digit in enumerate(digits) for p in
              ([digit] if i % (MIXED_SHARE - 1) else [digit, large[(i // (MIXED_SHARE - 1)) % len(large)]])]
     pngs = [p.read_bytes() for p in digits]
     for label, listed in (("ordinary digits only", digits), (f"1 in {MIXED_SHARE} a largest image", mixed)):
-        script = _script(server, folder, label.split()[0], listed)
+        script = write_wrk_script(folder / f"{label.split()[0]}.lua", listed, token)
         probe = Load(server, pngs, expected, PROBE_CLIENTS, max_seconds=seconds + 30, timeout=15).start()
         result = run_wrk(server, script, 64, seconds)
-        rows.append({**result, "load": label, "concurrency": 64, "probe_p99": _probe_p99(probe.stop())})
+        answered = [r for r in probe.stop() if r.status == 200]
+        rows.append({**result, "load": label, "concurrency": 64, "probe_p99": p99_ms(answered)})
     return rows
 
 

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -44,11 +45,16 @@ end
 '''
 
 
-def wrk_script(bodies: Path, token: str | None, content_type: str = "application/octet-stream") -> str:
-    """wrk's Lua: POST the files listed in `bodies` in turn (one path a line), report as run_wrk parses.
-    `token`: sent as a bearer token (TorchServe's inference key); None sends no Authorization header."""
+def write_wrk_script(script: Path, files: list[Path], token: str | None,
+                     content_type: str = "application/octet-stream") -> Path:
+    """wrk's Lua at `script`: POST `files` in turn (listed one a line beside it, SCRIPT.txt), report as
+    run_wrk parses. `token`: sent as a bearer token (TorchServe's inference key); None sends no
+    Authorization header."""
+    listing = script.with_suffix(".txt")
+    listing.write_text("\n".join(str(p) for p in files) + "\n")
     auth = "" if token is None else f'wrk.headers["Authorization"] = "Bearer {token}"\n'
-    return WRK_SCRIPT % {"list": bodies, "content_type": content_type, "auth": auth}
+    script.write_text(WRK_SCRIPT % {"list": listing, "content_type": content_type, "auth": auth})
+    return script
 
 
 def prerequisites_missing(checkpoint: Path) -> bool:
@@ -141,6 +147,12 @@ class Record:
     @property
     def end(self) -> float:
         return self.start + self.seconds
+
+
+def p99_ms(records: Iterable[Record]) -> float | None:
+    """The 99th-percentile latency of `records` in ms (the nearest rank below); None for no records."""
+    latencies = sorted(r.seconds for r in records)
+    return 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] if latencies else None
 
 
 class Load:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import psutil
 
-from bench.load import run_wrk, write_digits, wrk_script
+from bench.load import run_wrk, write_digits, write_wrk_script
 from bench.report import machine_line
 from serving.archive import MODEL_CONFIG, build_archive
 from serving.server import LOG4J, TorchServe
@@ -71,9 +71,7 @@ def profile(store: Path, run_dir: Path, digits: list[Path], concurrency: int, se
     server.start(timeout=180)
     try:
         pids = [w["pid"] for w in server.describe()["workers"]]  # every worker: their samples add up
-        script = run_dir / "load.lua"
-        script.with_suffix(".txt").write_text("\n".join(str(p) for p in digits) + "\n")
-        script.write_text(wrk_script(script.with_suffix(".txt"), server.token("inference") or ""))
+        script = write_wrk_script(run_dir / "load.lua", digits, server.token("inference") or "")
         run_wrk(server, script, 8, 2)  # warm-up
         raws = [run_dir / f"samples-{pid}.txt" for pid in pids]
         spies = [subprocess.Popen([PY_SPY, "record", "--pid", str(pid), "--duration", str(seconds), "--rate",

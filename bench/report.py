@@ -81,12 +81,16 @@ def ok_between(records: list[Record], start: float, end: float) -> int:
     return sum(r.status == 200 and start <= r.end < end for r in records)
 
 
+def worker_rss(server: TorchServe) -> dict[int, float]:
+    """Each worker's RSS in MB, by pid (the frontend's child processes)."""
+    frontend = psutil.Process(server.running_pid())
+    return {p.pid: p.memory_info().rss / 2**20 for p in frontend.children(recursive=True)}
+
+
 def rss_mb(server: TorchServe) -> dict[str, float]:
     frontend = psutil.Process(server.running_pid())
-    sizes = {"frontend": frontend.memory_info().rss / 2**20}
-    for p in frontend.children(recursive=True):
-        sizes[f"worker {p.pid}"] = p.memory_info().rss / 2**20
-    return sizes
+    return {"frontend": frontend.memory_info().rss / 2**20,
+            **{f"worker {pid}": mb for pid, mb in worker_rss(server).items()}}
 
 
 def other_jobs(seconds: float = 1.0) -> str:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import cv2
 
-from bench.load import Load, Record
+from bench.load import Load, Record, p99_ms
 from bench.record import markdown_tables, write_record
 from serving import lifecycle
 from serving.archive import build_archive
@@ -55,8 +55,7 @@ class Step:
         return Counter(r.version for r in self.records if r.status == 200)
 
     def p99_ms(self) -> float:
-        latencies = sorted(r.seconds for r in self.records)
-        return 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] if latencies else 0.0
+        return p99_ms(self.records) or 0.0
 
 
 def digits(count: int, data_dir: str | None) -> tuple[list[bytes], list[int]]:

@@ -22,7 +22,7 @@ import psutil
 import yaml
 
 from bench.inputs import bad_inputs
-from bench.load import Load, Sampler, digit_of, run_wrk, wrk_script
+from bench.load import Load, Sampler, digit_of, run_wrk, write_wrk_script
 from bench.report import ok_between, outcome_table, rss_mb
 from serving.archive import MODEL_CONFIG
 from serving.ports import host_port, port_is_free
@@ -197,9 +197,8 @@ def scenario_sigterm(h: Harness, under_load: float = 3, bound: float = 60) -> li
 
 
 def scenario_soak(h: Harness, seconds: int) -> list[str]:
-    script = h.work / "chaos.lua"
-    script.with_suffix(".txt").write_text("\n".join(str(p) for p in sorted((h.work / "digits").glob("*.png"))) + "\n")
-    script.write_text(wrk_script(script.with_suffix(".txt"), h.server.token("inference") or ""))
+    script = write_wrk_script(h.work / "chaos.lua", sorted((h.work / "digits").glob("*.png")),
+                              h.server.token("inference") or "")
     run_wrk(h.server, script, 8, 3)  # warm-up
     capacity = run_wrk(h.server, script, 64, 8)["rps"]
     target = 0.7 * capacity

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from bench.largest_images import worst_case_rows, worst_case_table
-from bench.load import Sampler, prerequisites_missing, run_wrk, write_digits, wrk_script
+from bench.load import Sampler, prerequisites_missing, run_wrk, write_digits, write_wrk_script
 from bench.record import markdown_tables, write_record
 from bench.report import machine_line, plot_serving, serving_table
 from serving.archive import build_archive
@@ -77,8 +77,7 @@ def bench_setup(label: str, server: TorchServe, script_path: Path, digits: list[
     rows = []
     server.start(timeout=180)
     try:
-        script_path.write_text(wrk_script(script_path.with_suffix(".txt"), server.token("inference") or ""))
-        script_path.with_suffix(".txt").write_text("\n".join(str(p) for p in digits) + "\n")
+        write_wrk_script(script_path, digits, server.token("inference") or "")
         run_wrk(server, script_path, 8, 3)  # warm-up, not reported
         pngs = [p.read_bytes() for p in digits]
         for c in concurrencies:

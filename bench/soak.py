@@ -35,8 +35,9 @@ import psutil
 import torch
 
 from bench.chaos import expected_digits
-from bench.load import Load, Record
+from bench.load import Load, Record, p99_ms
 from bench.record import markdown_tables, write_record
+from bench.report import worker_rss
 from bench.rollout import digits, serve_old_beside_new
 from bench.scenarios import CLIENT_TIMEOUT, say
 from bench.worst_cases import worst_cases
@@ -68,11 +69,6 @@ def offline_answers(checkpoint: Path, bodies: list[bytes]) -> list[int]:
     digits_ = expected_digits(checkpoint, torch.from_numpy(np.stack(list(arrays.values()))))
     answers = dict(zip(arrays, digits_, strict=True))
     return [answers.get(i, REFUSED) for i in range(len(bodies))]
-
-
-def worker_rss(server: TorchServe) -> dict[int, float]:
-    frontend = psutil.Process(server.running_pid())
-    return {p.pid: p.memory_info().rss / 2**20 for p in frontend.children(recursive=True)}
 
 
 def kill_youngest_worker(server: TorchServe, clock: Callable[[], float]) -> tuple[int, float]:
@@ -181,11 +177,6 @@ def count(soak: Soak, expected: list[int], ordinary: int) -> Counts:
                   in_batch, lost, growth)
 
 
-def p99_ms(records: list[Record]) -> float:
-    latencies = sorted(r.seconds for r in records)
-    return 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] if latencies else 0.0
-
-
 def report(soak: Soak, counts: Counts, clients: int, ordinary: int) -> list[str]:
     growth = max(counts.rss_growth.values(), default=float("nan"))
     rss = "; ".join(f"{soak.rss_start[p]:.0f} → {soak.rss_end[p]:.0f}" for p in counts.rss_growth)
@@ -201,8 +192,8 @@ def report(soak: Soak, counts: Counts, clients: int, ordinary: int) -> list[str]
         ("kill -9 of a worker", str(len(soak.kills)), "", ""),
         ("promote / rollback", ", ".join(soak.switches) or "none", "", ""),
         ("p99 latency, digits / worst-case images",
-         f"{p99_ms([r for r in soak.records if r.item < ordinary]):.0f} / "
-         f"{p99_ms([r for r in soak.records if r.item >= ordinary]):.0f} ms", "", ""),
+         f"{p99_ms(r for r in soak.records if r.item < ordinary) or 0.0:.0f} / "
+         f"{p99_ms(r for r in soak.records if r.item >= ordinary) or 0.0:.0f} ms", "", ""),
         ("RSS of the workers alive throughout (MB, after warm-up → end)", rss or "none survived", "", ""),
         ("largest RSS growth", f"{growth:+.1%}", f"≤ +{MAX_RSS_GROWTH:.0%}",
          _ok(bool(counts.rss_growth) and growth <= MAX_RSS_GROWTH)),

@@ -11,23 +11,16 @@ import io
 import struct
 import zlib
 from collections.abc import Callable
-from pathlib import Path
 
 import cv2
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
+from serving.server import template_value
 
-
-def max_request_bytes() -> int:
-    """TorchServe's max_request_size (configs/config.properties): nothing larger reaches a worker."""
-    props = dict(line.split("=", 1) for line in (ROOT / "configs" / "config.properties").read_text().splitlines()
-                 if "=" in line and not line.lstrip().startswith("#"))
-    return int(props.get("max_request_size", 6553500))
-
-
-MAX_REQUEST = max_request_bytes()
+# TorchServe's max_request_size (configs/config.properties; its own default where unset): nothing larger
+# reaches a worker.
+MAX_REQUEST = int(template_value("max_request_size") or 6553500)
 # Adam7's seven passes: (first row, first column, row step, column step)
 ADAM7 = ((0, 0, 8, 8), (0, 4, 8, 8), (4, 0, 8, 4), (0, 2, 4, 4), (2, 0, 4, 2), (0, 1, 2, 2), (1, 0, 2, 1))
 

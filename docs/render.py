@@ -27,7 +27,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # `python docs/render.py`: bench/ is not an installed package
-from bench.record import record_order  # noqa: E402  (one order of a day's records: first, -2, -3...)
+from bench.record import read_records  # noqa: E402  (a command's records, a day's in order: first, -2, -3...)
 
 RESULTS = ROOT / "results"
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs" / "pages").rglob("*.md"))]
@@ -75,9 +75,8 @@ def load(ref: str) -> dict[str, Any]:
 
 
 def native_records(command: str) -> list[dict[str, Any]]:
-    slug = re.sub(r"[^a-z0-9]+", "-", command.lower())
-    paths = sorted(RESULTS.glob(f"*-{slug}-*.json"), key=record_order, reverse=True)
-    return [load(p.relative_to(RESULTS).with_suffix("").as_posix()) for p in paths]
+    """`command`'s own records (not the imported ones), newest first."""
+    return [{**r, "file": f"results/{r['file']}"} for r in reversed(read_records(command, RESULTS))]
 
 
 def cell(value: Any) -> str:
@@ -152,11 +151,11 @@ def render_record(record: dict[str, Any], only: str | None) -> list[str]:
 def render_headline() -> list[str]:
     out = ["| result | figure | vs the same run's baseline | machine, date | command and record |",
            "|---|---|---|---|---|"]
-    imported = []
-    for what, ref, name, match, figure, ratio, *where_measured in HEADLINES:
+    imported = []  # row numbers
+    for number, (what, ref, name, match, figure, ratio, *where_measured) in enumerate(HEADLINES, 1):
         record = load(ref)
         if record.get("imported"):
-            imported.append(what)
+            imported.append(number)
         rows = [r for r in record["figures"]["tables"][name] if all(r.get(k) == v for k, v in match.items())]
         if len(rows) != 1:
             raise SystemExit(f"headline {what!r}: {len(rows)} rows of {ref} match {match}")
@@ -168,12 +167,7 @@ def render_headline() -> list[str]:
         out.append("| " + " | ".join(cell(x) for x in (
             what, row[figure], versus, f"{machine}; {(record['date'] or '')[:10] or 'date not stated'}",
             f"{command}; `{record['file']}`")) + " |")
-    if len(imported) == len(HEADLINES):
-        which = "All rows come"
-    elif imported == [h[0] for h in HEADLINES[1:]]:
-        which = "Every row but the first comes"
-    else:
-        which = f"{len(imported)} of the {len(HEADLINES)} rows come"
+    which = "All rows come" if len(imported) == len(HEADLINES) else f"Rows {', '.join(map(str, imported))} come"
     note = (f"*{which} from an earlier version of this project (imported from its README; the GPU row ran torch "
             "2.11): [Benchmarks](docs/pages/benchmarks.md) has every table and how to measure yours.*"
             if imported else "*[Benchmarks](docs/pages/benchmarks.md) has every table and how to measure yours.*")
