@@ -5,6 +5,11 @@ serves each in turn on free loopback ports and drives it with wrk at each concur
 machinery), in `--rounds` interleaved rounds: on a shared machine a neighbour's burst then lands on
 every setting alike. The question it answers: does a shorter batch delay, which spares a lone request
 the wait for a batch that will not come, cost throughput under load (where the queue fills batches anyway)?
+
+A delay of 0 cannot come from an archive: TorchServe 0.12 reads 0 there as unset and waits its default
+100 ms. It is served through a startup snapshot instead (config.properties' `model_snapshot`, as the
+KServe bundle starts), which TorchServe takes as it is. Each row says which batch size and delay the
+server reported (its describe-model answer), so a label can never claim a setting that did not serve.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from bench.record import markdown_tables, write_record
 from bench.report import machine_line
 from bench.serve import ROOT, bench_setup
 from serving.archive import build_archive
+from serving.kserve import model_snapshot
 from serving.server import TorchServe
 from serving.worker.variants import ARCHIVE_DEFAULT_VARIANT
 from training.checkpoint import load_checkpoint, model_from_checkpoint
@@ -34,30 +40,43 @@ LOW_LATENCY = ROOT / "configs" / "model-config-lowlatency.yaml"
 
 
 def setting_configs(delays: list[int], low_latency: bool, work: Path) -> dict[str, Path]:
-    """{label: model-config file}: the default file with each delay, and the low-latency profile as it is."""
+    """{label: model-config file}: the default file with each delay, and the low-latency profile as it is.
+    A delay of 0 is packed as the default file's own delay and served through a snapshot (`snapshot_delays`)."""
     base = yaml.safe_load(DEFAULT_CONFIG.read_text())
     configs = {}
     for delay in delays:
         path = work / f"model-config-delay{delay}.yaml"
-        path.write_text(yaml.safe_dump({**base, "maxBatchDelay": delay}))
-        configs[f"{base['minWorkers']} workers, batch {base['batchSize']}, delay {delay} ms"] = path
+        path.write_text(yaml.safe_dump({**base, "maxBatchDelay": delay or base["maxBatchDelay"]}))
+        how = " (startup snapshot)" if delay == 0 else ""
+        configs[f"{base['minWorkers']} workers, batch {base['batchSize']}, delay {delay} ms{how}"] = path
     if low_latency:
         configs["low-latency profile (1 worker, batch 1)"] = LOW_LATENCY
     return configs
 
 
+def snapshot_property(mar: Path, delay: int) -> dict[str, str]:
+    """config.properties' `model_snapshot` serving `mar` with the default settings and `delay` ms."""
+    snapshot = model_snapshot(mar)
+    for versions in snapshot["models"].values():
+        for entry in versions.values():
+            entry["maxBatchDelay"] = delay
+    return {"model_snapshot": json.dumps(snapshot, separators=(",", ":"))}
+
+
 def table(rows: list[dict]) -> str:
-    lines = ["| setting | round | conc. | req/s | p50 ms | p99 ms | errors | wrong answers |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['setup']} | {r['round']} | {r['concurrency']} | {r['rps']:,.0f} | {r['p50']:.1f} | "
-              f"{r['p99']:.1f} | {r['non2xx'] + r['socket_errors']} | {r['wrong']}/{r['checked']} |" for r in rows]
+    lines = ["| setting | served: batch, delay ms | round | conc. | req/s | p50 ms | p99 ms | errors | wrong answers |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['setup']} | {r['served']} | {r['round']} | {r['concurrency']} | {r['rps']:,.0f} | "
+              f"{r['p50']:.1f} | {r['p99']:.1f} | {r['non2xx'] + r['socket_errors']} | {r['wrong']}/{r['checked']} |"
+              for r in rows]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.serve_settings", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default="artifacts/model.pt", type=Path)
-    parser.add_argument("--delays", default="1,5", help="maxBatchDelay values (ms) of the default config")
+    parser.add_argument("--delays", default="0,1,5",
+                        help="maxBatchDelay values (ms) of the default config; 0 is served through a startup snapshot")
     parser.add_argument("--no-low-latency", action="store_true", help="leave the low-latency profile out")
     parser.add_argument("--concurrency", default="1,64")
     parser.add_argument("--seconds", type=int, default=8, help="per concurrency point")
@@ -75,17 +94,28 @@ def main(argv: list[str] | None = None) -> int:
         digits, images, _ = write_digits(work / "digits", 200, None)
         with torch.inference_mode():
             expected = model_from_checkpoint(load_checkpoint(args.checkpoint))(normalize(images)).argmax(1).tolist()
-        configs = setting_configs([int(d) for d in args.delays.split(",")], not args.no_low_latency, work)
-        stores = {}
+        delays = [int(d) for d in args.delays.split(",")]
+        configs = setting_configs(delays, not args.no_low_latency, work)
+        stores, extra = {}, {}
         for i, (label, config) in enumerate(configs.items()):
             stores[label] = work / f"store{i}"
-            build_archive(args.checkpoint, stores[label], "mnist", "1.0", args.variant, model_config=config)
+            built = build_archive(args.checkpoint, stores[label], "mnist", "1.0", args.variant, model_config=config)
+            if i < len(delays) and delays[i] == 0:
+                extra[label] = snapshot_property(built.path, 0)
+        served: dict[Path, str] = {}  # run directory: the batch size and delay its server reported
+
+        def describe(server: TorchServe) -> None:
+            info = server.describe()
+            served[server.run_dir] = f"{info['batchSize']}, {info['maxBatchDelay']}"
+
         for round_ in range(1, args.rounds + 1):
             for i, (label, store) in enumerate(stores.items()):
-                server = TorchServe.on_free_ports(work / f"run-{round_}-{i}", store)
+                server = TorchServe.on_free_ports(work / f"run-{round_}-{i}", store,
+                                                  extra_properties=extra.get(label, {}))
                 found = bench_setup(label, server, work / "settings.lua", digits, expected,
-                                    lambda body: json.loads(body)["digit"], concurrencies, args.seconds)
-                rows += [{**row, "round": round_} for row in found]
+                                    lambda body: json.loads(body)["digit"], concurrencies, args.seconds,
+                                    then=describe)
+                rows += [{**row, "served": served[server.run_dir], "round": round_} for row in found]
     text = table(rows)
     print(f"\n{machine_line()}\nat the end: load average {'/'.join(f'{x:.1f}' for x in os.getloadavg())}\n")
     print(text)

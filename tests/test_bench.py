@@ -92,12 +92,15 @@ def test_serve_settings_vary_only_the_batch_delay(tmp_path):
 
     from bench.serve_settings import DEFAULT_CONFIG, LOW_LATENCY, setting_configs
 
-    configs = setting_configs([1, 5], True, tmp_path)
+    configs = setting_configs([0, 1, 5], True, tmp_path)
     default = yaml.safe_load(DEFAULT_CONFIG.read_text())
-    written = [yaml.safe_load(path.read_text()) for path in list(configs.values())[:2]]
-    assert written == [{**default, "maxBatchDelay": 1}, {**default, "maxBatchDelay": 5}]
-    assert list(configs.values())[2] == LOW_LATENCY
-    assert next(iter(configs)) == f"{default['minWorkers']} workers, batch {default['batchSize']}, delay 1 ms"
+    written = [yaml.safe_load(path.read_text()) for path in list(configs.values())[:3]]
+    # An archive's 0 reads as unset in TorchServe: the 0 row packs the default's delay and is served by snapshot.
+    assert written == [default, {**default, "maxBatchDelay": 1}, {**default, "maxBatchDelay": 5}]
+    assert list(configs.values())[3] == LOW_LATENCY
+    assert list(configs)[:2] == [f"{default['minWorkers']} workers, batch {default['batchSize']}, delay 0 ms "
+                                 "(startup snapshot)",
+                                 f"{default['minWorkers']} workers, batch {default['batchSize']}, delay 1 ms"]
 
 
 @pytest.mark.slow

@@ -72,6 +72,18 @@ def test_bundle_is_what_the_runtime_reads(tiny_archive, tmp_path):
         assert "serving/worker/oip.py" in z.namelist()  # the handler's v2 codec travels in the archive
 
 
+def test_a_snapshot_can_carry_a_delay_an_archive_cannot(tiny_archive):
+    """bench.serve_settings serves `maxBatchDelay` 0 through the snapshot the bundle uses, changing only the delay."""
+    from bench.serve_settings import snapshot_property
+    from serving.kserve import model_snapshot
+
+    _, archive = tiny_archive
+    snapshot = json.loads(snapshot_property(archive.path, 0)["model_snapshot"])
+    expected = model_snapshot(archive.path)
+    expected["models"]["mnist"]["1.0"]["maxBatchDelay"] = 0
+    assert snapshot == expected
+
+
 def test_bundle_replaces_only_a_bundle_it_made(tiny_archive, tmp_path):
     """`--out model_store` (or `.`) once deleted that directory before writing the bundle into it."""
     store = tmp_path / "model_store"

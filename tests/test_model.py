@@ -75,13 +75,45 @@ def test_the_readme_states_the_deeper_members_size(config, size):
 
 
 def test_every_conv_is_followed_by_batch_norm_relu_and_pooling():
-    # The drift TorchServe's MNIST example suffered (a ReLU lost after conv2) would show here.
+    # The drift TorchServe's MNIST example suffered (a ReLU lost after conv2) would show here. A block's
+    # last ReLU runs after its pool (the same function: test_relu_after_the_pool_is_relu_before_it).
     layer_types = [[type(layer) for layer in block] for block in build_model().features]
-    assert layer_types == [[nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d]] * 2
+    assert layer_types == [[nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, nn.ReLU]] * 2
     assert [type(layer) for layer in build_model().classifier] == [nn.Flatten, nn.Linear, nn.ReLU, nn.Dropout,
                                                                     nn.Linear]
     deeper = [[type(layer) for layer in block] for block in build_model(ModelConfig(convs=2)).features]
-    assert deeper == [[nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d]] * 2
+    assert deeper == [[nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, nn.ReLU]] * 2
+
+
+def relu_before_pool(block: nn.Sequential) -> nn.Sequential:
+    """The block in the textbook order (… → ReLU → pool), sharing its layers."""
+    *body, pool, relu = block
+    assert isinstance(pool, nn.MaxPool2d) and isinstance(relu, nn.ReLU)
+    return nn.Sequential(*body, nn.ReLU(), pool)
+
+
+@pytest.mark.parametrize("config", [ModelConfig(conv1=8, conv2=16, hidden=32), ModelConfig(convs=2, conv1=8, conv2=16),
+                                    ModelConfig(batch_norm=False, conv1=8, conv2=16)],
+                         ids=["default", "two-convs", "no-batch-norm"])
+def test_relu_after_the_pool_is_relu_before_it(config):
+    """Max-pool and ReLU commute: the cheaper order computes the same outputs and the same gradients, bit
+    for bit, in training mode (batch statistics) and in eval, so checkpoints of either order are one model."""
+    torch.manual_seed(0)
+    model = build_model(config)
+    textbook = nn.Sequential(*(relu_before_pool(block) for block in model.features))
+    x = torch.randn(16, 1, 28, 28)
+    for train in (True, False):
+        model.train(train)
+        grads = []
+        for features in (model.features, textbook):
+            model.zero_grad(set_to_none=True)
+            out = model.classifier[1:2](features(x).flatten(1))  # dropout off: the same draw is not the point
+            out.square().sum().backward()
+            grads.append([p.grad.clone() for p in model.features.parameters()])
+            if features is model.features:
+                first = out.detach()
+        assert torch.equal(first, out.detach())
+        assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
 
 
 @pytest.mark.parametrize("convs", [1, 2])

@@ -27,20 +27,25 @@ class ModelConfig:
 
 def _conv_block(c_in: int, c_out: int, batch_norm: bool, convs: int = 1) -> nn.Sequential:
     """[conv → (batch norm) → ReLU] × convs → max-pool, as one flat Sequential (with convs=1 its
-    state-dict keys are those of every checkpoint written before `convs` existed)."""
+    state-dict keys are those of every checkpoint written before `convs` existed).
+
+    The last ReLU runs after the pool, on a quarter of the values: max-pool and ReLU commute (ReLU is
+    monotone), so outputs and gradients are those of ReLU → pool bit for bit, and so are the state-dict
+    keys (neither layer has parameters): any checkpoint loads into either order (tests/test_model.py)."""
     layers: list[nn.Module] = []
     for i in range(convs):
         # With batch norm after it, the conv's bias is redundant (BN's shift replaces it).
         layers.append(nn.Conv2d(c_in if i == 0 else c_out, c_out, 3, padding=1, bias=not batch_norm))
         if batch_norm:
             layers.append(nn.BatchNorm2d(c_out))
-        layers.append(nn.ReLU(inplace=True))
-    layers.append(nn.MaxPool2d(2))
+        if i < convs - 1:
+            layers.append(nn.ReLU(inplace=True))
+    layers += [nn.MaxPool2d(2), nn.ReLU(inplace=True)]
     return nn.Sequential(*layers)
 
 
 class Net(nn.Module):
-    """conv(1→32) → ReLU → pool → conv(32→64) → ReLU → pool → fc(64·7·7→128) → ReLU → fc(128→10).
+    """conv(1→32) → pool → ReLU → conv(32→64) → pool → ReLU → fc(64·7·7→128) → ReLU → fc(128→10).
 
     Batch norm after each conv when `batch_norm`; `convs` 3×3 convs per block (the first changes
     the width, the rest keep it).
