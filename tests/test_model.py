@@ -101,6 +101,9 @@ def test_relu_after_the_pool_is_relu_before_it(config):
     torch.manual_seed(0)
     model = build_model(config)
     textbook = nn.Sequential(*(relu_before_pool(block) for block in model.features))
+    # A checkpoint written in either order loads into the other: the parameters sit at the same indices.
+    assert {k: v.shape for k, v in textbook.state_dict().items()} == {
+        k: v.shape for k, v in model.features.state_dict().items()}
     x = torch.randn(16, 1, 28, 28)
     for train in (True, False):
         model.train(train)

@@ -26,12 +26,13 @@ class ModelConfig:
 
 
 def _conv_block(c_in: int, c_out: int, batch_norm: bool, convs: int = 1) -> nn.Sequential:
-    """[conv → (batch norm) → ReLU] × convs → max-pool, as one flat Sequential (with convs=1 its
-    state-dict keys are those of every checkpoint written before `convs` existed).
+    """[conv → (batch norm) → ReLU] × (convs − 1) → conv → (batch norm) → max-pool → ReLU, as one flat
+    Sequential (with convs=1 its state-dict keys are those of every checkpoint written before `convs` existed).
 
     The last ReLU runs after the pool, on a quarter of the values: max-pool and ReLU commute (ReLU is
     monotone), so outputs and gradients are those of ReLU → pool bit for bit, and so are the state-dict
-    keys (neither layer has parameters): any checkpoint loads into either order (tests/test_model.py)."""
+    keys (neither layer has parameters, so the convs and batch norms keep their indices): checkpoints of
+    either order load into the other (tests/test_model.py)."""
     layers: list[nn.Module] = []
     for i in range(convs):
         # With batch norm after it, the conv's bias is redundant (BN's shift replaces it).
