@@ -38,7 +38,7 @@ def test_an_unknown_key_is_an_error_that_names_it(updates, name):
 def test_the_error_for_an_unknown_nested_key_lists_the_nested_fields():
     with pytest.raises(ConfigError) as err:
         apply(TrainConfig(), {"model": {"bogus": 1}})
-    assert str(err.value).endswith("(known: batch_norm, conv1, conv2, convs, dropout, hidden, num_classes)")
+    assert str(err.value).endswith("(known: batch_norm, conv1, conv2, convs, dropout, hidden, num_classes, pool_first)")
 
 
 @pytest.mark.parametrize(
@@ -64,7 +64,7 @@ def test_values_are_coerced_to_the_field_type(updates, field, expected):
 
 def test_nested_values_are_coerced_too():
     cfg = apply(TrainConfig(), {"model": {"dropout": "0.25", "batch_norm": "false", "conv1": "16"}})
-    assert cfg.model == ModelConfig(dropout=0.25, batch_norm=False, conv1=16)
+    assert cfg.model == ModelConfig(dropout=0.25, batch_norm=False, conv1=16, pool_first=True)
     assert cfg.epochs == TrainConfig().epochs  # untouched fields keep their defaults
 
 

@@ -34,8 +34,8 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         for k in range(config.convs):
             conv = f"features.{block}.{k * per_conv}"
             shapes[f"{conv}.weight"] = (c_out, c_in if k == 0 else c_out, 3, 3)
-            if config.batch_norm:  # batch norm's shift replaces the conv's bias
-                bn = f"features.{block}.{k * per_conv + 1}"
+            if config.batch_norm:  # batch norm's shift replaces the conv's bias (after the pool: one further)
+                bn = f"features.{block}.{k * per_conv + 1 + (config.pool_first and k == config.convs - 1)}"
                 shapes[f"{bn}.weight"] = shapes[f"{bn}.bias"] = (c_out,)
             else:
                 shapes[f"{conv}.bias"] = (c_out,)
@@ -48,8 +48,10 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 @pytest.mark.parametrize("config", [
     ModelConfig(), ModelConfig(batch_norm=False), ModelConfig(conv1=8, conv2=16, hidden=32, num_classes=5),
-    ModelConfig(convs=2), ModelConfig(convs=3, batch_norm=False),
-], ids=["default", "no-batch-norm", "small", "two-convs", "three-convs-no-batch-norm"])
+    ModelConfig(convs=2), ModelConfig(convs=3, batch_norm=False), ModelConfig(pool_first=True),
+    ModelConfig(convs=2, pool_first=True),
+], ids=["default", "no-batch-norm", "small", "two-convs", "three-convs-no-batch-norm", "pool-first",
+        "two-convs-pool-first"])
 def test_every_parameter_has_the_shape_the_architecture_states(config):
     model = build_model(config)
     assert {name: tuple(p.shape) for name, p in model.named_parameters()} == expected_shapes(config)
@@ -83,6 +85,8 @@ def test_every_conv_is_followed_by_batch_norm_relu_and_pooling():
                                                                     nn.Linear]
     deeper = [[type(layer) for layer in block] for block in build_model(ModelConfig(convs=2)).features]
     assert deeper == [[nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, nn.ReLU]] * 2
+    pool_first = [[type(layer) for layer in block] for block in build_model(ModelConfig(pool_first=True)).features]
+    assert pool_first == [[nn.Conv2d, nn.MaxPool2d, nn.BatchNorm2d, nn.ReLU]] * 2
 
 
 def relu_before_pool(block: nn.Sequential) -> nn.Sequential:
@@ -119,10 +123,10 @@ def test_relu_after_the_pool_is_relu_before_it(config):
         assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
 
 
-@pytest.mark.parametrize("convs", [1, 2])
-def test_folding_batch_norm_keeps_the_function_and_leaves_no_batch_norm(convs):
+@pytest.mark.parametrize(("convs", "pool_first"), [(1, False), (2, False), (1, True), (2, True)])
+def test_folding_batch_norm_keeps_the_function_and_leaves_no_batch_norm(convs, pool_first):
     torch.manual_seed(0)
-    model = build_model(ModelConfig(conv1=8, conv2=16, hidden=32, convs=convs)).eval()
+    model = build_model(ModelConfig(conv1=8, conv2=16, hidden=32, convs=convs, pool_first=pool_first)).eval()
     for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):  # statistics far from identity
         bn.running_mean.uniform_(-0.5, 0.5)
         bn.running_var.uniform_(0.5, 2.0)
@@ -133,6 +137,21 @@ def test_folding_batch_norm_keeps_the_function_and_leaves_no_batch_norm(convs):
         torch.testing.assert_close(fused(x), expected, rtol=1e-4, atol=1e-5)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
     assert sum(isinstance(m, nn.Conv2d) for m in fused.modules()) == 2 * convs
+
+
+def test_a_batch_norm_after_the_pool_with_a_negative_scale_stays():
+    """max(a·x) = a·min(x) for a < 0: folding such a batch norm into the conv before the pool would change the
+    answers, so it stays, and the fused model still computes what the model does."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(conv1=8, conv2=16, hidden=32, pool_first=True)).eval()
+    second = model.features[1][2]
+    with torch.no_grad():
+        second.weight[3] = -0.5  # one channel of the second block's batch norm
+        x = torch.randn(4, 1, 28, 28)
+        expected = model(x)
+        fused = fuse_batch_norm(model)
+        torch.testing.assert_close(fused(x), expected, rtol=1e-4, atol=1e-5)
+    assert isinstance(model.features[0][2], nn.Identity) and model.features[1][2] is second
 
 
 def test_a_dict_config_builds_the_same_model_as_a_model_config():

@@ -23,7 +23,7 @@ class TrainConfig:
     out_dir: str = "artifacts"
     device: str = "auto"  # auto | cuda | mps | cpu
     seed: int = 0
-    epochs: int = 5
+    epochs: int = 4
     batch_size: int = 128  # per process; under torchrun the global batch is this × world size
     optimizer: str = "nesterov"  # sgd | nesterov | adam | adamw
     lr: float = 0.1  # peak learning rate
@@ -55,7 +55,8 @@ class TrainConfig:
     channels_last: bool = True
     compile: bool = False  # torch.compile the model (pays a one-off compile time)
     tensorboard: bool = True  # curves and misclassified digits in <out_dir>/runs/ (rank 0; `make tensorboard`)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    # pool_first: new runs train it; ModelConfig's own default (False) is what older checkpoints hold.
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(pool_first=True))
 
     def validate(self) -> None:
         choices = {"device": ("auto", "cuda", "mps", "cpu"), "optimizer": ("sgd", "nesterov", "adam", "adamw"),
