@@ -38,7 +38,7 @@ MARKER = re.compile(r"(<!-- results: (?P<spec>[^>]*?) -->\n)(?P<body>.*?)(<!-- /
 # Each row must name a figure measured against a baseline of the same run.
 HEADLINES = [
     ("Test accuracy of the default config, 3 seeds (bf16 autocast on this CPU)",
-     "2026-12-07-bench-train-avx512-vnni-2", "time to accuracy", {"config": "default"}, "test accuracy (%)", "s total"),
+     "2026-12-07-bench-train-avx512-vnni-3", "time to accuracy", {"config": "default"}, "test accuracy (%)", "s total"),
     ("Served req/s at 64 connections through TorchServe", "imported/2026-11-28-bench-serve-full-run", "served",
      {"setup": "project", "conc.": "64"}, "req/s", "vs baseline"),
     ("Wild digits: all 13 transforms, first 1000 test digits each", "imported/undated-eval-wild-wild", "transforms",
