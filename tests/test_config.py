@@ -208,3 +208,17 @@ def test_every_shipped_train_config_loads(name):
     # `make train CONFIG=configs/<name>` must not fail on an unknown key or a bad value.
     cfg = cfglib.apply(TrainConfig(), cfglib.load_yaml(CONFIGS / name))
     cfg.model.validate()
+
+
+def test_a_run_saved_before_pool_first_resumes_and_finetunes_with_batch_norm_before_the_pool(tmp_path):
+    """Finetune, --resume and ensemble reuse rebuild a run from its saved train_config: one saved before
+    `model.pool_first` existed holds weights for batch norm before the pool, whatever today's default is."""
+    from training.run_files import resume_config
+    from training.train_config import saved_base
+
+    old = cfglib.to_dict(TrainConfig())
+    del old["model"]["pool_first"]
+    assert TrainConfig().model.pool_first  # today's default
+    assert cfglib.apply(saved_base(), old).model.pool_first is False
+    assert resume_config(tmp_path / "last.pt", old, TrainConfig(), {}).model.pool_first is False
+    assert cfglib.apply(saved_base(), cfglib.to_dict(TrainConfig())).model.pool_first is True

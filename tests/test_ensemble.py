@@ -50,10 +50,10 @@ def one_by_one(nets: list[Net], x: torch.Tensor, temperatures: list[float]) -> t
         return torch.stack([torch.softmax(m(x) / t, 1) for m, t in zip(nets, temperatures, strict=True)]).mean(0)
 
 
-@pytest.mark.parametrize("convs", [1, 2])
+@pytest.mark.parametrize(("convs", "pool_first"), [(1, False), (2, False), (1, True)])
 @pytest.mark.parametrize("method", METHODS)
-def test_each_batched_forward_averages_the_members_calibrated_probabilities(method, convs):
-    nets = members(config=dataclasses.replace(SMALL, convs=convs))
+def test_each_batched_forward_averages_the_members_calibrated_probabilities(method, convs, pool_first):
+    nets = members(config=dataclasses.replace(SMALL, convs=convs, pool_first=pool_first))
     x = normalize(torch.randint(0, 256, (16, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)))
     with torch.inference_mode():
         out = build_ensemble(nets, TEMPERATURES, method)(x)
@@ -88,6 +88,11 @@ def test_a_grouped_forward_needs_one_architecture_and_temperatures_must_be_posit
         build_ensemble(members(2), [1.0, 0.0])
     with pytest.raises(EnsembleError, match="at least one"):
         build_ensemble([])
+    pool_first = members(2, dataclasses.replace(SMALL, pool_first=True))
+    with torch.no_grad():
+        pool_first[1].features[1][2].weight[0] = -1.0  # max(-x) = -min(x): cannot fold into the conv
+    with pytest.raises(EnsembleError, match="negative scale.*model.pool_first false"):
+        GroupedEnsemble(pool_first)
 
 
 @pytest.mark.slow

@@ -23,7 +23,7 @@ from training.core.model import Net
 from training.distributed import Dist
 from training.metrics import plot_confusion, plot_curves
 from training.splits import Splits
-from training.train_config import TrainConfig
+from training.train_config import TrainConfig, saved_base
 from training.trust import fit_trust
 
 
@@ -67,7 +67,7 @@ RESUME_MAY_CHANGE = ("data_dir", "out_dir", "device", "threads")
 def resume_config(last: Path, saved: dict[str, Any], cfg: TrainConfig, flags: dict[str, Any]) -> TrainConfig:
     """The config saved in last.pt, with the directories of `cfg`; `flags` (given on the command line,
     dotted name → value) may also change the device and thread count, and must agree on the rest."""
-    resumed = cfglib.apply(TrainConfig(), {**saved, "out_dir": cfg.out_dir, "data_dir": cfg.data_dir})
+    resumed = cfglib.apply(saved_base(), {**saved, "out_dir": cfg.out_dir, "data_dir": cfg.data_dir})
     mine, theirs = cfglib.to_dict(cfg), cfglib.to_dict(resumed)
 
     def value(config: dict, dotted: str) -> Any:

@@ -55,7 +55,7 @@ class TrainConfig:
     channels_last: bool = True
     compile: bool = False  # torch.compile the model (pays a one-off compile time)
     tensorboard: bool = True  # curves and misclassified digits in <out_dir>/runs/ (rank 0; `make tensorboard`)
-    # pool_first: new runs train it; ModelConfig's own default (False) is what older checkpoints hold.
+    # pool_first: new runs train it; ModelConfig's own default (False) is what older runs trained (saved_base).
     model: ModelConfig = field(default_factory=lambda: ModelConfig(pool_first=True))
 
     def validate(self) -> None:
@@ -84,3 +84,10 @@ def from_command_line(args, path: str) -> TrainConfig:
     if "MNIST_DIR" in os.environ and args.__dict__.get("cfg:data_dir") is None:
         cfg = cfglib.apply(cfg, {"data_dir": str(data_dir())})  # training/data.py: $MNIST_DIR
     return cfg
+
+
+def saved_base() -> TrainConfig:
+    """What a run's saved train_config is applied onto (finetune, --resume, ensemble reuse): a field the run
+    predates takes its default, except the architecture's, which takes ModelConfig's own (a run saved
+    before `model.pool_first` existed trained batch norm before the pool, and its weights fit only that)."""
+    return TrainConfig(model=ModelConfig())

@@ -118,7 +118,8 @@ class GroupedEnsemble(nn.Module):
         fused = [fuse_batch_norm(copy.deepcopy(m).eval()) for m in members]
         if any(isinstance(layer, nn.BatchNorm2d) for m in fused for layer in m.modules()):
             # Only a batch norm after a pool with a negative scale stays (training.core.model.fuse_batch_norm).
-            raise EnsembleError("a member's batch norm cannot fold into its conv: combine with --method vmap or loop")
+            raise EnsembleError("a member's batch norm after its pool has a negative scale and cannot fold into its "
+                                "conv, which the grouped ensemble needs: train the members with model.pool_first false")
         # blocks[b][k] = conv k of block b, one (weight, bias) per member.
         blocks = [list(zip(*(_conv_biases(m.features[b]) for m in fused), strict=True))
                   for b in range(len(fused[0].features))]

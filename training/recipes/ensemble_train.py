@@ -39,7 +39,7 @@ from training.data import DataError, data_dir, load_split
 from training.loop import fit
 from training.metrics import summarize
 from training.run_options import RunOptions
-from training.train_config import DEFAULT_CONFIG, TrainConfig
+from training.train_config import DEFAULT_CONFIG, TrainConfig, saved_base
 
 DEFAULT_OUT = Path("artifacts") / "ensemble"
 
@@ -57,8 +57,8 @@ def trained_with(cfg: TrainConfig) -> bool:
         saved = load_checkpoint(path)["train_config"]
     except (CheckpointError, KeyError):
         return False
-    try:  # fields added since it was trained take their defaults, which is how it was trained
-        saved = cfglib.to_dict(cfglib.apply(TrainConfig(), saved))
+    try:  # fields added since it was trained take their defaults (the architecture: as it was trained)
+        saved = cfglib.to_dict(cfglib.apply(saved_base(), saved))
     except ValueError:
         return False
     # Where the data was read from and the outputs went do not change the model.

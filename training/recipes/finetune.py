@@ -32,7 +32,7 @@ from training.feedback.store import DB_HELP, FeedbackStore, FeedbackStoreError, 
 from training.loop import fit
 from training.run_options import Hooks, RunOptions
 from training.splits import Splits
-from training.train_config import TrainConfig
+from training.train_config import saved_base
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ def finetune(base_path: Path, rows: list[Feedback], out: Path, options: Finetune
         raise FinetuneError(f"no digit corrections to train on ({len(rows)} rows, {len(held)} held out): "
                             "correct some answers on the page (`make ui`) or through the feedback API first")
     images, labels = (torch.from_numpy(a) for a in images_and_labels(train_rows))
-    cfg = cfglib.apply(TrainConfig(), {**base["train_config"], "data_dir": data, "out_dir": str(out),
+    cfg = cfglib.apply(saved_base(), {**base["train_config"], "data_dir": data, "out_dir": str(out),
                                        "epochs": options.epochs, "lr": options.lr, "schedule": "cosine",
                                        "seed": options.seed, "device": device, "tensorboard": False,
                                        "early_stop": 0, "train_limit": 0, "test_limit": 0})
