@@ -91,7 +91,7 @@ def test_a_grouped_forward_needs_one_architecture_and_temperatures_must_be_posit
     pool_first = members(2, dataclasses.replace(SMALL, pool_first=True))
     with torch.no_grad():
         pool_first[1].features[1][2].weight[0] = -1.0  # max(-x) = -min(x): cannot fold into the conv
-    with pytest.raises(EnsembleError, match="negative scale.*model.pool_first false"):
+    with pytest.raises(EnsembleError, match=r"negative scale.*model\.pool_first false"):
         GroupedEnsemble(pool_first)
 
 
