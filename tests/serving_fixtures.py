@@ -44,8 +44,12 @@ TINY_MODEL = ModelConfig(conv1=4, conv2=8, hidden=16, dropout=0.0)
 # foot and a crossbar as digit strokes before it learns much else, and its "not a digit" detector
 # (threshold from 500 digits) then passes a flip-flop and, with the broad pen, 30% of Fashion-MNIST
 # (69.5% rejected, 100.0% without). tests/test_fonts.py trains this slice with them on its own.
+# Batch norm before the pool (model.pool_first false): so brief a run of the pool-first default passed a
+# Fashion-MNIST sandal as a digit (tests/test_explanations.py), though the fully trained default rejects
+# more of Fashion-MNIST than the model before it (`make trust-eval`). Pool-first models are served in every
+# exact variant by tests/test_handler.py's architecture test, and trained by tests/test_fonts.py.
 TRAIN_SLICE = {"device": "cpu", "epochs": 2, "train_limit": 12_000, "val_size": 500, "test_limit": 1000,
-               "threads": 1, "amp": False, "printed_strokes": 0.0, "broad_pen": 0.0}
+               "threads": 1, "amp": False, "printed_strokes": 0.0, "broad_pen": 0.0, "model": {"pool_first": False}}
 
 
 def encode_png(image: np.ndarray | torch.Tensor) -> bytes:

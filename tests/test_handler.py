@@ -415,10 +415,13 @@ def test_a_variant_that_answers_unlike_fp32_is_refused_at_load(variant, trained_
         InProcessWorker(model_dir)
 
 
+@pytest.mark.parametrize("architecture", [{"convs": 2}, {"pool_first": True}], ids=["two-convs", "pool-first"])
 @pytest.mark.parametrize("variant", ["eager", "fused", "onnx", "int8"])
-def test_a_two_convs_per_block_model_serves_in_every_exact_variant(variant, tmp_path, mnist_test_images, mnist_pngs):
-    # Net(convs=2) goes through the same archive and handler; fused folds all four batch norms.
-    checkpoint = save_tiny_checkpoint(tmp_path / "model.pt", model=dataclasses.replace(TINY_MODEL, convs=2))
+def test_other_architectures_serve_in_every_exact_variant(variant, architecture, tmp_path, mnist_test_images,
+                                                          mnist_pngs):
+    # Net(convs=2) and Net(pool_first) go through the same archive and handler; fused folds every batch norm
+    # (an untrained pool-first batch norm scales by a positive factor: it folds across the pool).
+    checkpoint = save_tiny_checkpoint(tmp_path / "model.pt", model=dataclasses.replace(TINY_MODEL, **architecture))
     model_dir = unpack(build_archive(checkpoint, tmp_path / "store", "mnist", "1.0", variant).path, tmp_path / "model")
     if variant == "int8":  # an untrained model's int8 answers are noise (the self-check refuses to serve such a
         # file: test_a_variant_that_answers_unlike_fp32_is_refused_at_load); here: its weights fit in 7 bits
