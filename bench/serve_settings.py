@@ -41,7 +41,7 @@ LOW_LATENCY = ROOT / "configs" / "model-config-lowlatency.yaml"
 
 def setting_configs(delays: list[int], low_latency: bool, work: Path) -> dict[str, Path]:
     """{label: model-config file}: the default file with each delay, and the low-latency profile as it is.
-    A delay of 0 is packed as the default file's own delay and served through a snapshot (`snapshot_delays`)."""
+    A delay of 0 is packed as the default file's own delay and served through a snapshot (`snapshot_property`)."""
     base = yaml.safe_load(DEFAULT_CONFIG.read_text())
     configs = {}
     for delay in delays:
@@ -56,11 +56,7 @@ def setting_configs(delays: list[int], low_latency: bool, work: Path) -> dict[st
 
 def snapshot_property(mar: Path, delay: int) -> dict[str, str]:
     """config.properties' `model_snapshot` serving `mar` with the default settings and `delay` ms."""
-    snapshot = model_snapshot(mar)
-    for versions in snapshot["models"].values():
-        for entry in versions.values():
-            entry["maxBatchDelay"] = delay
-    return {"model_snapshot": json.dumps(snapshot, separators=(",", ":"))}
+    return {"model_snapshot": json.dumps(model_snapshot(mar, max_batch_delay=delay), separators=(",", ":"))}
 
 
 def table(rows: list[dict]) -> str:
@@ -96,11 +92,13 @@ def main(argv: list[str] | None = None) -> int:
             expected = model_from_checkpoint(load_checkpoint(args.checkpoint))(normalize(images)).argmax(1).tolist()
         delays = [int(d) for d in args.delays.split(",")]
         configs = setting_configs(delays, not args.no_low_latency, work)
+        # The delays' labels come first (then the low-latency profile's): a delay of 0 is served by snapshot.
+        by_snapshot = {label for label, delay in zip(configs, delays, strict=False) if delay == 0}
         stores, extra = {}, {}
         for i, (label, config) in enumerate(configs.items()):
             stores[label] = work / f"store{i}"
             built = build_archive(args.checkpoint, stores[label], "mnist", "1.0", args.variant, model_config=config)
-            if i < len(delays) and delays[i] == 0:
+            if label in by_snapshot:
                 extra[label] = snapshot_property(built.path, 0)
         served: dict[Path, str] = {}  # run directory: the batch size and delay its server reported
 

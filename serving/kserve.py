@@ -50,8 +50,9 @@ def read_properties(path: Path) -> dict[str, str]:
     return {k.strip(): v.strip() for k, v in pairs}
 
 
-def model_snapshot(mar: Path, batch_size: int | None = None) -> dict:
-    """TorchServe's startup snapshot for one archive: which model to load, with what workers and batching."""
+def model_snapshot(mar: Path, batch_size: int | None = None, max_batch_delay: int | None = None) -> dict:
+    """TorchServe's startup snapshot for one archive: which model to load, with what workers and batching.
+    `max_batch_delay` may be 0, which a snapshot carries and an archive cannot (bench/serve_settings.py)."""
     model = manifest(mar)
     if model is None:
         raise BundleError(f"{mar} is not a readable model archive (no MAR-INF/MANIFEST.json)")
@@ -59,6 +60,8 @@ def model_snapshot(mar: Path, batch_size: int | None = None) -> dict:
     entry = {"defaultVersion": True, "marName": mar.name, **{k: settings[k] for k in SNAPSHOT_KEYS}}
     if batch_size is not None:  # GPU replicas batch more (configs/model-config.yaml)
         entry["batchSize"] = batch_size
+    if max_batch_delay is not None:
+        entry["maxBatchDelay"] = max_batch_delay
     return {"name": "startup.cfg", "modelCount": 1, "models": {model["modelName"]: {model["modelVersion"]: entry}}}
 
 
