@@ -237,6 +237,11 @@ def test_a_slow_client_is_cut_off_and_extra_clients_are_told_busy(no_torchserve_
         page, b"POST /api/predict HTTP/1.1\r\n" + host + b"Content-Type: image/png\r\nContent-Length: 100\r\n\r\n"
         + b"x" * 10))
     assert (status, answer["kind"]) == (408, "client")
+    # The 408's thread may still be closing: it would take one of the two places. The slow clients below are
+    # then given 60 s per read (each connection reads the setting when it starts), so that a loaded machine
+    # cannot end them before the third client is refused; closing them ends their threads.
+    wait_until(lambda: page.busy_clients() == 0)
+    page.client_timeout = 60
     slow = [socket.create_connection(page.server_address[:2], timeout=10) for _ in range(2)]
     try:
         for sock in slow:  # headers that never end, in two handler threads: the limit
@@ -249,6 +254,12 @@ def test_a_slow_client_is_cut_off_and_extra_clients_are_told_busy(no_torchserve_
             sock.close()
     wait_until(lambda: page.busy_clients() == 0)
     assert raw_exchange(page, b"GET /healthz HTTP/1.1\r\n" + host + b"\r\n").startswith(b"HTTP/1.0 200 ")
+    # Back to 1 s: headers that never end are cut off (the connection closed, no answer), the thread freed.
+    page.client_timeout = 1
+    with socket.create_connection(page.server_address[:2], timeout=30) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\n" + host)
+        assert sock.recv(65536) == b""
+    wait_until(lambda: page.busy_clients() == 0)
 
 
 def wait_until(condition, timeout: float = 30) -> None:
