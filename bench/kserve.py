@@ -31,7 +31,7 @@ from bench.record import markdown_tables, write_record
 from bench.report import machine_line
 from serving.archive import build_archive
 from serving.kserve import build_bundle, start_local
-from serving.ports import free_port
+from serving.ports import free_ports
 from training.checkpoint import load_checkpoint, model_from_checkpoint
 from training.core.tensors import normalize
 
@@ -61,9 +61,9 @@ def check_answers(url: str, bodies: list[Path], expected: list[int], label: str)
 
 
 def start_predictor(archive: Path, log: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
+    port, grpc_port = free_ports(2)
     cmd = [sys.executable, "-m", "serving.predictor", "--archive", str(archive), "--http_port", str(port),
-           "--grpc_port", str(free_port())]
+           "--grpc_port", str(grpc_port)]
     process = subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT,
                                env={**os.environ, "PYTHONPATH": str(ROOT)})
     url = f"http://127.0.0.1:{port}"

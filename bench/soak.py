@@ -47,7 +47,7 @@ from training.core.inputs.preprocess import PreprocessError, preprocess_bytes
 
 REFUSED = -2  # the offline answer for an input the handler refuses with a 400
 MAX_RSS_GROWTH = 0.10
-KILL_NOTICED = 1.0  # s
+KILL_NOTICED = 3.0  # s: a loaded machine's frontend may take a while to see the socket close
 
 
 @dataclass

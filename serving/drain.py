@@ -90,21 +90,35 @@ def pending(management: str) -> int:
 
 def drain(management: str, metrics: str, marker: Path, settle: float, quiet: float, timeout: float,
           say=print) -> float:
-    """Mark draining, keep serving `settle` s, then wait until idle for `quiet` s; return the idle wait."""
+    """Mark draining, keep serving `settle` s, then wait until idle for `quiet` s; return the idle wait.
+    A question TorchServe does not answer in time (a busy pod) counts as not idle yet, not as an error:
+    giving up early would let SIGTERM cut the requests in flight."""
     marker.touch()
     say(f"drain: readiness now fails; serving on for {settle:.0f} s while endpoints update")
     time.sleep(settle)
-    start = time.monotonic()
-    last, idle_since = requests_received(metrics), time.monotonic()
+    start, unanswered = time.monotonic(), False
+
+    def load() -> tuple[float, int] | None:
+        nonlocal unanswered
+        try:
+            answer, unanswered = (requests_received(metrics), pending(management)), False
+            return answer
+        except DrainError as err:
+            if not unanswered:
+                say(f"drain: {err}; asking again")
+            unanswered = True
+            return None
+
+    last, idle_since = load(), time.monotonic()
     while time.monotonic() - start < timeout:
         time.sleep(0.2)
-        now = requests_received(metrics)
-        if now != last or pending(management):
+        now = load()
+        if now is None or last is None or now[0] != last[0] or now[1]:
             last, idle_since = now, time.monotonic()
         elif time.monotonic() - idle_since >= quiet:
             say(f"drain: idle for {quiet:.1f} s after {time.monotonic() - start:.1f} s: ready for SIGTERM")
             return time.monotonic() - start
-    say(f"drain: still receiving requests after {timeout:.0f} s: giving up, SIGTERM follows")
+    say(f"drain: not idle after {timeout:.0f} s (requests still arriving, or no answer): giving up, SIGTERM follows")
     return time.monotonic() - start
 
 

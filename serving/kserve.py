@@ -22,7 +22,8 @@ from pathlib import Path
 
 import yaml
 
-from serving.server import ServerError, TorchServe, copy_verified, free_port, verify_checksum
+from serving.ports import free_ports
+from serving.server import ServerError, TorchServe, copy_verified, verify_checksum
 from serving.signing import verify_archive
 from serving.store import archive_to_serve, manifest
 from training.cli import ArgumentParser
@@ -111,13 +112,13 @@ def start_local(bundle: Path, run_dir: Path, envelope: str | None = "kservev2", 
     request decoding, the runtime's TS_SERVICE_ENVELOPE), moved to free loopback ports and run_dir."""
     props = read_properties(bundle / "config" / "config.properties")
     model_name = next(iter(json.loads(props["model_snapshot"])["models"]))
-    port = free_port()  # inference and management share one port, as in the bundle
+    port, metrics, grpc, grpc_management = free_ports(4)  # inference and management share one port, as in the bundle
     tmp = run_dir / "tmp"
     tmp.mkdir(parents=True, exist_ok=True)
     local = {
         "inference_address": f"http://127.0.0.1:{port}", "management_address": f"http://127.0.0.1:{port}",
-        "metrics_address": f"http://127.0.0.1:{free_port()}",
-        "grpc_inference_port": str(free_port()), "grpc_management_port": str(free_port()),
+        "metrics_address": f"http://127.0.0.1:{metrics}",
+        "grpc_inference_port": str(grpc), "grpc_management_port": str(grpc_management),
         "model_store": str((bundle / "model-store").resolve()),
         "metrics_config": str((bundle / "config" / "metrics.yaml").resolve()),
         "vmargs": f"{props['vmargs']} -Djava.io.tmpdir={tmp.resolve()}",

@@ -25,7 +25,7 @@ import psutil
 from serving.client import ROOT, ServerClient
 from serving.errors import ServerError
 from serving.java import check_java
-from serving.ports import DEFAULT_ADDRESSES, DEFAULT_GRPC_PORTS, free_port, host_port, port_is_free
+from serving.ports import DEFAULT_ADDRESSES, DEFAULT_GRPC_PORTS, free_port, free_ports, host_port, port_is_free
 from serving.signing import verified_copy, verify_archive
 from serving.store import archive_to_serve
 from training.data import sha256_of
@@ -51,9 +51,10 @@ class TorchServe(ServerClient):
     @classmethod
     def on_free_ports(cls, run_dir: Path, model_store: Path, **kwargs: Any) -> TorchServe:
         """A server on free loopback ports: for tests and benchmarks beside any other TorchServe."""
+        ports = iter(free_ports(len(DEFAULT_ADDRESSES) + len(DEFAULT_GRPC_PORTS)))
         return cls(run_dir=run_dir, model_store=model_store,
-                   addresses={k: f"http://127.0.0.1:{free_port()}" for k in DEFAULT_ADDRESSES},
-                   grpc_ports={k: free_port() for k in DEFAULT_GRPC_PORTS}, **kwargs)
+                   addresses={k: f"http://127.0.0.1:{next(ports)}" for k in DEFAULT_ADDRESSES},
+                   grpc_ports={k: next(ports) for k in DEFAULT_GRPC_PORTS}, **kwargs)
 
     @property
     def served_store(self) -> Path:

@@ -87,7 +87,7 @@ def failing_replace(monkeypatch, fail_on: int) -> list:
     return calls
 
 
-def settled(read, quiet: float = 1.5, timeout: float = 20.0):
+def settled(read, quiet: float = 3.0, timeout: float = 30.0):
     """`read()` once its value has not changed for `quiet` seconds. The handler emits its counters at most
     once a second (serving/worker/metric_buffer.py), so counts that earlier requests left pending land in that
     time: a test that reads a counter before its own requests must wait for them first."""

@@ -20,6 +20,7 @@ import pytest
 
 from serving import drain
 from serving.kserve import build_bundle, start_local
+from serving.ports import free_port
 
 pytest.register_assert_rewrite("serving_fixtures")
 pytest_plugins = ["serving_fixtures"]
@@ -73,12 +74,15 @@ class Traffic:
 
 
 def balancer(traffic: Traffic, management: str, marker: Path) -> None:
-    """Route to the pod while its readiness passes; stop PROPAGATION s after it fails."""
+    """Route to the pod while its readiness passes; stop PROPAGATION s after it fails. As Kubernetes'
+    failureThreshold (3) does, a probe TorchServe is too busy to answer in time fails only thrice in a row."""
+    unanswered = 0
     while not traffic.done.is_set():
         try:
-            reason = drain.not_ready_reason(management, marker)
+            reason, unanswered = drain.not_ready_reason(management, marker), 0
         except drain.DrainError as err:
-            reason = str(err)
+            unanswered += 1
+            reason = str(err) if unanswered >= 3 else None
         if reason is not None:
             time.sleep(PROPAGATION)
             traffic.in_rotation.clear()
@@ -134,3 +138,15 @@ def test_sigterm_without_drain_is_what_the_drain_prevents(bundle, tmp_path):
     """The baseline, measured rather than assumed: clients still routed to the pod at SIGTERM."""
     result = sigterm_under_load(bundle, tmp_path, with_drain=False)
     assert result["ok"] > 0 and result["failed"] > 0, result
+
+
+def test_a_torchserve_that_does_not_answer_is_waited_for_not_an_error(tmp_path):
+    """The preStop hook asks TorchServe for its load; a busy pod may not answer in time. That is not a
+    reason to give up early (SIGTERM would cut what is in flight): it asks again until its timeout."""
+    nothing = f"http://127.0.0.1:{free_port()}"  # no TorchServe listens here
+    said: list[str] = []
+    waited = drain.drain(nothing, nothing, tmp_path / "draining", settle=0, quiet=0.2, timeout=1, say=said.append)
+    assert waited >= 1
+    assert (tmp_path / "draining").exists()
+    assert [line.split(":")[0] + ": " + line.rsplit("; ", 1)[-1] for line in said[1:-1]] == ["drain: asking again"]
+    assert said[-1] == "drain: not idle after 1 s (requests still arriving, or no answer): giving up, SIGTERM follows"

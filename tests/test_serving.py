@@ -31,7 +31,8 @@ import yaml
 
 from bench.inputs import handler_rejections
 from serving.drain import parse_samples
-from serving.server import ServerError, TorchServe, free_port, make_private_dir
+from serving.ports import free_ports
+from serving.server import ServerError, TorchServe, make_private_dir
 
 # Shared fixtures (tiny_archive, trained_archive, trained_checkpoint) load as a plugin, so each
 # exists once per session; helpers are imported by name, after registering for assert rewriting.
@@ -44,7 +45,8 @@ UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}
 
 
 def loopback_addresses() -> dict[str, str]:
-    return {kind: f"http://127.0.0.1:{free_port()}" for kind in ("inference", "management", "metrics")}
+    ports = iter(free_ports(3))
+    return {kind: f"http://127.0.0.1:{next(ports)}" for kind in ("inference", "management", "metrics")}
 
 
 def call(url: str, data: bytes | None = None, headers: dict[str, str] | None = None,

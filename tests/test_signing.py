@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from serving import signing
-from serving.server import TorchServe, free_port
+from serving.server import TorchServe
 from serving.signing import SignatureError, fingerprint, keygen, sign_archive, trusted_keys, verify_archive
 
 pytest.register_assert_rewrite("serving_fixtures")
@@ -35,8 +35,7 @@ def no_java(tmp_path, monkeypatch):
 
 
 def server_over(store: Path, run_dir: Path) -> TorchServe:
-    return TorchServe(run_dir=run_dir, model_store=store,
-                      addresses={k: f"http://127.0.0.1:{free_port()}" for k in ("inference", "management", "metrics")})
+    return TorchServe.on_free_ports(run_dir, store)
 
 
 def refusal(store: Path, run_dir: Path) -> str:
