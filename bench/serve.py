@@ -48,8 +48,15 @@ class MNISTDigitClassifier(ImageClassifier):
     def postprocess(self, data):
         return data.argmax(1).tolist()
 '''
-# BaseHandler wants exactly one class defined in the model file: the same network, same weights.
-BASELINE_MODEL = "from training.core.model import Net\n\n\nclass MNISTNet(Net):\n    pass\n"
+# BaseHandler wants exactly one class defined in the model file, built without arguments: the same
+# network (the checkpoint's model config written in), same weights.
+BASELINE_MODEL = """from training.core.model import ModelConfig, Net
+
+
+class MNISTNet(Net):
+    def __init__(self):
+        super().__init__(ModelConfig(**{config!r}))
+"""
 
 def baseline_archive(checkpoint: Path, store: Path, work: Path) -> None:
     """The same weights packaged the way TorchServe's MNIST example does it."""
@@ -59,7 +66,7 @@ def baseline_archive(checkpoint: Path, store: Path, work: Path) -> None:
     (work / "extra" / "training" / "__init__.py").write_text("")
     (work / "extra" / "training" / "core" / "__init__.py").write_text("")
     (work / "mnist_handler.py").write_text(BASELINE_HANDLER)
-    (work / "mnist.py").write_text(BASELINE_MODEL)
+    (work / "mnist.py").write_text(BASELINE_MODEL.format(config=dict(ckpt["model_config"])))
     torch.save(ckpt["state_dict"], work / "weights.pt")
     subprocess.run([sys.executable, "-m", "model_archiver.model_packaging", "--model-name", "baseline",
                     "--version", "1.0", "--model-file", str(work / "mnist.py"),

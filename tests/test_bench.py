@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from bench import models
 from bench.plain import plain_net
 from bench.report import serving_table
+from bench.serve import baseline_archive
 from bench.train import goals, table
-from training.checkpoint import load_checkpoint
+from training.checkpoint import atomic_save, load_checkpoint, make_checkpoint
+from training.core.model import ModelConfig, Net
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -119,3 +125,33 @@ def test_the_largest_images_are_accepted_and_fit_the_frontend_limit(mnist_test_i
         assert side * side <= MAX_PIXELS, fmt
         assert load_image(body).ndim == 2, fmt  # accepted (a decoder may reduce a large image while decoding)
     assert int(found["PNG"][0].split("x")[0]) ** 2 == MAX_PIXELS  # compressible formats reach the pixel limit
+
+
+def test_the_baseline_archive_builds_the_checkpoints_own_network(tmp_path):
+    """bench-serve's baseline (TorchServe's MNIST example) packs a model file whose class TorchServe builds
+    without arguments: it must carry the checkpoint's model config. With the default one, the pool-first
+    network that `make train` writes did not load (missing and unexpected batch-norm keys)."""
+    torch.manual_seed(0)
+    net = Net(ModelConfig(conv1=4, conv2=8, hidden=16, pool_first=True)).eval()
+    for bn in (m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        bn.running_mean.uniform_(-1, 1)  # not the initial statistics: a wrong layer order would show
+    checkpoint = tmp_path / "model.pt"
+    atomic_save(make_checkpoint(net, config={}, metrics={}), checkpoint)
+    (tmp_path / "store").mkdir()
+    (tmp_path / "work").mkdir()
+    baseline_archive(checkpoint, tmp_path / "store", tmp_path / "work")
+    unpacked = tmp_path / "unpacked"
+    with zipfile.ZipFile(tmp_path / "store" / "baseline.mar") as mar:
+        mar.extractall(unpacked)
+    x = torch.rand(3, 1, 28, 28)
+    torch.save(x, tmp_path / "x.pt")
+    # What a TorchServe worker does with the archive: its model dir on the path, BaseHandler's loader.
+    script = ("import sys, torch\nfrom ts.torch_handler.base_handler import BaseHandler\n"
+              "handler = BaseHandler()\nhandler.map_location, handler.device = 'cpu', torch.device('cpu')\n"
+              "model = handler._load_pickled_model('.', 'mnist.py', 'weights.pt').eval()\n"
+              f"torch.save(model(torch.load({str(tmp_path / 'x.pt')!r})), {str(tmp_path / 'y.pt')!r})\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=unpacked, capture_output=True, text=True,
+                          env={"PYTHONPATH": str(unpacked), "PATH": "/usr/bin:/bin"}, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with torch.inference_mode():
+        assert torch.equal(torch.load(tmp_path / "y.pt"), net(x))

@@ -11,7 +11,7 @@ from training.core import precision
 @pytest.fixture(autouse=True)
 def _fresh_decision():
     yield
-    precision._decided = None
+    precision._decided = precision._speedup = None
 
 
 def test_descriptions_of_the_fixed_cases():
@@ -62,3 +62,22 @@ def test_a_kept_decision_is_used_without_timing(monkeypatch):
     assert precision.decide_cpu_bf16(keep=True) is True
     assert precision.use_cpu_bf16() is True
     assert precision.decide_cpu_bf16(keep=False) is False
+
+
+def test_the_decision_times_the_network_trained_and_the_log_line_reports_that_timing(monkeypatch):
+    """The default config trains a pool-first network; ModelConfig()'s default is another one. The
+    timing behind the decision is the trained network's, and describe() reports it without timing again."""
+    from training.core.model import ModelConfig
+
+    timed = []
+
+    def speedup(train=True, config=None):
+        timed.append(config)
+        return 1.5
+
+    monkeypatch.setattr(precision, "cpu_bf16_speedup", speedup)
+    monkeypatch.setattr(precision, "mkldnn_bf16_supported", lambda: True)
+    trained = ModelConfig(pool_first=True)
+    assert precision.decide_cpu_bf16(config=trained) is True
+    assert precision.describe(torch.device("cpu"), True) == "bf16 autocast (1.50x fp32)"
+    assert timed == [trained]

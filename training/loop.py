@@ -254,7 +254,7 @@ def fit(cfg: TrainConfig, options: RunOptions | None = None, hooks: Hooks | None
                           for k in ("device", "threads") if getattr(cfg, k) != saved["config"][k]))
         if device.type == "cpu" and cfg.amp:  # time bf16 against fp32 now, not inside epoch 1
             state["cpu_bf16"] = precision.decide_cpu_bf16(agree=dist.all_reduce if dd.world > 1 else None,
-                                                          keep=state["cpu_bf16"])
+                                                          keep=state["cpu_bf16"], config=cfg.model)
         if device.type == "cuda":
             warm_up(model, data, cfg)
         net = model

@@ -8,13 +8,16 @@ training (autocast on CPU) and by the serving `bf16` variant (serving/worker/han
 
 from __future__ import annotations
 
-import copy
 import time
 from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from training.core.model import ModelConfig
 
 # bf16 must beat fp32 by this factor: a tie is noise on a shared machine and costs accuracy for nothing.
 MIN_SPEEDUP = 1.1
@@ -42,18 +45,17 @@ def _best_of(a, b, repeats: int = 3) -> tuple[float, float]:
 
 
 @cache
-def cpu_bf16_speedup(train: bool = True, model: nn.Module | None = None, batch: int = 32) -> float:
+def cpu_bf16_speedup(train: bool = True, config: ModelConfig | None = None, batch: int = 32) -> float:
     """fp32 time / bf16-autocast time of a forward (and backward if `train`) pass on this CPU; 0.0 without bf16.
 
     The best of 3 repeats of each, alternating: ~0.5 s on an idle 2-core machine, seconds under load.
-    `model` defaults to the project's CNN; it is copied, never modified.
+    `config`: the network timed (default: ModelConfig()'s); once per process and architecture.
     """
     if not mkldnn_bf16_supported():
         return 0.0
-    from training.core.model import Net
+    from training.core.model import ModelConfig, Net
 
-    net = copy.deepcopy(model) if model is not None else Net()
-    net = net.train(train).to(memory_format=torch.channels_last)
+    net = Net(config or ModelConfig()).train(train).to(memory_format=torch.channels_last)
     x = torch.randn(batch, 1, 28, 28).contiguous(memory_format=torch.channels_last)
 
     def step(bf16: bool):
@@ -67,8 +69,10 @@ def cpu_bf16_speedup(train: bool = True, model: nn.Module | None = None, batch: 
     return fp32 / bf16
 
 
-# The training decision, once per process; DDP ranks agree on it (decide_cpu_bf16).
+# The training decision, once per run; DDP ranks agree on it (decide_cpu_bf16). The speedup behind it is
+# what describe() reports: the timing of the network being trained, not another one's.
 _decided: bool | None = None
+_speedup: float | None = None
 
 
 def use_cpu_bf16(train: bool = True) -> bool:
@@ -78,13 +82,15 @@ def use_cpu_bf16(train: bool = True) -> bool:
     return cpu_bf16_speedup(train) >= MIN_SPEEDUP
 
 
-def decide_cpu_bf16(agree=None, keep: bool | None = None) -> bool:
-    """Time bf16 once for training; `agree` (dist.all_reduce) makes every rank take rank-min of the answers,
-    so a noisy timing on one rank cannot leave the ranks training in different precisions. `keep`: a
-    decision already made (a resumed run's), used as is: the same precision before and after a resume."""
-    global _decided
+def decide_cpu_bf16(agree=None, keep: bool | None = None, config: ModelConfig | None = None) -> bool:
+    """Time bf16 once for training, on the network trained (`config`); `agree` (dist.all_reduce) makes every
+    rank take rank-min of the answers, so a noisy timing on one rank cannot leave the ranks training in
+    different precisions. `keep`: a decision already made (a resumed run's), used as is: the same precision
+    before and after a resume."""
+    global _decided, _speedup
     _decided = None
-    use = use_cpu_bf16(train=True) if keep is None else keep
+    _speedup = cpu_bf16_speedup(True, config) if keep is None else None
+    use = (_speedup or 0.0) >= MIN_SPEEDUP if keep is None else keep
     if agree is not None:
         flag = torch.tensor([int(use)])
         agree(flag, op=torch.distributed.ReduceOp.MIN)
@@ -103,7 +109,7 @@ def describe(device: torch.device, enabled: bool) -> str:
         return "fp32"
     if not mkldnn_bf16_supported():
         return "fp32 (no native bf16 on this CPU)"
-    speedup = cpu_bf16_speedup(True)
+    speedup = _speedup if _speedup is not None else cpu_bf16_speedup(True)
     return f"bf16 autocast ({speedup:.2f}x fp32)" if use_cpu_bf16() else f"fp32 (bf16 only {speedup:.2f}x fp32)"
 
 
