@@ -17,6 +17,7 @@ import torch
 from serving.worker.variants import serving_model
 from training.core.ensemble import METHODS, build_ensemble
 from training.core.model import Net
+from training.train_config import TrainConfig
 
 
 def timed(models: dict[str, torch.nn.Module], x: torch.Tensor, repeats: int) -> dict[str, float]:
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         members = []
         for seed in range(n):
             torch.manual_seed(seed)
-            members.append(serving_model(Net(), "fused"))
+            members.append(serving_model(Net(TrainConfig().model), "fused"))
         models = {m: build_ensemble(members, None, m) for m in METHODS}
         for batch in args.batch_sizes:
             x = torch.randn(batch, 1, 28, 28).contiguous(memory_format=torch.channels_last)

@@ -47,7 +47,8 @@ TINY_MODEL = ModelConfig(conv1=4, conv2=8, hidden=16, dropout=0.0)
 # Batch norm before the pool (model.pool_first false): so brief a run of the pool-first default passed a
 # Fashion-MNIST sandal as a digit (tests/test_explanations.py), though the fully trained default rejects
 # more of Fashion-MNIST than the model before it (`make trust-eval`). Pool-first models are served in every
-# exact variant by tests/test_handler.py's architecture test, and trained by tests/test_fonts.py.
+# exact variant by tests/test_handler.py's architecture test, and trained by tests/test_train.py (its slice
+# keeps configs/train.yaml's model).
 TRAIN_SLICE = {"device": "cpu", "epochs": 2, "train_limit": 12_000, "val_size": 500, "test_limit": 1000,
                "threads": 1, "amp": False, "printed_strokes": 0.0, "broad_pen": 0.0, "model": {"pool_first": False}}
 

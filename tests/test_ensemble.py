@@ -88,11 +88,26 @@ def test_a_grouped_forward_needs_one_architecture_and_temperatures_must_be_posit
         build_ensemble(members(2), [1.0, 0.0])
     with pytest.raises(EnsembleError, match="at least one"):
         build_ensemble([])
-    pool_first = members(2, dataclasses.replace(SMALL, pool_first=True))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_batch_norm_that_cannot_fold_after_the_pool_is_applied_there(method):
+    """A pool-first member whose batch norm scales a channel by a negative factor: max(-x) = -min(x), so it
+    cannot fold into the conv (fuse_batch_norm keeps it). The grouped forward applies it after the pool
+    as a per-channel scale and shift (the other members' channels: the identity), and averages the same."""
+    nets = members(3, dataclasses.replace(SMALL, pool_first=True))
     with torch.no_grad():
-        pool_first[1].features[1][2].weight[0] = -1.0  # max(-x) = -min(x): cannot fold into the conv
-    with pytest.raises(EnsembleError, match=r"negative scale.*model\.pool_first false"):
-        GroupedEnsemble(pool_first)
+        nets[1].features[1][2].weight[:3] = torch.tensor([-1.0, -0.5, -2.0])
+        nets[2].features[0][2].weight[0] = -0.7
+    x = normalize(torch.randint(0, 256, (16, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)))
+    ensemble = build_ensemble(nets, TEMPERATURES, method)
+    with torch.inference_mode():
+        out = ensemble(x)
+    torch.testing.assert_close(out.exp(), one_by_one(nets, x, TEMPERATURES), rtol=0, atol=1e-6)
+    if method == "grouped":
+        assert ensemble.after_pool == [True, True]
+        scale = ensemble.scale1.flatten()
+        assert (scale[:8] == 1).all() and (scale[8:11] < 0).all() and (scale[16:] == 1).all()
 
 
 @pytest.mark.slow
@@ -102,7 +117,7 @@ def test_an_ensemble_archive_serves_the_average_in_the_single_model_format(tmp_p
                                                                           mixed, variant):
     # bf16 wraps the whole ensemble (the grouped forward batches plain networks, not bf16 wrappers).
     # Forced on, so that the bf16 path runs on any CPU, also where it would fall back to fused.
-    monkeypatch.setattr(variants.precision, "use_cpu_bf16", lambda train=True: True)
+    monkeypatch.setattr(variants.precision, "use_cpu_bf16", lambda train=True, config=None: True)
     configs = [TINY_MODEL, dataclasses.replace(TINY_MODEL, convs=2), TINY_MODEL] if mixed else [TINY_MODEL] * 3
     paths = [save_tiny_checkpoint(tmp_path / f"m{k}.pt", seed=k, model=c) for k, c in enumerate(configs)]
     for path, temperature in zip(paths, TEMPERATURES, strict=True):  # as issue 13's calibration stores it

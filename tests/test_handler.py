@@ -490,10 +490,10 @@ def test_cpu_only_variants_stay_on_the_cpu_and_bf16_falls_back_where_slower(monk
     assert variants.runnable_variant("int8", torch.device("cuda", 0)) == (
         "int8", torch.device("cpu"), "variant int8 runs on the CPU only")
     assert variants.runnable_variant("bf16", torch.device("cuda", 0)) == ("bf16", torch.device("cuda", 0), "")
-    monkeypatch.setattr(variants.precision, "use_cpu_bf16", lambda train=True: False)
+    monkeypatch.setattr(variants.precision, "use_cpu_bf16", lambda train=True, config=None: False)
     assert variants.runnable_variant("bf16", torch.device("cpu")) == (
         "fused", torch.device("cpu"), "bf16 is not faster than fp32 on this CPU: serving fused (fp32)")
-    monkeypatch.setattr(variants.precision, "use_cpu_bf16", lambda train=True: True)
+    monkeypatch.setattr(variants.precision, "use_cpu_bf16", lambda train=True, config=None: True)
     assert variants.runnable_variant("bf16", torch.device("cpu")) == ("bf16", torch.device("cpu"), "")
 
 

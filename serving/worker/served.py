@@ -59,7 +59,7 @@ def load_served(model_dir: Path, device: torch.device, serialized: str = "weight
     Raises SelfCheckError where an approximate variant does not answer as the fp32 model on this host."""
     meta = json.loads((model_dir / "model.json").read_text())
     state_dict = torch.load(model_dir / serialized, map_location="cpu", weights_only=True)
-    variant, device, why = runnable_variant(meta.get("variant", DEFAULT_VARIANT), device)
+    variant, device, why = runnable_variant(meta.get("variant", DEFAULT_VARIANT), device, meta.get("model_config"))
     if why:
         logger.warning(why)
     auto_ms: dict[str, float] = {}

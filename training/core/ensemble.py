@@ -96,8 +96,25 @@ class StackedEnsemble(nn.Module):
 
 
 def _conv_biases(block: nn.Sequential) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Each conv of a block (of a member already through `fuse_batch_norm`) as (weight, bias)."""
-    return [(layer.weight.detach(), layer.bias.detach()) for layer in block if isinstance(layer, nn.Conv2d)]
+    """Each conv of a block (of a member already through `fuse_batch_norm`) as (weight, bias); a conv whose
+    batch norm did not fold has none (the batch norm's shift replaces it): zeros."""
+    return [(layer.weight.detach(), layer.bias.detach() if layer.bias is not None else torch.zeros(layer.out_channels))
+            for layer in block if isinstance(layer, nn.Conv2d)]
+
+
+def _after_pool(block: nn.Sequential, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-channel (scale, shift) after a block's pool (of a member through `fuse_batch_norm`): its batch
+    norm where one stayed there (`pool_first` with a negative scale, which cannot fold), else the identity."""
+    norms = [layer for layer in block if isinstance(layer, nn.BatchNorm2d)]
+    if not norms:
+        return torch.ones(channels), torch.zeros(channels)
+    layers, bn = list(block), norms[-1]
+    if len(norms) > 1 or not isinstance(layers[layers.index(bn) - 1], nn.MaxPool2d):
+        raise EnsembleError("a member's batch norm did not fold into its conv")  # fuse_batch_norm folds all others
+    mean, var = bn.running_mean.detach(), bn.running_var.detach()
+    scale = (bn.weight.detach() if bn.weight is not None else torch.ones(channels)) / torch.sqrt(var + bn.eps)
+    shift = (bn.bias.detach() if bn.bias is not None else torch.zeros(channels)) - mean * scale
+    return scale, shift
 
 
 class GroupedEnsemble(nn.Module):
@@ -105,7 +122,8 @@ class GroupedEnsemble(nn.Module):
 
     The first conv reads the same 1-channel input for every member, so its filters simply stack;
     every later conv sees each member's own channels only (groups=N); the two linear layers become
-    batched matmuls. Eval only (batch norm folded, dropout off).
+    batched matmuls. Eval only (batch norm folded, dropout off). A batch norm after a pool that cannot
+    fold (a negative scale) becomes a per-channel scale and shift after the grouped pool.
     """
 
     def __init__(self, members: Sequence[nn.Module], temperatures: Sequence[float] | None = None) -> None:
@@ -116,14 +134,23 @@ class GroupedEnsemble(nn.Module):
         self.n = len(members)
         # Batch norm folded into each conv (copies: the members stay as they are).
         fused = [fuse_batch_norm(copy.deepcopy(m).eval()) for m in members]
-        if any(isinstance(layer, nn.BatchNorm2d) for m in fused for layer in m.modules()):
-            # Only a batch norm after a pool with a negative scale stays (training.core.model.fuse_batch_norm).
-            raise EnsembleError("a member's batch norm after its pool has a negative scale and cannot fold into its "
-                                "conv, which the grouped ensemble needs: train the members with model.pool_first false")
         # blocks[b][k] = conv k of block b, one (weight, bias) per member.
         blocks = [list(zip(*(_conv_biases(m.features[b]) for m in fused), strict=True))
                   for b in range(len(fused[0].features))]
         self.layout = [len(convs) for convs in blocks]  # convs per block; a max-pool after each block
+        # Where a member's batch norm stayed after a block's pool: that block's scale and shift after the
+        # pool, over all members' channels (the identity for the members whose batch norm folded).
+        self.after_pool: list[bool] = []
+        for b, convs in enumerate(blocks):
+            channels = convs[-1][0][0].shape[0]
+            features: list[nn.Sequential] = [m.features[b] for m in fused]  # type: ignore[misc]
+            if not any(isinstance(layer, nn.BatchNorm2d) for block in features for layer in block):
+                self.after_pool.append(False)
+                continue
+            scale, shift = zip(*(_after_pool(block, channels) for block in features), strict=True)
+            self.register_buffer(f"scale{b}", torch.cat(scale).view(1, -1, 1, 1))
+            self.register_buffer(f"shift{b}", torch.cat(shift).view(1, -1, 1, 1))
+            self.after_pool.append(True)
         fc1 = [m.classifier[1] for m in fused]
         fc2 = [m.classifier[4] for m in fused]
         # channels_last filters: oneDNN's fast CPU convolutions (the inputs are channels_last too).
@@ -138,12 +165,16 @@ class GroupedEnsemble(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, i = x, 1
-        for convs in self.layout:
-            for _ in range(convs):
+        for b, convs in enumerate(self.layout):
+            for k in range(convs):
                 groups = 1 if i == 1 else self.n
-                h = F.relu(F.conv2d(h, getattr(self, f"w{i}"), getattr(self, f"b{i}"), padding=1, groups=groups))
+                h = F.conv2d(h, getattr(self, f"w{i}"), getattr(self, f"b{i}"), padding=1, groups=groups)
+                h = F.relu(h) if k < convs - 1 else h
                 i += 1
-            h = F.max_pool2d(h, 2)
+            h = F.max_pool2d(h, 2)  # the block's last ReLU after its pool: they commute (a quarter of the values)
+            if self.after_pool[b]:
+                h = torch.addcmul(getattr(self, f"shift{b}"), h, getattr(self, f"scale{b}"))
+            h = F.relu(h)
         # (B, N·C, 7, 7) → (N, B, C·7·7): flatten each member's channels in Net's (C, H, W) order.
         h = h.reshape(h.shape[0], self.n, -1).transpose(0, 1)
         h = F.relu(torch.baddbmm(self.fc1_b, h, self.fc1_w))

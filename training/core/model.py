@@ -37,7 +37,8 @@ def _conv_block(c_in: int, c_out: int, batch_norm: bool, convs: int = 1, pool_fi
     The last ReLU runs after the pool, on a quarter of the values: max-pool and ReLU commute (ReLU is
     monotone), so outputs and gradients are those of ReLU → pool bit for bit, and so are the state-dict
     keys (neither layer has parameters, so the convs and batch norms keep their indices): checkpoints of
-    either order load into the other (tests/test_model.py)."""
+    either ReLU order load into the other (tests/test_model.py). `pool_first` is another model: its batch
+    norm sits one index later, and a checkpoint says which it holds (model_config)."""
     layers: list[nn.Module] = []
     for i in range(convs):
         # With batch norm after it, the conv's bias is redundant (BN's shift replaces it).

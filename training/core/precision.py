@@ -75,11 +75,12 @@ _decided: bool | None = None
 _speedup: float | None = None
 
 
-def use_cpu_bf16(train: bool = True) -> bool:
-    """Autocast to bf16 on this CPU: oneDNN has native bf16 and it beats fp32 by MIN_SPEEDUP."""
+def use_cpu_bf16(train: bool = True, config: ModelConfig | None = None) -> bool:
+    """Autocast to bf16 on this CPU: oneDNN has native bf16 and it beats fp32 by MIN_SPEEDUP (timed on
+    `config`'s network; in training, the run's decision)."""
     if train and _decided is not None:
         return _decided
-    return cpu_bf16_speedup(train) >= MIN_SPEEDUP
+    return cpu_bf16_speedup(train, config) >= MIN_SPEEDUP
 
 
 def decide_cpu_bf16(agree=None, keep: bool | None = None, config: ModelConfig | None = None) -> bool:

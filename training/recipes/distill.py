@@ -1,7 +1,8 @@
 """Distil the trained CNN into a student ≥4× smaller: `make distill`, `python -m training.recipes.distill`.
 
-The student is the same `Net` with narrower layers (`STUDENT`), so checkpoints, archives, exports
-and the handler take it unchanged. For each seed the student is trained twice with the same initial
+The student is the same `Net` with narrower layers (`STUDENT`; batch norm before the pool, as the
+distillation study measured it, while configs/train.yaml now trains `pool_first`), so checkpoints,
+archives, exports and the handler take it unchanged. For each seed the student is trained twice with the same initial
 weights, data order and augmentation draws: once from the labels alone, once from the teacher too
 (Hinton et al. 2015: KL divergence between the softened distributions at temperature T, scaled by
 T² so its gradients keep their size, mixed with the label loss by `alpha`).
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
     # T = 1, alpha 0.5: the setting best by validation accuracy in the distillation study's H100 table, and the one
     # that gained over labels-only on every seed with the wider ensemble as teacher (docs: Studies, Distillation).
-    parser.add_argument("--epochs", type=int, default=8, help="default 8, as configs/train.yaml")
+    parser.add_argument("--epochs", type=int, default=8, help="default 8, the distillation study's setting")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--alpha", type=float, default=0.5, help="weight of the teacher's term (0: labels only)")
     parser.add_argument("--train-limit", type=int, default=0, help="use only this many training images (0: all)")
