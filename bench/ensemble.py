@@ -15,9 +15,10 @@ import time
 import torch
 
 from serving.worker.variants import serving_model
+from training import config as cfglib
 from training.core.ensemble import METHODS, build_ensemble
 from training.core.model import Net
-from training.train_config import TrainConfig
+from training.train_config import DEFAULT_CONFIG, TrainConfig
 
 
 def timed(models: dict[str, torch.nn.Module], x: torch.Tensor, repeats: int) -> dict[str, float]:
@@ -46,13 +47,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=30)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    architecture = cfglib.apply(TrainConfig(), cfglib.load_yaml(DEFAULT_CONFIG)).model
     print(f"| members | batch | single model ms | {' | '.join(f'{m} ms' for m in METHODS)} | fastest |")
     print("|---:|---:|---:|" + "---:|" * len(METHODS) + "---|")
     for n in args.members:
         members = []
         for seed in range(n):
             torch.manual_seed(seed)
-            members.append(serving_model(Net(TrainConfig().model), "fused"))
+            members.append(serving_model(Net(architecture), "fused"))
         models = {m: build_ensemble(members, None, m) for m in METHODS}
         for batch in args.batch_sizes:
             x = torch.randn(batch, 1, 28, 28).contiguous(memory_format=torch.channels_last)

@@ -30,6 +30,10 @@ class DrainError(RuntimeError):
     """TorchServe cannot be asked about its workers or its load."""
 
 
+class NotRunning(DrainError):
+    """Nothing listens at TorchServe's address (connection refused): nothing to drain."""
+
+
 def addresses(config: Path) -> tuple[str, str]:
     """(management URL, metrics URL) from a TorchServe config.properties; 0.0.0.0 is reached on loopback."""
     props = dict(line.split("=", 1) for line in config.read_text().splitlines()
@@ -44,7 +48,9 @@ def _get(url: str, timeout: float = 2) -> bytes:
         with urllib.request.urlopen(url, timeout=timeout) as resp:
             return resp.read()
     except (urllib.error.URLError, OSError) as err:
-        raise DrainError(f"cannot reach {url}: {getattr(err, 'reason', err)}") from None
+        reason = getattr(err, "reason", err)
+        kind = NotRunning if isinstance(reason, ConnectionRefusedError) else DrainError
+        raise kind(f"cannot reach {url}: {reason}") from None
 
 
 def models(management: str) -> list[dict]:
@@ -91,8 +97,9 @@ def pending(management: str) -> int:
 def drain(management: str, metrics: str, marker: Path, settle: float, quiet: float, timeout: float,
           say=print) -> float:
     """Mark draining, keep serving `settle` s, then wait until idle for `quiet` s; return the idle wait.
-    A question TorchServe does not answer in time (a busy pod) counts as not idle yet, not as an error:
-    giving up early would let SIGTERM cut the requests in flight."""
+    A question TorchServe does not answer in time, or answers with something unreadable (a busy pod),
+    counts as not idle yet, not as an error: giving up early would let SIGTERM cut the requests in
+    flight. Where nothing listens any more (connection refused), nothing is in flight: it returns at once."""
     marker.touch()
     say(f"drain: readiness now fails; serving on for {settle:.0f} s while endpoints update")
     time.sleep(settle)
@@ -103,21 +110,27 @@ def drain(management: str, metrics: str, marker: Path, settle: float, quiet: flo
         try:
             answer, unanswered = (requests_received(metrics), pending(management)), False
             return answer
-        except DrainError as err:
+        except NotRunning:
+            raise
+        except (DrainError, ValueError, KeyError, TypeError) as err:  # ValueError: a body that is not JSON
             if not unanswered:
                 say(f"drain: {err}; asking again")
             unanswered = True
             return None
 
-    last, idle_since = load(), time.monotonic()
-    while time.monotonic() - start < timeout:
-        time.sleep(0.2)
-        now = load()
-        if now is None or last is None or now[0] != last[0] or now[1]:
-            last, idle_since = now, time.monotonic()
-        elif time.monotonic() - idle_since >= quiet:
-            say(f"drain: idle for {quiet:.1f} s after {time.monotonic() - start:.1f} s: ready for SIGTERM")
-            return time.monotonic() - start
+    try:
+        last, idle_since = load(), time.monotonic()
+        while time.monotonic() - start < timeout:
+            time.sleep(0.2)
+            now = load()
+            if now is None or last is None or now[0] != last[0] or now[1]:
+                last, idle_since = now, time.monotonic()
+            elif time.monotonic() - idle_since >= quiet:
+                say(f"drain: idle for {quiet:.1f} s after {time.monotonic() - start:.1f} s: ready for SIGTERM")
+                return time.monotonic() - start
+    except NotRunning as err:
+        say(f"drain: {err}: TorchServe is not running, nothing to drain")
+        return time.monotonic() - start
     say(f"drain: not idle after {timeout:.0f} s (requests still arriving, or no answer): giving up, SIGTERM follows")
     return time.monotonic() - start
 

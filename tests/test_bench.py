@@ -153,5 +153,5 @@ def test_the_baseline_archive_builds_the_checkpoints_own_network(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], cwd=unpacked, capture_output=True, text=True,
                           env={"PYTHONPATH": str(unpacked), "PATH": "/usr/bin:/bin"}, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    with torch.inference_mode():
-        assert torch.equal(torch.load(tmp_path / "y.pt"), net(x))
+    with torch.inference_mode():  # another process, maybe another thread count: the same sums, reordered
+        torch.testing.assert_close(torch.load(tmp_path / "y.pt"), net(x), rtol=0, atol=1e-5)

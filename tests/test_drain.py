@@ -10,6 +10,7 @@ Printed figures go to RELIABILITY.md; `pytest tests/test_drain.py -s` shows them
 from __future__ import annotations
 
 import http.client
+import socket
 import threading
 import time
 from collections import Counter
@@ -143,10 +144,22 @@ def test_sigterm_without_drain_is_what_the_drain_prevents(bundle, tmp_path):
 def test_a_torchserve_that_does_not_answer_is_waited_for_not_an_error(tmp_path):
     """The preStop hook asks TorchServe for its load; a busy pod may not answer in time. That is not a
     reason to give up early (SIGTERM would cut what is in flight): it asks again until its timeout."""
-    nothing = f"http://127.0.0.1:{free_port()}"  # no TorchServe listens here
-    said: list[str] = []
-    waited = drain.drain(nothing, nothing, tmp_path / "draining", settle=0, quiet=0.2, timeout=1, say=said.append)
+    with socket.socket() as silent:  # listens, never answers: the connection waits in the backlog
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        said: list[str] = []
+        waited = drain.drain(url, url, tmp_path / "draining", settle=0, quiet=0.2, timeout=1, say=said.append)
     assert waited >= 1
     assert (tmp_path / "draining").exists()
     assert [line.split(":")[0] + ": " + line.rsplit("; ", 1)[-1] for line in said[1:-1]] == ["drain: asking again"]
     assert said[-1] == "drain: not idle after 1 s (requests still arriving, or no answer): giving up, SIGTERM follows"
+
+
+def test_a_torchserve_that_is_not_running_has_nothing_to_drain(tmp_path):
+    """Connection refused: nothing listens, so nothing is in flight; the hook ends at once."""
+    nothing = f"http://127.0.0.1:{free_port()}"
+    said: list[str] = []
+    waited = drain.drain(nothing, nothing, tmp_path / "draining", settle=0, quiet=0.2, timeout=30, say=said.append)
+    assert waited < 10
+    assert said[-1].endswith("TorchServe is not running, nothing to drain"), said

@@ -266,8 +266,6 @@ def test_bad_request_is_a_preprocess_error_that_says_why(request_, message):
 def test_bad_requests_in_a_batch_fail_only_themselves(tiny_worker, tiny_archive, mnist_test_images, caplog,
                                                       monkeypatch):
     images, _ = mnist_test_images
-    # No timer emits in its own thread while this batch runs, however slowly: this thread flushes below.
-    monkeypatch.setattr(tiny_worker.handler.metric_buffer, "interval", 3600.0)
     png = encode_png(images[1])
     batch = [
         raw(png),
@@ -279,10 +277,11 @@ def test_bad_requests_in_a_batch_fail_only_themselves(tiny_worker, tiny_archive,
         raw(encode_png(np.zeros((1, 1), np.uint8)), "image/png"),
     ]
     tiny_worker.handler.metric_buffer.flush()  # what earlier tests left pending, before the capture
-    with caplog.at_level(logging.INFO, logger="ts.metrics"):
+    # No timer emits in its own thread while this batch runs, however slowly: this thread flushes.
+    with monkeypatch.context() as patch, caplog.at_level(logging.INFO, logger="ts.metrics"):
+        patch.setattr(tiny_worker.handler.metric_buffer, "interval", 3600.0)
         answers = tiny_worker.handle(batch)
         tiny_worker.handler.metric_buffer.flush()  # a worker's timer does this within a second
-    monkeypatch.undo()  # the usual interval again (this flush left no timer armed)
     assert [status for status, _ in answers] == [200, 400, 400, 200, 400, 400, 400]
     errors = [body for status, body in answers if status == 400]
     assert [(e["code"], e["type"]) for e in errors] == [(400, "InvalidInput")] * 5

@@ -6,12 +6,13 @@ import pytest
 import torch
 
 from training.core import precision
+from training.core.model import ModelConfig
 
 
 @pytest.fixture(autouse=True)
 def _fresh_decision():
     yield
-    precision._decided = precision._speedup = None
+    precision._decided = precision._speedup = precision._config = None
 
 
 def test_descriptions_of_the_fixed_cases():
@@ -35,12 +36,15 @@ def test_amp_off_or_a_slow_bf16_leaves_cpu_autocast_disabled(monkeypatch):
 def test_ranks_take_the_minimum_of_their_decisions(monkeypatch):
     monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda train=True, *a: 2.0)
 
-    def another_rank_says_no(flag, op):
+    def another_rank_is_slower(speedup, op):
         assert op == torch.distributed.ReduceOp.MIN
-        flag.zero_()
+        speedup.fill_(0.9)
 
-    assert precision.decide_cpu_bf16(agree=another_rank_says_no) is False
+    assert precision.decide_cpu_bf16(agree=another_rank_is_slower) is False
     assert precision.use_cpu_bf16() is False  # the agreed answer sticks for the rest of the run
+    monkeypatch.setattr(precision, "mkldnn_bf16_supported", lambda: True)
+    # Every rank reports the timing it decided on, not its own faster one.
+    assert precision.describe(torch.device("cpu"), True) == "fp32 (bf16 only 0.90x fp32)"
     assert precision.decide_cpu_bf16() is True
 
 
@@ -59,16 +63,20 @@ def test_a_kept_decision_is_used_without_timing(monkeypatch):
         raise AssertionError("a resumed run must not time bf16 again")
 
     monkeypatch.setattr(precision, "cpu_bf16_speedup", no_timing)
-    assert precision.decide_cpu_bf16(keep=True) is True
+    trained = ModelConfig(pool_first=True)
+    assert precision.decide_cpu_bf16(keep=True, config=trained) is True
     assert precision.use_cpu_bf16() is True
     assert precision.decide_cpu_bf16(keep=False) is False
+    # The log line of a resumed run times the network it trains (once, for the line only).
+    monkeypatch.setattr(precision, "mkldnn_bf16_supported", lambda: True)
+    monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda train=True, config=None: 1.2 if config == trained else 9.)
+    assert precision.decide_cpu_bf16(keep=True, config=trained) is True
+    assert precision.describe(torch.device("cpu"), True) == "bf16 autocast (1.20x fp32)"
 
 
 def test_the_decision_times_the_network_trained_and_the_log_line_reports_that_timing(monkeypatch):
     """The default config trains a pool-first network; ModelConfig()'s default is another one. The
     timing behind the decision is the trained network's, and describe() reports it without timing again."""
-    from training.core.model import ModelConfig
-
     timed = []
 
     def speedup(train=True, config=None):

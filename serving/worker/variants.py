@@ -68,13 +68,13 @@ def optimize(model: torch.nn.Module, variant: str) -> torch.nn.Module:
 def runnable_variant(variant: str, device: torch.device, model_config: dict | None = None
                      ) -> tuple[str, torch.device, str]:
     """The variant and device a worker actually uses, and why if that is not what the archive asked for
-    (bf16 on a CPU: timed on the archive's network, `model_config`)."""
+    (bf16 on a CPU: timed on the archive's network, `model_config`; an ensemble's: its first member's)."""
     if variant == "auto" and device.type != "cpu":
         return "fused", device, "variant auto times the CPU variants: serving fused on the GPU"
     if variant in CPU_ONLY_VARIANTS and device.type != "cpu":
         return variant, torch.device("cpu"), f"variant {variant} runs on the CPU only"
-    config = ModelConfig(**model_config) if model_config is not None else None
-    if variant == "bf16" and device.type == "cpu" and not precision.use_cpu_bf16(train=False, config=config):
+    if variant == "bf16" and device.type == "cpu" and not precision.use_cpu_bf16(
+            train=False, config=ModelConfig(**model_config) if model_config is not None else None):
         # Emulated bf16 is slower than fp32: serve the same fused network in fp32 instead.
         return "fused", device, "bf16 is not faster than fp32 on this CPU: serving fused (fp32)"
     return variant, device, ""

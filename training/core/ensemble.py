@@ -98,8 +98,8 @@ class StackedEnsemble(nn.Module):
 def _conv_biases(block: nn.Sequential) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Each conv of a block (of a member already through `fuse_batch_norm`) as (weight, bias); a conv whose
     batch norm did not fold has none (the batch norm's shift replaces it): zeros."""
-    return [(layer.weight.detach(), layer.bias.detach() if layer.bias is not None else torch.zeros(layer.out_channels))
-            for layer in block if isinstance(layer, nn.Conv2d)]
+    return [(layer.weight.detach(), layer.bias.detach() if layer.bias is not None
+             else layer.weight.new_zeros(layer.out_channels)) for layer in block if isinstance(layer, nn.Conv2d)]
 
 
 def _after_pool(block: nn.Sequential, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,13 +107,14 @@ def _after_pool(block: nn.Sequential, channels: int) -> tuple[torch.Tensor, torc
     norm where one stayed there (`pool_first` with a negative scale, which cannot fold), else the identity."""
     norms = [layer for layer in block if isinstance(layer, nn.BatchNorm2d)]
     if not norms:
-        return torch.ones(channels), torch.zeros(channels)
+        like = next(layer.weight for layer in block if isinstance(layer, nn.Conv2d))  # its device and dtype
+        return like.new_ones(channels), like.new_zeros(channels)
     layers, bn = list(block), norms[-1]
     if len(norms) > 1 or not isinstance(layers[layers.index(bn) - 1], nn.MaxPool2d):
         raise EnsembleError("a member's batch norm did not fold into its conv")  # fuse_batch_norm folds all others
     mean, var = bn.running_mean.detach(), bn.running_var.detach()
-    scale = (bn.weight.detach() if bn.weight is not None else torch.ones(channels)) / torch.sqrt(var + bn.eps)
-    shift = (bn.bias.detach() if bn.bias is not None else torch.zeros(channels)) - mean * scale
+    scale = (bn.weight.detach() if bn.weight is not None else var.new_ones(channels)) / torch.sqrt(var + bn.eps)
+    shift = (bn.bias.detach() if bn.bias is not None else var.new_zeros(channels)) - mean * scale
     return scale, shift
 
 

@@ -73,6 +73,7 @@ def cpu_bf16_speedup(train: bool = True, config: ModelConfig | None = None, batc
 # what describe() reports: the timing of the network being trained, not another one's.
 _decided: bool | None = None
 _speedup: float | None = None
+_config: ModelConfig | None = None
 
 
 def use_cpu_bf16(train: bool = True, config: ModelConfig | None = None) -> bool:
@@ -88,14 +89,21 @@ def decide_cpu_bf16(agree=None, keep: bool | None = None, config: ModelConfig | 
     rank take rank-min of the answers, so a noisy timing on one rank cannot leave the ranks training in
     different precisions. `keep`: a decision already made (a resumed run's), used as is: the same precision
     before and after a resume."""
-    global _decided, _speedup
-    _decided = None
-    _speedup = cpu_bf16_speedup(True, config) if keep is None else None
-    use = (_speedup or 0.0) >= MIN_SPEEDUP if keep is None else keep
-    if agree is not None:
-        flag = torch.tensor([int(use)])
-        agree(flag, op=torch.distributed.ReduceOp.MIN)
-        use = bool(flag.item())
+    global _decided, _speedup, _config
+    _decided, _speedup, _config = None, None, config
+    if keep is None:
+        speedup = cpu_bf16_speedup(True, config)
+        if agree is not None:  # the slowest rank's timing: every rank decides, and reports, the same
+            slowest = torch.tensor([speedup], dtype=torch.float32)
+            agree(slowest, op=torch.distributed.ReduceOp.MIN)
+            speedup = float(slowest.item())
+        _speedup, use = speedup, speedup >= MIN_SPEEDUP
+    else:
+        use = keep
+        if agree is not None:
+            flag = torch.tensor([int(use)])
+            agree(flag, op=torch.distributed.ReduceOp.MIN)
+            use = bool(flag.item())
     _decided = use
     return use
 
@@ -110,7 +118,7 @@ def describe(device: torch.device, enabled: bool) -> str:
         return "fp32"
     if not mkldnn_bf16_supported():
         return "fp32 (no native bf16 on this CPU)"
-    speedup = _speedup if _speedup is not None else cpu_bf16_speedup(True)
+    speedup = _speedup if _speedup is not None else cpu_bf16_speedup(True, _config)  # a kept decision: time it
     return f"bf16 autocast ({speedup:.2f}x fp32)" if use_cpu_bf16() else f"fp32 (bf16 only {speedup:.2f}x fp32)"
 
 
