@@ -102,19 +102,18 @@ def _conv_biases(block: nn.Sequential) -> list[tuple[torch.Tensor, torch.Tensor]
              else layer.weight.new_zeros(layer.out_channels)) for layer in block if isinstance(layer, nn.Conv2d)]
 
 
-def _after_pool(block: nn.Sequential, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The per-channel (scale, shift) after a block's pool (of a member through `fuse_batch_norm`): its batch
-    norm where one stayed there (`pool_first` with a negative scale, which cannot fold), else the identity."""
+def _after_pool(block: nn.Sequential) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The per-channel (scale, shift) of the batch norm that stayed after a block's pool (of a member through
+    `fuse_batch_norm`: `pool_first` with a negative scale, which cannot fold); None where none stayed."""
     norms = [layer for layer in block if isinstance(layer, nn.BatchNorm2d)]
     if not norms:
-        like = next(layer.weight for layer in block if isinstance(layer, nn.Conv2d))  # its device and dtype
-        return like.new_ones(channels), like.new_zeros(channels)
+        return None
     layers, bn = list(block), norms[-1]
     if len(norms) > 1 or not isinstance(layers[layers.index(bn) - 1], nn.MaxPool2d):
         raise EnsembleError("a member's batch norm did not fold into its conv")  # fuse_batch_norm folds all others
     mean, var = bn.running_mean.detach(), bn.running_var.detach()
-    scale = (bn.weight.detach() if bn.weight is not None else var.new_ones(channels)) / torch.sqrt(var + bn.eps)
-    shift = (bn.bias.detach() if bn.bias is not None else var.new_zeros(channels)) - mean * scale
+    scale = (bn.weight.detach() if bn.weight is not None else torch.ones_like(var)) / torch.sqrt(var + bn.eps)
+    shift = (bn.bias.detach() if bn.bias is not None else torch.zeros_like(var)) - mean * scale
     return scale, shift
 
 
@@ -143,15 +142,14 @@ class GroupedEnsemble(nn.Module):
         # pool, over all members' channels (the identity for the members whose batch norm folded).
         self.after_pool: list[bool] = []
         for b, convs in enumerate(blocks):
-            channels = convs[-1][0][0].shape[0]
-            features: list[nn.Sequential] = [m.features[b] for m in fused]  # type: ignore[misc]
-            if not any(isinstance(layer, nn.BatchNorm2d) for block in features for layer in block):
-                self.after_pool.append(False)
+            stayed = [_after_pool(m.features[b]) for m in fused]
+            self.after_pool.append(any(affine is not None for affine in stayed))
+            if not self.after_pool[-1]:
                 continue
-            scale, shift = zip(*(_after_pool(block, channels) for block in features), strict=True)
+            identity = [(w.new_ones(w.shape[0]), w.new_zeros(w.shape[0])) for w, _ in convs[-1]]  # last conv's
+            scale, shift = zip(*(affine or one for affine, one in zip(stayed, identity, strict=True)), strict=True)
             self.register_buffer(f"scale{b}", torch.cat(scale).view(1, -1, 1, 1))
             self.register_buffer(f"shift{b}", torch.cat(shift).view(1, -1, 1, 1))
-            self.after_pool.append(True)
         fc1 = [m.classifier[1] for m in fused]
         fc2 = [m.classifier[4] for m in fused]
         # channels_last filters: oneDNN's fast CPU convolutions (the inputs are channels_last too).

@@ -90,22 +90,14 @@ def decide_cpu_bf16(agree=None, keep: bool | None = None, config: ModelConfig | 
     different precisions. `keep`: a decision already made (a resumed run's), used as is: the same precision
     before and after a resume."""
     global _decided, _speedup, _config
-    _decided, _speedup, _config = None, None, config
-    if keep is None:
-        speedup = cpu_bf16_speedup(True, config)
-        if agree is not None:  # the slowest rank's timing: every rank decides, and reports, the same
-            slowest = torch.tensor([speedup], dtype=torch.float32)
-            agree(slowest, op=torch.distributed.ReduceOp.MIN)
-            speedup = float(slowest.item())
-        _speedup, use = speedup, speedup >= MIN_SPEEDUP
-    else:
-        use = keep
-        if agree is not None:
-            flag = torch.tensor([int(use)])
-            agree(flag, op=torch.distributed.ReduceOp.MIN)
-            use = bool(flag.item())
-    _decided = use
-    return use
+    # A kept decision stands in as a speedup just at (or, for fp32, below) the bar.
+    speedup = cpu_bf16_speedup(True, config) if keep is None else (MIN_SPEEDUP if keep else 0.0)
+    if agree is not None:  # the slowest rank's: every rank decides, and reports, the same
+        slowest = torch.tensor([speedup], dtype=torch.float64)
+        agree(slowest, op=torch.distributed.ReduceOp.MIN)
+        speedup = float(slowest.item())
+    _decided, _speedup, _config = speedup >= MIN_SPEEDUP, speedup if keep is None else None, config
+    return _decided
 
 
 def describe(device: torch.device, enabled: bool) -> str:
